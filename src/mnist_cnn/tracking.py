@@ -1,0 +1,105 @@
+"""MLflow: where the store is, and the one run that spans a pipeline execution.
+
+The train stage creates the run and writes its id to models/mlflow_run.json;
+evaluate and confusion-analysis reopen it, so one `dvc repro` or
+`dvc exp run` is one MLflow run with every metric, plot and the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from mnist_cnn.config import Params, UserError, flat
+from mnist_cnn.data import write_json
+
+EXPERIMENT = "mnist-cnn"
+REGISTERED_MODEL = "mnist-cnn"
+RUN_FILE = Path("models/mlflow_run.json")
+
+
+def store_root() -> Path:
+    """The repository that holds mlruns/.
+
+    DVC sets DVC_ROOT to the repository even when `dvc exp run --temp/--queue`
+    runs the stage in a temporary copy under .dvc/tmp/exps/, so every experiment
+    lands in the one store of the checkout.
+    """
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def local_store() -> tuple[str, str]:
+    """(tracking URI, artifact location) of the checkout's own sqlite store."""
+    mlruns = store_root() / "mlruns"
+    return f"sqlite:///{mlruns / 'mlflow.db'}", (mlruns / "artifacts").as_uri()
+
+
+def setup() -> str:
+    """Point MLflow at the store (MLFLOW_TRACKING_URI wins) and return the experiment id."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    artifact_location = None
+    if not uri:
+        uri, artifact_location = local_store()
+        (store_root() / "mlruns").mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    try:
+        experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_location)
+        except MlflowException:  # created meanwhile by a parallel run
+            experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
+    except MlflowException as error:
+        raise UserError(f"MLflow store {uri}: {error.message.splitlines()[0]}") from None
+
+
+def git_commit() -> str:
+    """The commit the run was made from (the experiment's baseline under dvc exp run)."""
+    if rev := os.environ.get("DVC_EXP_BASELINE_REV"):
+        return rev
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
+        return result.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def start_run(params: Params) -> mlflow.ActiveRun:
+    """Create the pipeline's run, log every param, and record its id for the later stages."""
+    experiment_id = setup()
+    exp_name = os.environ.get("DVC_EXP_NAME", "")
+    commit = git_commit()
+    tags = {"git.commit": commit, "mlflow.source.git.commit": commit}
+    if exp_name:
+        tags["dvc.exp_name"] = exp_name
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=exp_name or None, tags=tags)
+    mlflow.log_params(flat(params))
+    write_json(RUN_FILE, {"run_id": run.info.run_id, "experiment_id": experiment_id})
+    return run
+
+
+@contextmanager
+def reopen_run() -> Iterator[mlflow.ActiveRun]:
+    """Reopen the run the train stage created (a failure inside marks it FAILED)."""
+    try:
+        run_id = json.loads(RUN_FILE.read_text())["run_id"]
+    except (OSError, ValueError, KeyError):
+        raise UserError(f"{RUN_FILE}: missing or unreadable (run the train stage first)") from None
+    setup()
+    try:
+        run = mlflow.start_run(run_id=run_id)
+    except MlflowException as error:
+        raise UserError(f"MLflow run {run_id}: {error.message.splitlines()[0]}") from None
+    with run:
+        yield run

@@ -1,0 +1,175 @@
+"""Stage 3, train: the report's CNN, Adam, NLLLoss, with on-device augmentation.
+
+Outputs: models/model.pt (weights), models/mlflow_run.json (the run the later
+stages reopen), metrics/train.json (last epoch), plots/train_history.csv (one
+row per epoch). The whole training set lives on the device as uint8; each
+batch is indexed, augmented and normalised there, so there is no DataLoader.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from mnist_cnn import tracking
+from mnist_cnn.augment import random_affine
+from mnist_cnn.config import Params, UserError, load_params, run_stage
+from mnist_cnn.data import atomic_path, load_processed, write_json
+from mnist_cnn.model import MNIST_MEAN, MNIST_STD, Net, predict_log_probs
+
+MODEL_PATH = Path("models/model.pt")
+METRICS_PATH = Path("metrics/train.json")
+HISTORY_PATH = Path("plots/train_history.csv")
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    train_loss: float
+    test_loss: float
+    test_accuracy: float
+    seconds: float
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device: 'cuda' requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, device: torch.device) -> torch.Generator:
+    """Seed Python, NumPy and torch; return the generator for shuffling and augmentation."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def train_epoch(
+    model: Net,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    params: Params,
+    generator: torch.Generator,
+    progress: tqdm,
+) -> float:
+    """One pass over the shuffled training set; returns the mean training loss."""
+    model.train()
+    batch_size = params.train.batch_size
+    order = torch.randperm(len(images), device=images.device, generator=generator)
+    loss_sum = torch.zeros((), device=images.device)  # summed on the device: no sync per step
+    for start in range(0, len(images), batch_size):
+        index = order[start : start + batch_size]
+        x = images[index].float().div_(255.0)
+        if params.augment:
+            x = random_affine(x, generator)  # on [0, 1] pixels, so the zero fill is background
+        x = (x - MNIST_MEAN) / MNIST_STD
+        y = labels[index]
+        loss = F.nll_loss(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(index)
+        progress.update(1)
+    return loss_sum.item() / len(images)
+
+
+def test_metrics(model: Net, images: torch.Tensor, labels: torch.Tensor, batch: int) -> tuple[float, float]:
+    log_probs = predict_log_probs(model, images, batch)
+    loss = F.nll_loss(log_probs, labels).item()
+    accuracy = (log_probs.argmax(1) == labels).float().mean().item()
+    return loss, accuracy
+
+
+def write_history(rows: list[EpochResult]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(asdict(rows[0])))
+    writer.writeheader()
+    writer.writerows(asdict(r) for r in rows)
+    with atomic_path(HISTORY_PATH) as tmp:
+        tmp.write_text(buffer.getvalue())
+
+
+def fit(params: Params) -> list[EpochResult]:
+    """Train for params.train.epochs, logging each epoch to the active MLflow run."""
+    device = pick_device(params.train.device)
+    generator = seed_everything(params.seed, device)
+    train_x, train_y = load_processed("train", params.data.subset)
+    test_x, test_y = load_processed("test")
+    train_x, train_y = train_x.to(device), train_y.to(device)
+    test_x, test_y = test_x.to(device), test_y.to(device)
+
+    model = Net().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=params.train.lr)
+    steps = -(-len(train_x) // params.train.batch_size)
+    interactive = sys.stderr.isatty()
+    print(f"train: {len(train_x)} images, {params.train.epochs} epochs on {device}, augment={params.augment}")
+
+    history: list[EpochResult] = []
+    for epoch in range(1, params.train.epochs + 1):
+        started = time.perf_counter()
+        with tqdm(total=steps, desc=f"epoch {epoch}", unit="batch", disable=not interactive, leave=False) as bar:
+            train_loss = train_epoch(model, optimizer, train_x, train_y, params, generator, bar)
+        test_loss, accuracy = test_metrics(model, test_x, test_y, params.train.eval_batch_size)
+        result = EpochResult(epoch, train_loss, test_loss, accuracy, time.perf_counter() - started)
+        history.append(result)
+        if not np.isfinite(train_loss):
+            raise UserError(f"training diverged: train loss {train_loss} at epoch {epoch}")
+        print(
+            f"epoch {epoch}: train_loss={train_loss:.4f} test_loss={test_loss:.4f} "
+            f"test_accuracy={accuracy:.2%} ({result.seconds:.1f} s, {len(train_x) / result.seconds:,.0f} img/s)",
+            flush=True,
+        )
+        mlflow.log_metrics(
+            {
+                "train_loss": train_loss,
+                "test_loss": test_loss,
+                "test_accuracy": accuracy,
+                "epoch_seconds": result.seconds,
+            },
+            step=epoch,
+        )
+        write_history(history)
+
+    with atomic_path(MODEL_PATH) as tmp:
+        torch.save({"state_dict": model.state_dict()}, tmp)
+    return history
+
+
+def main() -> None:
+    params = load_params()
+    with tracking.start_run(params):
+        history = fit(params)
+        last = history[-1]
+        train_seconds = sum(r.seconds for r in history)
+        write_json(
+            METRICS_PATH,
+            {
+                "train_loss": last.train_loss,
+                "test_loss": last.test_loss,
+                "test_accuracy": last.test_accuracy,
+                "train_seconds": round(train_seconds, 2),
+            },
+        )
+        mlflow.log_metric("train_seconds", train_seconds)
+        mlflow.log_artifact(str(HISTORY_PATH), artifact_path="plots")
+
+
+if __name__ == "__main__":
+    run_stage(main)

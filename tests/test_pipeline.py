@@ -1,0 +1,111 @@
+"""End to end: the real `dvc repro` and `dvc exp run` in a temporary git repo, offline.
+
+Synthetic IDX files come in through the local-directory source; DVC, git and the
+MLflow sqlite store are the real ones.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from conftest import make_pipeline_repo, run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory, synthetic_mnist: Path) -> Path:
+    repo = make_pipeline_repo(tmp_path_factory.mktemp("pipeline"), synthetic_mnist)
+    run(["dvc", "repro"], repo)
+    run(["dvc", "exp", "run", "-S", "augment=false"], repo)
+    # --temp runs in a copy under .dvc/tmp/exps/: it must still log into the repo's store.
+    run(["dvc", "exp", "run", "--temp", "-S", "augment=true", "-S", "seed=7"], repo)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def client(pipeline: Path) -> MlflowClient:
+    mlflow.set_tracking_uri(f"sqlite:///{pipeline / 'mlruns' / 'mlflow.db'}")
+    return MlflowClient()
+
+
+def test_stage_outputs(pipeline: Path) -> None:
+    assert sorted(p.name for p in (pipeline / "data/raw").iterdir()) == [
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+    ]
+    stats = json.loads((pipeline / "data/processed/stats.json").read_text())
+    assert (stats["train_count"], stats["test_count"]) == (600, 200)
+    history = (pipeline / "plots/train_history.csv").read_text().splitlines()
+    assert history[0] == "epoch,train_loss,test_loss,test_accuracy,seconds"
+    assert len(history) == 3  # header + 2 epochs
+    evaluation = json.loads((pipeline / "metrics/eval.json").read_text())
+    assert evaluation["test_accuracy"] > 0.5  # synthetic digits are easy; chance is 0.1
+    assert set(evaluation["per_class"]) >= {str(d) for d in range(10)}
+    assert len((pipeline / "plots/confusion.csv").read_text().splitlines()) == 201
+    reports = {p.name for p in (pipeline / "reports").iterdir()}
+    assert reports == {
+        "confusion_matrix.png",
+        "confusion_counts.csv",
+        "confused_pairs.json",
+        "misclassified.png",
+        "training_curves.png",
+    }
+    # No temp files left behind by atomic writes.
+    assert not list(pipeline.rglob("*.tmp"))
+
+
+def test_dvc_sees_experiments_and_metrics(pipeline: Path) -> None:
+    status = run(["dvc", "status", "--json"], pipeline).stdout
+    assert json.loads(status) == {}, status
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], pipeline).stdout)
+    experiments = [exp for rev in shown for exp in (rev.get("experiments") or [])]
+    params = [exp["revs"][0]["data"]["params"]["params.yaml"]["data"] for exp in experiments]
+    assert {p["augment"] for p in params} == {True, False}
+    assert sorted(p["seed"] for p in params) == [7, 42]
+    for exp in experiments:
+        metrics = exp["revs"][0]["data"]["metrics"]
+        assert "test_accuracy" in metrics["metrics/eval.json"]["data"]
+    assert "Confusion matrix" in run(["dvc", "plots", "show", "--json"], pipeline).stdout
+
+
+def test_one_mlflow_run_per_execution(pipeline: Path, client: MlflowClient) -> None:
+    experiment = client.get_experiment_by_name("mnist-cnn")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 3  # dvc repro, the ablation, the --temp run: none lost, none duplicated
+    assert {r.data.params["augment"] for r in runs} == {"True", "False"}
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["git.commit"]
+        for key in ("train_loss", "test_loss", "test_accuracy"):
+            assert [m.step for m in client.get_metric_history(r.info.run_id, key)] == [1, 2]
+        assert "eval_accuracy" in r.data.metrics
+        reports = {Path(a.path).name for a in client.list_artifacts(r.info.run_id, "reports")}
+        assert "confusion_matrix.png" in reports
+    exp_names = {r.data.tags.get("dvc.exp_name") for r in runs}
+    assert len(exp_names - {None}) == 2  # the two `dvc exp run`s carry their experiment names
+
+
+def test_registry_has_a_version_per_model_that_predicts(pipeline: Path, client: MlflowClient) -> None:
+    versions = client.search_model_versions("name='mnist-cnn'")
+    assert len(versions) == 3
+    run_ids = {r.info.run_id for r in client.search_runs([client.get_experiment_by_name("mnist-cnn").experiment_id])}
+    assert {v.run_id for v in versions} == run_ids
+    model = mlflow.pyfunc.load_model("models:/mnist-cnn/1")
+    batch = np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)
+    out = np.asarray(model.predict(batch))
+    assert out.shape == (3, 10)
+    np.testing.assert_allclose(np.exp(out).sum(axis=1), 1.0, rtol=1e-4)
+
+
+def test_repro_again_does_nothing(pipeline: Path) -> None:
+    out = run(["dvc", "repro"], pipeline).stdout
+    assert "didn't change, skipping" in out or "up to date" in out
