@@ -37,7 +37,7 @@ def affine_theta(angle_deg: torch.Tensor, shift_px: torch.Tensor, size: int) -> 
 
 def random_affine(
     images: torch.Tensor,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
     max_degrees: float = 10.0,
     max_translate: float = 0.1,
 ) -> torch.Tensor:
@@ -45,9 +45,10 @@ def random_affine(
     n, _, h, w = images.shape
     device = images.device
     angle = (torch.rand(n, device=device, generator=generator) * 2 - 1) * max_degrees
-    max_shift = torch.tensor([max_translate * w, max_translate * h], device=device)
-    # torchvision draws a uniform shift and rounds it to whole pixels.
-    shift = torch.round((torch.rand(n, 2, device=device, generator=generator) * 2 - 1) * max_shift)
+    # torchvision draws a uniform shift and rounds it to whole pixels. (Scalars
+    # only, no host-to-device copies: this runs inside CUDA graph capture.)
+    u = torch.rand(n, 2, device=device, generator=generator) * 2 - 1
+    shift = torch.stack([u[:, 0] * (max_translate * w), u[:, 1] * (max_translate * h)], dim=1).round()
     theta = affine_theta(angle, shift, w).to(images.dtype)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)

@@ -43,7 +43,10 @@ class _Section(BaseModel):
         # YAML reads `lr: 1` as an int, which strict mode would reject for a float.
         is_float = cls.model_fields[str(info.field_name)].annotation is float
         if is_float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise ValueError("is too large for a float") from None
         return value
 
     @field_validator("*", mode="after")
@@ -68,6 +71,8 @@ class TrainParams(_Section):
     batch_size: int = Field(ge=1)
     lr: float = Field(gt=0)
     device: Literal["auto", "cpu", "cuda"]
+    precision: Literal["fp32", "bf16"] = Field(description="bf16 = autocast + channels_last")
+    cuda_graph: bool = Field(description="on CUDA, replay each training step as one captured graph")
     eval_batch_size: int = Field(ge=1, description="evaluation batch; bounds peak memory")
 
 
@@ -94,9 +99,11 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
 
 
 def _describe(error: ValidationError) -> str:
-    first = error.errors()[0]
+    errors = error.errors()
+    # A misspelt key shows up as both "extra" and "missing": report the typo, with its suggestion.
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = tuple(first["loc"])
-    key = ".".join(str(p) for p in loc) or "<top level>"
+    key = ".".join(str(p) for p in loc).encode("unicode_escape").decode() or "<top level>"
     if first["type"] == "extra_forbidden":
         return f"unknown key '{key}'{_did_you_mean(str(loc[-1]), _fields_at(loc))}"
     if first["type"] == "missing":
@@ -118,9 +125,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml (relative to the working directory)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise UserError(f"{path}: cannot read ({error.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:

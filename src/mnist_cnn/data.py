@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -48,10 +49,13 @@ def read_idx(path: Path) -> np.ndarray:
     if len(data) < header:
         raise UserError(f"{path}: truncated IDX header")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = header + int(np.prod(shape))
+    expected = header + math.prod(shape)
     if len(data) != expected:
         raise UserError(f"{path}: size {len(data)} bytes, header {shape} says {expected}")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+    try:
+        return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+    except ValueError as error:
+        raise UserError(f"{path}: IDX dimensions {shape} unusable ({error})") from None
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

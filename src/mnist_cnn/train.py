@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mnist_cnn import tracking
-from mnist_cnn.augment import random_affine
 from mnist_cnn.config import Params, UserError, load_params, run_stage
 from mnist_cnn.data import atomic_path, load_processed, write_json
-from mnist_cnn.model import MNIST_MEAN, MNIST_STD, Net, predict_log_probs
+from mnist_cnn.model import Net, predict_log_probs
+from mnist_cnn.train_step import TrainStep, epoch_order, make_optimizer
 
 MODEL_PATH = Path("models/model.pt")
 METRICS_PATH = Path("metrics/train.json")
@@ -39,7 +39,7 @@ class EpochResult:
     train_loss: float
     test_loss: float
     test_accuracy: float
-    seconds: float
+    seconds: float  # training time of the epoch, without the test-set evaluation
 
 
 def pick_device(name: str) -> torch.device:
@@ -60,37 +60,41 @@ def seed_everything(seed: int, device: torch.device) -> torch.Generator:
     return generator
 
 
-def train_epoch(
-    model: Net,
-    optimizer: torch.optim.Optimizer,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    params: Params,
-    generator: torch.Generator,
-    progress: tqdm,
-) -> float:
+def train_epoch(step: TrainStep, n: int, batch_size: int, progress: tqdm | None = None) -> float:
     """One pass over the shuffled training set; returns the mean training loss."""
-    model.train()
-    batch_size = params.train.batch_size
-    order = torch.randperm(len(images), device=images.device, generator=generator)
-    loss_sum = torch.zeros((), device=images.device)  # summed on the device: no sync per step
-    for start in range(0, len(images), batch_size):
-        index = order[start : start + batch_size]
-        x = images[index].float().div_(255.0)
-        if params.augment:
-            x = random_affine(x, generator)  # on [0, 1] pixels, so the zero fill is background
-        x = (x - MNIST_MEAN) / MNIST_STD
-        y = labels[index]
-        loss = F.nll_loss(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.detach() * len(index)
-        progress.update(1)
-    return loss_sum.item() / len(images)
+    step.model.train()
+    step.loss_sum.zero_()
+    order = epoch_order(n, step.device, step.generator)
+    for start in range(0, n, batch_size):
+        step(order[start : start + batch_size])
+        if progress is not None:
+            progress.update(1)
+    return step.loss_sum.item() / n  # the epoch's only host-device sync
 
 
-def test_metrics(model: Net, images: torch.Tensor, labels: torch.Tensor, batch: int) -> tuple[float, float]:
+def build(params: Params, images: torch.Tensor, labels: torch.Tensor) -> TrainStep:
+    """The report's model and optimizer, wrapped in the step the train stage (and bench) runs."""
+    device = images.device
+    generator = seed_everything(params.seed, device)
+    model = Net().to(device)
+    bf16 = params.train.precision == "bf16"
+    if bf16:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, params.train.lr, device, params.train.cuda_graph)
+    return TrainStep(
+        model,
+        optimizer,
+        images,
+        labels,
+        augment=params.augment,
+        bf16=bf16,
+        batch_size=params.train.batch_size,
+        generator=generator,
+        cuda_graph=params.train.cuda_graph,
+    )
+
+
+def measure_test_set(model: Net, images: torch.Tensor, labels: torch.Tensor, batch: int) -> tuple[float, float]:
     log_probs = predict_log_probs(model, images, batch)
     loss = F.nll_loss(log_probs, labels).item()
     accuracy = (log_probs.argmax(1) == labels).float().mean().item()
@@ -109,15 +113,13 @@ def write_history(rows: list[EpochResult]) -> None:
 def fit(params: Params) -> list[EpochResult]:
     """Train for params.train.epochs, logging each epoch to the active MLflow run."""
     device = pick_device(params.train.device)
-    generator = seed_everything(params.seed, device)
     train_x, train_y = load_processed("train", params.data.subset)
     test_x, test_y = load_processed("test")
     train_x, train_y = train_x.to(device), train_y.to(device)
     test_x, test_y = test_x.to(device), test_y.to(device)
-
-    model = Net().to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=params.train.lr)
-    steps = -(-len(train_x) // params.train.batch_size)
+    step = build(params, train_x, train_y)
+    batch_size = params.train.batch_size
+    steps = -(-len(train_x) // batch_size)
     interactive = sys.stderr.isatty()
     print(f"train: {len(train_x)} images, {params.train.epochs} epochs on {device}, augment={params.augment}")
 
@@ -125,15 +127,16 @@ def fit(params: Params) -> list[EpochResult]:
     for epoch in range(1, params.train.epochs + 1):
         started = time.perf_counter()
         with tqdm(total=steps, desc=f"epoch {epoch}", unit="batch", disable=not interactive, leave=False) as bar:
-            train_loss = train_epoch(model, optimizer, train_x, train_y, params, generator, bar)
-        test_loss, accuracy = test_metrics(model, test_x, test_y, params.train.eval_batch_size)
-        result = EpochResult(epoch, train_loss, test_loss, accuracy, time.perf_counter() - started)
+            train_loss = train_epoch(step, len(train_x), batch_size, bar)
+        train_seconds = time.perf_counter() - started
+        test_loss, accuracy = measure_test_set(step.model, test_x, test_y, params.train.eval_batch_size)
+        result = EpochResult(epoch, train_loss, test_loss, accuracy, train_seconds)
         history.append(result)
         if not np.isfinite(train_loss):
             raise UserError(f"training diverged: train loss {train_loss} at epoch {epoch}")
         print(
             f"epoch {epoch}: train_loss={train_loss:.4f} test_loss={test_loss:.4f} "
-            f"test_accuracy={accuracy:.2%} ({result.seconds:.1f} s, {len(train_x) / result.seconds:,.0f} img/s)",
+            f"test_accuracy={accuracy:.2%} (trained in {train_seconds:.1f} s, {len(train_x) / train_seconds:,.0f} img/s)",
             flush=True,
         )
         mlflow.log_metrics(
@@ -148,7 +151,7 @@ def fit(params: Params) -> list[EpochResult]:
         write_history(history)
 
     with atomic_path(MODEL_PATH) as tmp:
-        torch.save({"state_dict": model.state_dict()}, tmp)
+        torch.save({"state_dict": step.model.state_dict()}, tmp)
     return history
 
 

@@ -1,0 +1,104 @@
+"""One optimisation step on a batch of training-set indices, eager or as a CUDA graph.
+
+The training set stays on the device as uint8. A step gathers the batch,
+augments it (one affine grid + sample for the whole batch), normalises,
+runs forward, NLLLoss, backward and Adam, and adds the loss to a running sum
+on the device, so the host never waits for the GPU inside an epoch.
+
+On CUDA with `train.cuda_graph`, the whole step (augmentation included) is
+captured once and replayed: ~940 kernel launches per step become one graph
+launch, which is what makes batch 64 fast on a large GPU. Only full batches
+can replay the graph (its shapes are fixed); the epoch's last, shorter batch
+runs eagerly through the same model and optimizer, so no image is dropped.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from mnist_cnn.augment import random_affine
+from mnist_cnn.model import MNIST_MEAN, MNIST_STD
+
+WARMUP_STEPS = 3  # eager steps on a side stream before capture, as CUDA graphs require
+
+
+class TrainStep:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        augment: bool,
+        bf16: bool,
+        batch_size: int,
+        generator: torch.Generator | None,
+        cuda_graph: bool,
+    ) -> None:
+        self.model, self.optimizer = model, optimizer
+        self.images, self.labels = images, labels
+        self.augment, self.bf16, self.batch_size = augment, bf16, batch_size
+        self.device = images.device
+        self.use_graph = cuda_graph and self.device.type == "cuda"
+        # Inside a CUDA graph the random draws must come from the default CUDA
+        # generator (seeded by torch.manual_seed), whose state graphs track.
+        self.generator = None if self.use_graph else generator
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_index = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self.eager_steps = 0
+
+    def _step(self, index: torch.Tensor) -> None:
+        x = self.images[index].float().div_(255.0)
+        if self.augment:
+            x = random_affine(x, self.generator)  # on [0, 1] pixels: the zero fill is background
+        x = (x - MNIST_MEAN) / MNIST_STD
+        if self.bf16:
+            x = x.contiguous(memory_format=torch.channels_last)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        with autocast:
+            loss = F.nll_loss(self.model(x), self.labels[index])
+        self.optimizer.zero_grad(set_to_none=not self.use_graph)  # graphs need stable grad buffers
+        loss.backward()
+        self.optimizer.step()
+        self.loss_sum += loss.detach().float() * index.numel()
+
+    def __call__(self, index: torch.Tensor) -> None:
+        full = index.numel() == self.batch_size
+        if not (self.use_graph and full):
+            self._step(index)
+            return
+        if self.graph is not None:
+            self.static_index.copy_(index)
+            self.graph.replay()
+            return
+        if self.eager_steps < WARMUP_STEPS:
+            # Warm-up steps are real training steps, run on a side stream so that
+            # lazily created state (Adam moments, cuDNN plans) exists before capture.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._step(index)
+            torch.cuda.current_stream().wait_stream(side)
+            self.eager_steps += 1
+            return
+        self.graph = torch.cuda.CUDAGraph()
+        self.static_index.copy_(index)
+        with torch.cuda.graph(self.graph):
+            self._step(self.static_index)
+        self.graph.replay()  # capture records the step without running it
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, device: torch.device, cuda_graph: bool) -> torch.optim.Adam:
+    """Adam as in the report; on CUDA the fused kernel, capturable when graphed."""
+    if device.type == "cuda":
+        return torch.optim.Adam(model.parameters(), lr=lr, fused=True, capturable=cuda_graph)
+    return torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def epoch_order(n: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randperm(n, device=device, generator=generator)
