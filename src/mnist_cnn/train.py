@@ -26,7 +26,7 @@ from mnist_cnn import tracking
 from mnist_cnn.config import Params, UserError, load_params, run_stage
 from mnist_cnn.data import atomic_path, load_processed, write_json
 from mnist_cnn.model import Net, predict_log_probs
-from mnist_cnn.train_step import TrainStep, epoch_order, make_optimizer
+from mnist_cnn.train_step import TrainStep, epoch_order, make_optimizer, tune_cpu_allocator
 
 MODEL_PATH = Path("models/model.pt")
 METRICS_PATH = Path("metrics/train.json")
@@ -75,11 +75,11 @@ def train_epoch(step: TrainStep, n: int, batch_size: int, progress: tqdm | None 
 def build(params: Params, images: torch.Tensor, labels: torch.Tensor) -> TrainStep:
     """The report's model and optimizer, wrapped in the step the train stage (and bench) runs."""
     device = images.device
+    if device.type == "cpu":
+        tune_cpu_allocator()
     generator = seed_everything(params.seed, device)
     model = Net().to(device)
     bf16 = params.train.precision == "bf16"
-    if bf16:
-        model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, params.train.lr, device, params.train.cuda_graph)
     return TrainStep(
         model,
@@ -134,9 +134,10 @@ def fit(params: Params) -> list[EpochResult]:
         history.append(result)
         if not np.isfinite(train_loss):
             raise UserError(f"training diverged: train loss {train_loss} at epoch {epoch}")
+        speed = len(train_x) / train_seconds
         print(
             f"epoch {epoch}: train_loss={train_loss:.4f} test_loss={test_loss:.4f} "
-            f"test_accuracy={accuracy:.2%} (trained in {train_seconds:.1f} s, {len(train_x) / train_seconds:,.0f} img/s)",
+            f"test_accuracy={accuracy:.2%} (trained in {train_seconds:.1f} s, {speed:,.0f} img/s)",
             flush=True,
         )
         mlflow.log_metrics(

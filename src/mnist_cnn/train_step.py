@@ -14,6 +14,7 @@ runs eagerly through the same model and optimizer, so no image is dropped.
 
 from __future__ import annotations
 
+import ctypes
 from contextlib import nullcontext
 
 import torch
@@ -43,6 +44,11 @@ class TrainStep:
         self.images, self.labels = images, labels
         self.augment, self.bf16, self.batch_size = augment, bf16, batch_size
         self.device = images.device
+        # channels_last pays on GPUs (tensor-core convolutions); on CPUs without AMX
+        # the bf16 max-pool backward in channels_last spends half the step in copies.
+        self.channels_last = bf16 and self.device.type == "cuda"
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
         self.use_graph = cuda_graph and self.device.type == "cuda"
         # Inside a CUDA graph the random draws must come from the default CUDA
         # generator (seeded by torch.manual_seed), whose state graphs track.
@@ -57,9 +63,12 @@ class TrainStep:
         if self.augment:
             x = random_affine(x, self.generator)  # on [0, 1] pixels: the zero fill is background
         x = (x - MNIST_MEAN) / MNIST_STD
-        if self.bf16:
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        # cache_enabled=False: a graph must recast the weights on every replay, not reuse stale copies.
+        autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False) if self.bf16 else nullcontext()
+        )
         with autocast:
             loss = F.nll_loss(self.model(x), self.labels[index])
         self.optimizer.zero_grad(set_to_none=not self.use_graph)  # graphs need stable grad buffers
@@ -91,6 +100,25 @@ class TrainStep:
         with torch.cuda.graph(self.graph):
             self._step(self.static_index)
         self.graph.replay()  # capture records the step without running it
+
+
+def tune_cpu_allocator() -> None:
+    """Keep freed activation buffers in the heap instead of returning them to the OS.
+
+    Each CPU step allocates and frees a few multi-MB activations; glibc hands
+    blocks that large back with munmap and page-faults fresh ones on the next
+    step, which shows up as system time. Raising the mmap and trim thresholds
+    (mallopt, process-wide) made a step ~10% faster in fp32 and ~15% in bf16
+    on the 2-core CI machine. A no-op where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum
+    libc.mallopt(m_trim_threshold, 256 << 20)
+    libc.mallopt(m_top_pad, 64 << 20)
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, device: torch.device, cuda_graph: bool) -> torch.optim.Adam:
