@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup repro test test-fast lint ui clean
+.PHONY: setup repro test test-fast lint bench ui clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ test-fast: setup
 
 lint: setup
 	ruff check src tests && ruff format --check src tests
+
+# Throughput of the report's loop vs the train stage's loop (needs the data: preprocess stage).
+bench: setup
+	dvc repro preprocess
+	python -m mnist_cnn.bench $(BENCH_ARGS)
 
 # The MLflow UI over this checkout's store, on loopback only.
 ui: setup

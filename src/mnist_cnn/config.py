@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -140,8 +141,17 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return validate(raw if raw is not None else {}, source=str(path))
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's main(): a UserError becomes one line on stderr and exit 2."""
+    """Run a stage's main(): a UserError becomes one line on stderr and exit 2.
+
+    SIGTERM (`dvc queue kill`, a scheduler) is handled like Ctrl-C, so the
+    stage unwinds and its MLflow run is marked KILLED rather than left RUNNING.
+    """
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         main()
     except UserError as error:

@@ -75,7 +75,22 @@ def git_commit() -> str:
         return "unknown"
 
 
-def start_run(params: Params) -> mlflow.ActiveRun:
+@contextmanager
+def ended_as(run: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
+    """End the run FINISHED, or KILLED on Ctrl-C / SIGTERM, or FAILED on an error."""
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+@contextmanager
+def start_run(params: Params) -> Iterator[mlflow.ActiveRun]:
     """Create the pipeline's run, log every param, and record its id for the later stages."""
     experiment_id = setup()
     exp_name = os.environ.get("DVC_EXP_NAME", "")
@@ -84,14 +99,15 @@ def start_run(params: Params) -> mlflow.ActiveRun:
     if exp_name:
         tags["dvc.exp_name"] = exp_name
     run = mlflow.start_run(experiment_id=experiment_id, run_name=exp_name or None, tags=tags)
-    mlflow.log_params(flat(params))
-    write_json(RUN_FILE, {"run_id": run.info.run_id, "experiment_id": experiment_id})
-    return run
+    with ended_as(run):
+        mlflow.log_params(flat(params))
+        write_json(RUN_FILE, {"run_id": run.info.run_id, "experiment_id": experiment_id})
+        yield run
 
 
 @contextmanager
 def reopen_run() -> Iterator[mlflow.ActiveRun]:
-    """Reopen the run the train stage created (a failure inside marks it FAILED)."""
+    """Reopen the run the train stage created (ended as in `ended_as`)."""
     try:
         run_id = json.loads(RUN_FILE.read_text())["run_id"]
     except (OSError, ValueError, KeyError):
@@ -101,5 +117,5 @@ def reopen_run() -> Iterator[mlflow.ActiveRun]:
         run = mlflow.start_run(run_id=run_id)
     except MlflowException as error:
         raise UserError(f"MLflow run {run_id}: {error.message.splitlines()[0]}") from None
-    with run:
+    with ended_as(run):
         yield run

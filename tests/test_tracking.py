@@ -1,0 +1,75 @@
+"""Where runs go (DVC_ROOT, MLFLOW_TRACKING_URI) and the run shared by the stages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from conftest import REPO
+from mnist_cnn import tracking
+from mnist_cnn.config import UserError, validate
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    for name in ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+    yield tmp_path
+    mlflow.end_run()
+
+
+def test_store_follows_dvc_root(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert tracking.store_root() == in_tmp
+    repo = in_tmp / "repo"
+    repo.mkdir()
+    monkeypatch.setenv("DVC_ROOT", str(repo))  # as in `dvc exp run --temp`, run from a copy
+    uri, artifacts = tracking.local_store()
+    assert uri == f"sqlite:///{repo}/mlruns/mlflow.db"
+    assert artifacts == (repo / "mlruns" / "artifacts").as_uri()
+
+
+def test_setup_creates_the_experiment_once(in_tmp: Path) -> None:
+    first = tracking.setup()
+    assert tracking.setup() == first
+    experiment = mlflow.get_experiment(first)
+    assert experiment.name == "mnist-cnn"
+    assert experiment.artifact_location == (in_tmp / "mlruns" / "artifacts").as_uri()
+    assert (in_tmp / "mlruns" / "mlflow.db").exists()
+
+
+def test_tracking_uri_env_overrides(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    other = in_tmp / "elsewhere.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other}")
+    tracking.setup()
+    assert other.exists()
+    assert not (in_tmp / "mlruns").exists()
+
+
+def test_start_run_logs_params_and_tags_and_records_id(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DVC_EXP_NAME", "bushy-vase")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "abc123")
+    params = validate(yaml.safe_load((REPO / "params.yaml").read_text()))
+    with tracking.start_run(params) as run:
+        run_id = run.info.run_id
+    assert json.loads(tracking.RUN_FILE.read_text())["run_id"] == run_id
+    logged = mlflow.get_run(run_id)
+    assert logged.data.params["augment"] == "True"
+    assert logged.data.params["train.lr"] == "0.001"
+    assert logged.data.tags["dvc.exp_name"] == "bushy-vase"
+    assert logged.data.tags["git.commit"] == "abc123"
+    assert logged.info.run_name == "bushy-vase"
+    with tracking.reopen_run() as again:
+        assert again.info.run_id == run_id
+        mlflow.log_metric("later_stage", 1.0)
+    assert mlflow.get_run(run_id).data.metrics["later_stage"] == 1.0
+    assert mlflow.get_run(run_id).info.status == "FINISHED"
+
+
+def test_reopen_without_train_is_a_user_error(in_tmp: Path) -> None:
+    with pytest.raises(UserError, match="train stage"), tracking.reopen_run():
+        pass
