@@ -34,7 +34,7 @@ def render_digits(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def write_synthetic_mnist(directory: Path, n_train: int = 600, n_test: int = 200) -> Path:
+def write_synthetic_mnist(directory: Path, n_train: int = 2000, n_test: int = 300) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     for prefix, count, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
         images, labels = render_digits(count, seed)
@@ -81,3 +81,14 @@ def make_pipeline_repo(path: Path, data_dir: Path, **overrides: object) -> Path:
     run(["git", "add", "-A"], path)
     run(["git", "commit", "-qm", "pipeline"], path)
     return path
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory: pytest.TempPathFactory, synthetic_mnist: Path) -> Path:
+    """A repository after `dvc repro`, the ablation, and a `--temp` experiment (three runs)."""
+    repo = make_pipeline_repo(tmp_path_factory.mktemp("pipeline"), synthetic_mnist)
+    run(["dvc", "repro"], repo)
+    run(["dvc", "exp", "run", "-S", "augment=false"], repo)
+    # --temp runs in a copy under .dvc/tmp/exps/: it must still log into the repo's store.
+    run(["dvc", "exp", "run", "--temp", "-S", "augment=true", "-S", "seed=7"], repo)
+    return repo

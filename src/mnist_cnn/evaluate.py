@@ -4,7 +4,7 @@ Outputs: metrics/eval.json (accuracy, loss, per-class precision/recall/F1) and
 plots/confusion.csv (one row per test image, for DVC's confusion template).
 Logs the metrics and the model (pytorch flavour, with signature and input
 example) to the pipeline's MLflow run and registers it as `mnist-cnn`, one
-version per trained model.
+version per trained model, then moves the registry's aliases (registry.promote).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from mlflow.models import infer_signature
 from sklearn.metrics import accuracy_score, classification_report
 
 import mnist_cnn
-from mnist_cnn import tracking
+from mnist_cnn import registry, tracking
 from mnist_cnn.config import load_params, run_stage
 from mnist_cnn.data import atomic_path, load_processed, write_json
 from mnist_cnn.model import load_model, normalize, predict_log_probs
@@ -86,10 +86,12 @@ def main() -> None:
         mlflow.log_artifact(str(METRICS_PATH), artifact_path="metrics")
         example = normalize(images[:4]).numpy()
         version = register_model(model, example, run.info.run_id)
+        promotion = registry.promote(mlflow.MlflowClient(), version, metrics["test_accuracy"], params)
     print(
         f"evaluate: test accuracy {metrics['test_accuracy']:.2%}, loss {metrics['test_loss']:.4f}; "
         f"registered {tracking.REGISTERED_MODEL} version {version}"
     )
+    print(promotion.message())
 
 
 if __name__ == "__main__":

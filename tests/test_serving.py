@@ -1,0 +1,92 @@
+"""`mlflow models serve` on the registered model answers the standard /invocations protocol."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from conftest import VENV_BIN, tool_env
+from mnist_cnn.data import load_tensors
+from mnist_cnn.model import normalize
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def server(pipeline: Path) -> Iterator[str]:
+    port = free_port()
+    uri = f"sqlite:///{pipeline / 'mlruns' / 'mlflow.db'}"
+    cmd = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", "models:/mnist-cnn/1", "--env-manager", "local"]
+    process = subprocess.Popen(
+        [*cmd, "-h", "127.0.0.1", "-p", str(port)],
+        cwd=pipeline,
+        env=tool_env(MLFLOW_TRACKING_URI=uri),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert process.poll() is None, process.stderr.read() if process.stderr else "server exited"
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow models serve did not answer /ping within 120 s")
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_served_answers_match_the_model(pipeline: Path, server: str) -> None:
+    test = load_tensors(pipeline / "data/processed/test.pt")
+    images = normalize(test["images"][:32].unsqueeze(1)).numpy()
+    status, body = post(f"{server}/invocations", json.dumps({"inputs": images.tolist()}).encode())
+    assert status == 200, body
+    served = np.asarray(body["predictions"])
+    assert served.shape == (32, 10)
+    mlflow.set_tracking_uri(f"sqlite:///{pipeline / 'mlruns' / 'mlflow.db'}")
+    local = mlflow.pyfunc.load_model("models:/mnist-cnn/1").predict(images)
+    np.testing.assert_allclose(served, local, rtol=1e-4, atol=1e-4)
+    accuracy = (served.argmax(1) == test["labels"][:32].numpy()).mean()
+    assert accuracy > 0.5  # synthetic digits; chance is 0.1
+
+
+def test_malformed_payload_is_a_4xx_and_server_keeps_serving(server: str) -> None:
+    for bad in (b"not json", json.dumps({"inputs": [[1.0, 2.0]]}).encode(), json.dumps({"wrong": 1}).encode()):
+        status, _ = post(f"{server}/invocations", bad)
+        assert 400 <= status < 500, (bad, status)
+    good = torch.zeros(1, 1, 28, 28).numpy().tolist()
+    status, body = post(f"{server}/invocations", json.dumps({"inputs": good}).encode())
+    assert status == 200 and len(body["predictions"]) == 1
