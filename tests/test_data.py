@@ -315,3 +315,11 @@ def test_round_trip_property(tmp_path: Path, shape: tuple[int, ...], seed: int) 
     array = np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
     write_idx(tmp_path / "r", array)
     np.testing.assert_array_equal(read_idx(tmp_path / "r"), array)
+
+
+def test_atomic_path_gives_the_usual_file_mode(tmp_path: Path) -> None:
+    reference = tmp_path / "plain"
+    reference.write_text("x")
+    with atomic_path(tmp_path / "atomic") as tmp:
+        tmp.write_text("x")
+    assert (tmp_path / "atomic").stat().st_mode == reference.stat().st_mode
