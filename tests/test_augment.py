@@ -18,8 +18,6 @@ from torchvision.transforms.v2 import functional as TF
 
 from mnist_cnn.augment import affine_theta, random_affine
 
-REPO = Path(__file__).resolve().parents[1]
-PROCESSED_CANDIDATES = [Path("/tmp/mn/data/processed/test.pt"), REPO / "data" / "processed" / "test.pt"]
 NEAREST = InterpolationMode.NEAREST
 MIN_MATCH = 0.99  # nearest-neighbour rounding at exact ties may differ in a few pixels
 
@@ -28,12 +26,9 @@ SHIFTS = [(0, 0), (3, -2), (-3, 3), (1, 0), (0, -1), (-2, -3), (3, 3)]
 
 
 @pytest.fixture(scope="module")
-def digits() -> torch.Tensor:
+def digits(real_mnist: Path) -> torch.Tensor:
     """32 real MNIST test digits as floats in [0, 1], shape (32, 1, 28, 28)."""
-    path = next((p for p in PROCESSED_CANDIDATES if p.exists()), None)
-    if path is None:
-        pytest.skip("no processed MNIST test.pt (run the pipeline's download and preprocess stages)")
-    images = torch.load(path, map_location="cpu", weights_only=True)["images"]
+    images = torch.load(real_mnist / "test.pt", map_location="cpu", weights_only=True)["images"]
     assert images.dtype == torch.uint8 and images.shape[1:] == (28, 28)
     # Every 300th digit: a spread of writers and classes, not only the first few.
     return images[::300][:32].unsqueeze(1).float().div(255.0)

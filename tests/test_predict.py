@@ -18,7 +18,6 @@ from conftest import REPO, tool_env
 from mnist_cnn.config import UserError, run_stage, validate
 from mnist_cnn.predict import main, read_image, to_mnist
 
-REAL_MNIST = Path("/tmp/mn/data/processed/train.pt")
 CENTRE = 13.5  # centre of a 28x28 field in pixel-index coordinates
 
 
@@ -136,15 +135,13 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Captu
 
 
 @pytest.fixture(scope="module")
-def mnist_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not REAL_MNIST.exists():
-        pytest.skip(f"{REAL_MNIST} missing (real MNIST, processed)")
+def mnist_model(tmp_path_factory: pytest.TempPathFactory, real_mnist: Path) -> Path:
     from mnist_cnn.train import build, train_epoch
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["train"].update(device="cpu", precision="fp32", cuda_graph=False)
     params = validate(raw)
-    tensors = torch.load(REAL_MNIST, map_location="cpu", weights_only=True)
+    tensors = torch.load(real_mnist / "train.pt", map_location="cpu", weights_only=True)
     images, labels = tensors["images"][:6000].unsqueeze(1), tensors["labels"][:6000]
     step = build(params, images, labels)
     train_epoch(step, len(images), params.train.batch_size)
