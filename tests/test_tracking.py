@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import time
 from pathlib import Path
 
 import mlflow
@@ -73,3 +75,14 @@ def test_start_run_logs_params_and_tags_and_records_id(in_tmp: Path, monkeypatch
 def test_reopen_without_train_is_a_user_error(in_tmp: Path) -> None:
     with pytest.raises(UserError, match="train stage"), tracking.reopen_run():
         pass
+
+
+def test_unreachable_tracking_server_fails_fast_and_clearly(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    with pytest.raises(UserError, match=f"MLflow store http://127.0.0.1:{port}"):
+        tracking.setup()
+    assert time.monotonic() - started < 10

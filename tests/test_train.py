@@ -88,3 +88,14 @@ def test_cuda_graph_step_trains_like_eager(precision: str) -> None:
     # Different random streams (graphs use the default CUDA generator), same learning.
     assert final[True][1] > 0.5
     assert abs(final[True][0] - final[False][0]) < 0.5 * final[False][0] + 0.05
+
+
+def test_a_diverging_loss_stops_training_naming_epoch_and_step() -> None:
+    images, labels = toy_data(640)
+    step = build(params(device="cpu"), images, labels)
+    with pytest.raises(UserError, match=r"epoch 3, step 1 of 10"):
+        for epoch in range(1, 4):
+            with torch.no_grad():
+                if epoch == 3:  # poison the weights: the next loss is NaN
+                    step.model.fc2.bias.fill_(float("nan"))
+            train_epoch(step, len(images), 64, epoch=epoch)

@@ -44,6 +44,11 @@ def local_store() -> tuple[str, str]:
 def setup() -> str:
     """Point MLflow at the store (MLFLOW_TRACKING_URI wins) and return the experiment id."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
+    # A tracking server that is down should fail the stage in seconds, not after
+    # MLflow's default of 7 retries with backoff (minutes). Explicit settings win.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     artifact_location = None
     if not uri:
         uri, artifact_location = local_store()

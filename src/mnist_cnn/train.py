@@ -60,16 +60,26 @@ def seed_everything(seed: int, device: torch.device) -> torch.Generator:
     return generator
 
 
-def train_epoch(step: TrainStep, n: int, batch_size: int, progress: tqdm | None = None) -> float:
-    """One pass over the shuffled training set; returns the mean training loss."""
+def train_epoch(step: TrainStep, n: int, batch_size: int, progress: tqdm | None = None, epoch: int = 1) -> float:
+    """One pass over the shuffled training set; returns the mean training loss.
+
+    Raises UserError naming the epoch and step if the loss became NaN or infinite.
+    """
     step.model.train()
-    step.loss_sum.zero_()
+    step.start_epoch()
     order = epoch_order(n, step.device, step.generator)
     for start in range(0, n, batch_size):
         step(order[start : start + batch_size])
         if progress is not None:
             progress.update(1)
-    return step.loss_sum.item() / n  # the epoch's only host-device sync
+    bad_step = int(step.first_bad_step.item())  # the epoch's host-device syncs: this and the loss
+    if bad_step >= 0:
+        steps = -(-n // batch_size)
+        raise UserError(
+            f"training diverged: the loss is NaN or infinite at epoch {epoch}, step {bad_step} of {steps}"
+            " (try a smaller train.lr)"
+        )
+    return step.loss_sum.item() / n
 
 
 def build(params: Params, images: torch.Tensor, labels: torch.Tensor) -> TrainStep:
@@ -127,13 +137,11 @@ def fit(params: Params) -> list[EpochResult]:
     for epoch in range(1, params.train.epochs + 1):
         started = time.perf_counter()
         with tqdm(total=steps, desc=f"epoch {epoch}", unit="batch", disable=not interactive, leave=False) as bar:
-            train_loss = train_epoch(step, len(train_x), batch_size, bar)
+            train_loss = train_epoch(step, len(train_x), batch_size, bar, epoch)
         train_seconds = time.perf_counter() - started
         test_loss, accuracy = measure_test_set(step.model, test_x, test_y, params.train.eval_batch_size)
         result = EpochResult(epoch, train_loss, test_loss, accuracy, train_seconds)
         history.append(result)
-        if not np.isfinite(train_loss):
-            raise UserError(f"training diverged: train loss {train_loss} at epoch {epoch}")
         speed = len(train_x) / train_seconds
         print(
             f"epoch {epoch}: train_loss={train_loss:.4f} test_loss={test_loss:.4f} "

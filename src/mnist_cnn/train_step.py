@@ -54,6 +54,8 @@ class TrainStep:
         # generator (seeded by torch.manual_seed), whose state graphs track.
         self.generator = None if self.use_graph else generator
         self.loss_sum = torch.zeros((), device=self.device)
+        self.steps = torch.zeros((), dtype=torch.long, device=self.device)
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_index = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.eager_steps = 0
@@ -74,7 +76,17 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=not self.use_graph)  # graphs need stable grad buffers
         loss.backward()
         self.optimizer.step()
-        self.loss_sum += loss.detach().float() * index.numel()
+        loss = loss.detach().float()
+        self.loss_sum += loss * index.numel()
+        # Remember the epoch's first step with a NaN or infinite loss, without a host sync.
+        self.steps += 1
+        bad = ~torch.isfinite(loss) & (self.first_bad_step < 0)
+        self.first_bad_step.copy_(torch.where(bad, self.steps, self.first_bad_step))
+
+    def start_epoch(self) -> None:
+        self.loss_sum.zero_()  # in place: a captured graph keeps pointing at these tensors
+        self.steps.zero_()
+        self.first_bad_step.fill_(-1)
 
     def __call__(self, index: torch.Tensor) -> None:
         full = index.numel() == self.batch_size
