@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -86,3 +89,19 @@ def test_unreachable_tracking_server_fails_fast_and_clearly(in_tmp: Path, monkey
     with pytest.raises(UserError, match=f"MLflow store http://127.0.0.1:{port}"):
         tracking.setup()
     assert time.monotonic() - started < 10
+
+
+def test_runs_of_dead_processes_are_marked_failed(in_tmp: Path) -> None:
+    """What kill -9 leaves behind (a RUNNING run whose process is gone) is cleaned up by the next train."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    experiment_id = tracking.setup()
+    client = mlflow.MlflowClient()
+    host = socket.gethostname()
+    orphan = client.create_run(experiment_id, tags={"host": host, "pid": str(dead.pid)}).info.run_id
+    alive = client.create_run(experiment_id, tags={"host": host, "pid": str(os.getpid())}).info.run_id
+    elsewhere = client.create_run(experiment_id, tags={"host": "another-host", "pid": str(dead.pid)}).info.run_id
+    assert tracking.mark_dead_runs_failed(experiment_id) == [orphan]
+    assert client.get_run(orphan).info.status == "FAILED"
+    assert client.get_run(alive).info.status == "RUNNING"  # a parallel run still going
+    assert client.get_run(elsewhere).info.status == "RUNNING"  # cannot tell from here

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -94,13 +95,44 @@ def ended_as(run: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
     mlflow.end_run("FINISHED")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def mark_dead_runs_failed(experiment_id: str) -> list[str]:
+    """Runs left RUNNING by a train stage on this host whose process is gone (kill -9, power loss)
+    are marked FAILED, so the UI never shows a dead run as running. Returns their ids."""
+    client = mlflow.MlflowClient()
+    host = socket.gethostname()
+    stale = client.search_runs(
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.host = '{host}'", max_results=1000
+    )
+    dead = [r.info.run_id for r in stale if not _alive(int(r.data.tags.get("pid", "0") or 0))]
+    for run_id in dead:
+        client.set_tag(run_id, "ended_by", "process gone; marked FAILED by a later train stage")
+        client.set_terminated(run_id, "FAILED")
+    return dead
+
+
 @contextmanager
 def start_run(params: Params) -> Iterator[mlflow.ActiveRun]:
     """Create the pipeline's run, log every param, and record its id for the later stages."""
     experiment_id = setup()
+    mark_dead_runs_failed(experiment_id)
     exp_name = os.environ.get("DVC_EXP_NAME", "")
     commit = git_commit()
-    tags = {"git.commit": commit, "mlflow.source.git.commit": commit}
+    tags = {
+        "git.commit": commit,
+        "mlflow.source.git.commit": commit,
+        "host": socket.gethostname(),
+        "pid": str(os.getpid()),
+    }
     if exp_name:
         tags["dvc.exp_name"] = exp_name
     run = mlflow.start_run(experiment_id=experiment_id, run_name=exp_name or None, tags=tags)
