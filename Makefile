@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup repro test test-fast lint bench ui clean
+.PHONY: setup ui-deps repro test test-fast lint bench ui serve clean
 
 setup: $(STAMP)
 
@@ -20,10 +20,22 @@ $(STAMP):
 	$(PYTHON) -m pip install --quiet -c requirements.lock -e ".[dev]"
 	rm -f $(VENV)/.installed-* && touch $@
 
+# tests/test_ui.py drives /usr/bin/chromium (apt; .ci/run installs it) with playwright-core from npm,
+# pinned exactly in tests/ui/package.json; no lockfile is written (it would record the registry host).
+UI_STAMP := tests/ui/node_modules/.installed-$(shell cksum < tests/ui/package.json | cut -d' ' -f1)
+
+ui-deps: $(UI_STAMP)
+
+$(UI_STAMP): tests/ui/package.json
+	@if command -v npm >/dev/null; then \
+		npm install --no-package-lock --no-audit --no-fund --prefix tests/ui \
+		&& rm -f tests/ui/node_modules/.installed-* && touch $@; \
+	else echo "warning: npm not found; tests/test_ui.py will be skipped"; fi
+
 repro: setup
 	dvc repro
 
-test: setup
+test: setup ui-deps
 	ruff check src tests
 	ruff format --check src tests
 	pytest -q
@@ -43,5 +55,10 @@ bench: setup
 ui: setup
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1 --port 5000
 
+# The registry's champion behind MLflow's REST scoring server (/invocations), loopback only.
+serve: setup
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db} \
+	mlflow models serve -m models:/mnist-cnn@champion --env-manager local -h 127.0.0.1 -p 5001
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache tests/ui/node_modules

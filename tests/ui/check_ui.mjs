@@ -1,0 +1,126 @@
+// Drives the MLflow UI in headless Chromium and checks what tests/test_ui.py expects to see.
+//
+//   node tests/ui/check_ui.mjs <base-url> <experiment-id> <run-id> <out-dir> <model> <run-version> <alias>=<version>...
+//
+// <run-version>: the version of <model> registered from <run-id> ("" = none); each <alias>=<version>
+// must show on that version's row of the model page.
+//
+// Exits 0 when every check passed, 1 with "FAIL: ..." lines on stderr otherwise, and writes
+// one PNG screenshot per page into <out-dir> either way (taken after the checks, so a failing
+// page is captured as it was).
+import { mkdirSync } from "node:fs";
+import { join } from "node:path";
+
+import { chromium } from "playwright-core";
+
+const [base, experimentId, runId, outDir, model, modelVersion, ...aliasArgs] = process.argv.slice(2);
+if (!base || !experimentId || !runId || !outDir || !model || modelVersion === undefined) {
+  console.error("usage: check_ui.mjs <base-url> <experiment-id> <run-id> <out-dir> <model> <run-version> <alias>=<version>...");
+  process.exit(2);
+}
+const aliases = aliasArgs.map((arg) => arg.split("="));
+const executablePath = process.env.CHROMIUM ?? "/usr/bin/chromium";
+const timeout = Number(process.env.UI_TIMEOUT_MS ?? 20000);
+const metrics = ["train_loss", "test_loss", "test_accuracy"];
+const failures = [];
+mkdirSync(outDir, { recursive: true });
+
+// Wait until `locator` is visible; record a failure (with what the page did show) otherwise.
+async function expectVisible(page, locator, what) {
+  try {
+    await locator.first().waitFor({ state: "visible", timeout });
+    console.log(`ok: ${what}`);
+  } catch {
+    const shown = (await page.locator("body").innerText().catch(() => "")).replace(/\s+/g, " ").slice(0, 1000);
+    failures.push(`${what}: not visible within ${timeout} ms at ${page.url()} (page text: ${shown})`);
+  }
+}
+
+async function visit(page, hash, name, checks) {
+  const url = `${base}/#${hash}`;
+  console.log(`page: ${url}`);
+  await page.goto(url, { waitUntil: "domcontentloaded", timeout });
+  await checks();
+  const file = join(outDir, `${name}.png`);
+  await page.screenshot({ path: file, fullPage: true });
+  console.log(`screenshot: ${file}`);
+}
+
+const browser = await chromium.launch({
+  executablePath,
+  headless: true,
+  args: [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+  ],
+});
+try {
+  // Tall enough that the run overview's metrics table and the three charts fit in one screenshot
+  // (the UI scrolls inside its own panel, so a full-page screenshot is only the viewport).
+  const page = await browser.newPage({ viewport: { width: 1400, height: 1500 } });
+  const errors = [];
+  page.on("pageerror", (error) => errors.push(String(error)));
+  // Everything the UI asks for must come from the server under test: no outside requests.
+  await page.route("**/*", (route) =>
+    route.request().url().startsWith(base) || route.request().url().startsWith("data:")
+      ? route.continue()
+      : route.abort(),
+  );
+
+  const run = `/experiments/${experimentId}/runs/${runId}`;
+  // Overview tab: the run's metrics table lists every logged metric by name.
+  await visit(page, run, "run-overview", async () => {
+    await expectVisible(page, page.getByText(/^Metrics \(\d+\)$/), "run overview shows its metrics table");
+    // The MLflow Assistant side panel opens by default; closing it only makes room (best effort).
+    await page
+      .locator('[data-component-id="mlflow.assistant.chat_panel.close"]')
+      .click({ timeout: 2000 })
+      .catch(() => console.log("note: no MLflow Assistant panel to close"));
+    for (const name of metrics) {
+      await expectVisible(page, page.getByText(name, { exact: true }), `run overview shows metric ${name}`);
+    }
+    if (modelVersion) {
+      await expectVisible(page, page.getByText(`v${modelVersion}`, { exact: true }), `run overview shows ${model} v${modelVersion}`);
+    }
+  });
+  // Model metrics tab: one chart per metric, titled with its name. Charts below the fold are not
+  // rendered, so filter them with the tab's own search box (a regular expression) to the three.
+  await visit(page, `${run}/model-metrics`, "run-model-metrics", async () => {
+    const search = page.getByPlaceholder("Search metric charts");
+    await expectVisible(page, search, "model-metrics tab has its chart search box");
+    await search.fill(`^(${metrics.join("|")})$`, { timeout }).catch(() => {});
+    for (const name of metrics) {
+      await expectVisible(page, page.getByText(name, { exact: true }), `model-metrics tab shows chart ${name}`);
+      // The legend ("<run name> (<metric>)") is drawn with the per-step line plot, not before.
+      const legend = page.getByText(new RegExp(`\\(${name}\\)$`));
+      await expectVisible(page, legend, `model-metrics tab draws ${name} over steps`);
+    }
+    await expectVisible(page, page.getByText("Step", { exact: true }), "model-metrics charts have a Step axis");
+  });
+  // Registered model: its name, and each alias ("@ alias" chip) on the row of the version it points at.
+  await visit(page, `/models/${encodeURIComponent(model)}`, "registered-model", async () => {
+    await expectVisible(page, page.getByText(model, { exact: true }), `model page shows ${model}`);
+    for (const [alias, version] of aliases) {
+      const link = page.getByRole("link", { name: `Version ${version}`, exact: true });
+      const row = page.getByRole("row").filter({ has: link });
+      const chip = row.getByText(new RegExp(`^@\\s*${alias}$`));
+      await expectVisible(page, chip, `model page shows alias ${alias} on version ${version}`);
+    }
+  });
+  if (errors.length) console.log(`page errors (not failures): ${errors.join(" | ")}`);
+} finally {
+  await browser.close();
+}
+
+if (failures.length) {
+  for (const failure of failures) console.error(`FAIL: ${failure}`);
+  process.exit(1);
+}
+console.log("all UI checks passed");
