@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +74,40 @@ def tool_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
     env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", DVC_NO_ANALYTICS="1", **extra)
     return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def http_server(
+    cmd: list[str], cwd: Path, ready_path: str, port: int, timeout: float = 120, **env: str
+) -> Iterator[str]:
+    """Start a real server (mlflow ui, mlflow models serve) on 127.0.0.1:port; yield its base URL
+    once `ready_path` answers; stop it afterwards. Its output goes to a file, never a pipe that
+    could fill up and block it."""
+    log = cwd / f"server-{port}.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(cmd, cwd=cwd, env=tool_env(**env), stdout=sink, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert process.poll() is None, f"{cmd[0]} exited:\n{log.read_text()}"
+            try:
+                with urllib.request.urlopen(base + ready_path, timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"{' '.join(cmd)} did not answer {ready_path} within {timeout} s:\n{log.read_text()}")
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -16,17 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import VENV_BIN, tool_env
+from conftest import VENV_BIN, free_port, http_server
 from mnist_cnn.data import load_tensors
 from mnist_cnn.model import normalize
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url: str, body: bytes) -> tuple[int, dict]:
@@ -39,34 +30,13 @@ def post(url: str, body: bytes) -> tuple[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def server(pipeline: Path) -> Iterator[str]:
+def server(pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     uri = f"sqlite:///{pipeline / 'mlruns' / 'mlflow.db'}"
     cmd = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", "models:/mnist-cnn/1", "--env-manager", "local"]
-    process = subprocess.Popen(
-        [*cmd, "-h", "127.0.0.1", "-p", str(port)],
-        cwd=pipeline,
-        env=tool_env(MLFLOW_TRACKING_URI=uri),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert process.poll() is None, process.stderr.read() if process.stderr else "server exited"
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow models serve did not answer /ping within 120 s")
+    cmd += ["-h", "127.0.0.1", "-p", str(port)]
+    with http_server(cmd, tmp_path_factory.mktemp("serve"), "/ping", port, MLFLOW_TRACKING_URI=uri) as base:
         yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def test_served_answers_match_the_model(pipeline: Path, server: str) -> None:

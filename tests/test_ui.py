@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO, VENV_BIN, tool_env
+from conftest import REPO, VENV_BIN, free_port, http_server
 
 UI_DIR = REPO / "tests" / "ui"
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
@@ -35,12 +32,6 @@ pytestmark = [
         not CHROMIUM.exists(), reason=f"{CHROMIUM} is missing (apt-get install chromium; .ci/run does it)"
     ),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -62,31 +53,9 @@ def ui(pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
     port = free_port()
     uri = f"sqlite:///{pipeline / 'mlruns' / 'mlflow.db'}"
     workdir = tmp_path_factory.mktemp("mlflow-ui")  # whatever the server writes stays out of the repo
-    log = workdir / "server.log"  # a file, not a pipe: its access log must never block the server
-    with log.open("w") as sink:
-        process = subprocess.Popen(
-            [str(VENV_BIN / "mlflow"), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=workdir,
-            env=tool_env(),
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert process.poll() is None, f"mlflow ui exited:\n{log.read_text()}"
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail(f"mlflow ui did not answer /health within 60 s:\n{log.read_text()}")
+    cmd = [str(VENV_BIN / "mlflow"), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
+    with http_server(cmd, workdir, "/health", port, timeout=60) as base:
         yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def test_ui_shows_run_metrics_and_registered_model(
