@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup ui-deps repro test test-fast lint bench ui serve clean
+.PHONY: setup ui-deps repro test test-fast lint bench ablation ui serve clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,17 @@ lint: setup
 bench: setup
 	dvc repro preprocess
 	python -m mnist_cnn.bench $(BENCH_ARGS)
+
+# The report's ablation with error bars: augment on/off x 5 seeds through DVC's queue
+# (JOBS workers, one sqlite store created first), then the summary in ablation/.
+JOBS ?= 2
+ablation: setup
+	dvc repro preprocess
+	python -c "from mnist_cnn import tracking; tracking.setup()"
+	dvc exp run --queue -S augment=true,false -S seed=0,1,2,3,4
+	dvc queue start -j $(JOBS)
+	while dvc queue status | grep -qE 'Queued|Running'; do sleep 15; done
+	python -m mnist_cnn.ablation
 
 # The MLflow UI over this checkout's store, on loopback only.
 ui: setup
