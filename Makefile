@@ -53,11 +53,13 @@ bench: setup
 
 # The report's ablation with error bars: augment on/off x 5 seeds through DVC's queue
 # (JOBS workers, one sqlite store created first), then the summary in ablation/.
+# E.g. make ablation JOBS=1 ABLATION_ARGS="-S train.precision=bf16"
 JOBS ?= 2
+ABLATION_ARGS ?=
 ablation: setup
 	dvc repro preprocess
 	python -c "from mnist_cnn import tracking; tracking.setup()"
-	dvc exp run --queue -S augment=true,false -S seed=0,1,2,3,4
+	dvc exp run --queue -S augment=true,false -S seed=0,1,2,3,4 $(ABLATION_ARGS)
 	dvc queue start -j $(JOBS)
 	while dvc queue status | grep -qE 'Queued|Running'; do sleep 15; done
 	python -m mnist_cnn.ablation
