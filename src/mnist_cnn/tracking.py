@@ -7,12 +7,14 @@ evaluate and confusion-analysis reopen it, so one `dvc repro` or
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import mlflow
@@ -53,7 +55,7 @@ def setup() -> str:
     artifact_location = None
     if not uri:
         uri, artifact_location = local_store()
-        (store_root() / "mlruns").mkdir(parents=True, exist_ok=True)
+    _check_sqlite(uri)
     mlflow.set_tracking_uri(uri)
     try:
         experiment = mlflow.get_experiment_by_name(EXPERIMENT)
@@ -68,6 +70,42 @@ def setup() -> str:
             return experiment.experiment_id
     except MlflowException as error:
         raise UserError(f"MLflow store {uri}: {error.message.splitlines()[0]}") from None
+
+
+def _sqlite_file(uri: str) -> str | None:
+    """The database file of a sqlite:/// URI, as MLflow reads it (absolute after a 4th '/')."""
+    path = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else ""
+    return path if path and path != ":memory:" else None
+
+
+def _check_sqlite(uri: str) -> None:
+    """Create and open a sqlite store once. MLflow retries a database it cannot open for ~100 s
+    (meant for network databases); a local file that cannot be opened fails here at once."""
+    path = _sqlite_file(uri)
+    if path is None:
+        return
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with closing(sqlite3.connect(path, timeout=30)) as connection:
+            connection.execute("PRAGMA schema_version").fetchone()
+    except OSError as error:
+        raise UserError(f"MLflow store {uri}: cannot create {error.filename} ({error.strerror})") from None
+    except sqlite3.Error as error:
+        raise UserError(f"MLflow store {uri}: cannot open {path} ({error})") from None
+
+
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a local sqlite store (<db>.lock) for a read-modify-write
+    sequence, e.g. registry.promote: parallel experiments (`dvc queue start -j N`) then promote one
+    at a time. Any other store (a tracking server) gets no lock: its clients share no file."""
+    path = _sqlite_file(uri)
+    if path is None:
+        yield
+        return
+    with open(f"{path}.lock", "a") as lock:  # flock is released when the file is closed
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def git_commit() -> str:

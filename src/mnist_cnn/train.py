@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from mnist_cnn import tracking
 from mnist_cnn.config import Params, UserError, load_params, run_stage
-from mnist_cnn.data import atomic_path, load_processed, write_json
+from mnist_cnn.data import atomic_path, load_processed, save_tensors, write_json
 from mnist_cnn.model import Net, predict_log_probs
 from mnist_cnn.train_step import TrainStep, epoch_order, make_optimizer, tune_cpu_allocator
 
@@ -159,8 +159,7 @@ def fit(params: Params) -> list[EpochResult]:
         )
         write_history(history)
 
-    with atomic_path(MODEL_PATH) as tmp:
-        torch.save({"state_dict": step.model.state_dict()}, tmp)
+    save_tensors(MODEL_PATH, {"state_dict": step.model.state_dict()})
     return history
 
 
