@@ -22,9 +22,11 @@ def pixel_stats(images: np.ndarray) -> tuple[float, float]:
 
 def main() -> None:
     load_params()  # validate before any work, like every stage
+    # Read and check both splits before writing anything: a bad test file must not leave a new
+    # train.pt beside the previous test.pt.
+    splits = {split: load_split(RAW_DIR, split) for split in ("train", "test")}
     stats: dict[str, object] = {}
-    for split in ("train", "test"):
-        images, labels = load_split(RAW_DIR, split)
+    for split, (images, labels) in splits.items():
         save_tensors(
             PROCESSED_DIR / f"{split}.pt",
             {"images": torch.from_numpy(images.copy()), "labels": torch.from_numpy(labels.astype(np.int64))},
