@@ -116,19 +116,26 @@ def run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[st
     return result
 
 
-def make_pipeline_repo(path: Path, data_dir: Path, **overrides: object) -> Path:
-    """A fresh git + DVC repository with this project's pipeline, fed from data_dir, offline."""
-    path.mkdir(parents=True, exist_ok=True)
-    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(REPO / name, path / name)
-    shutil.copytree(REPO / "src", path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+def write_params(directory: Path, data_dir: Path, **overrides: object) -> None:
+    """The repo's params.yaml made offline and fed from data_dir (synthetic data: no checksums),
+    2 epochs; overrides as `section__key=value` or `key=value`."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"].update(mirrors=[], npm_package="", source_dir=str(data_dir), verify_sha256=False)
     params["train"].update(epochs=2, eval_batch_size=500)
     for dotted, value in overrides.items():
         section, _, key = dotted.rpartition("__")
         (params[section] if section else params)[key] = value
-    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def make_pipeline_repo(path: Path, data_dir: Path, **overrides: object) -> Path:
+    """A fresh git + DVC repository with this project's pipeline, fed from data_dir, offline."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(REPO / name, path / name)
+    shutil.copytree(REPO / "src", path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    write_params(path, data_dir, **overrides)
     run(["git", "init", "-q", "-b", "main"], path)
     run(["git", "config", "user.email", "test@example.invalid"], path)
     run(["git", "config", "user.name", "test"], path)

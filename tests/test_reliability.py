@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 from PIL import Image, ImageDraw
 
-from conftest import REPO, make_pipeline_repo, run, tool_env, write_synthetic_mnist
+from conftest import REPO, make_pipeline_repo, run, tool_env, write_params, write_synthetic_mnist
 from mnist_cnn import registry
 from mnist_cnn.config import validate
 from mnist_cnn.model import Net
@@ -41,18 +41,6 @@ STAGE_TIMEOUT_S = 300
 def small_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Fewer images than the session's synthetic set: these tests are about processes, not accuracy."""
     return write_synthetic_mnist(tmp_path_factory.mktemp("small-mnist"), n_train=400, n_test=100)
-
-
-def write_params(directory: Path, data_dir: Path, **overrides: object) -> None:
-    """params.yaml as make_pipeline_repo writes it (offline, synthetic data), for runs without DVC."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update(mirrors=[], npm_package="", source_dir=str(data_dir), verify_sha256=False)
-    params["train"].update(epochs=2, eval_batch_size=500)
-    for dotted, value in overrides.items():
-        section, _, key = dotted.rpartition("__")
-        (params[section] if section else params)[key] = value
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def stage(
