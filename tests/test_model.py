@@ -24,7 +24,7 @@ def uint8_images(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_layers_are_the_reports(net: Net) -> None:
-    children = list(net.named_children())
+    children = [(name, m) for name, m in net.named_children() if not isinstance(m, nn.Identity)]
     assert [name for name, _ in children] == ["conv1", "conv2", "pool", "fc1", "fc2"]
     for conv, (c_in, c_out) in ((net.conv1, (1, 32)), (net.conv2, (32, 64))):
         assert isinstance(conv, nn.Conv2d)
@@ -87,6 +87,54 @@ def test_gradients_reach_every_parameter(net: Net) -> None:
     loss.backward()
     for name, param in net.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+# --- the report's proposed improvements (options, off by default) ---------------
+
+
+def test_default_options_leave_the_reports_weights_only(net: Net) -> None:
+    assert net.arch == {"batchnorm": False, "dropout": 0.0}
+    layers = ("conv1", "conv2", "fc1", "fc2")
+    assert list(net.state_dict()) == [f"{layer}.{p}" for layer in layers for p in ("weight", "bias")]
+
+
+def test_batchnorm_follows_each_conv_before_its_relu() -> None:
+    torch.manual_seed(0)
+    net = Net(batchnorm=True).eval()
+    assert isinstance(net.norm1, nn.BatchNorm2d) and net.norm1.num_features == 32
+    assert isinstance(net.norm2, nn.BatchNorm2d) and net.norm2.num_features == 64
+    with torch.no_grad():
+        net.norm1.running_mean.uniform_(-1, 1)  # non-trivial statistics, so that the order matters
+        net.norm2.running_var.uniform_(0.5, 2)
+        x = normalize(uint8_images(3))
+        h = F.relu(net.norm1(net.conv1(x)))
+        h = F.max_pool2d(F.relu(net.norm2(net.conv2(h))), 2)
+        h = F.relu(net.fc1(h.flatten(1)))
+        torch.testing.assert_close(net(x), F.log_softmax(net.fc2(h), dim=1))
+
+
+def test_dropout_is_random_in_training_and_off_in_eval() -> None:
+    net = Net(dropout=0.5)
+    x = normalize(uint8_images(4))
+    net.train()
+    assert not torch.equal(net(x), net(x))
+    net.eval()
+    assert torch.equal(net(x), net(x))
+    assert net.drop_features.p == net.drop_hidden.p == 0.5
+
+
+def test_checkpoint_records_the_architecture(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = Net(batchnorm=True, dropout=0.25)
+    net.train()
+    net(normalize(uint8_images(8)))  # moves the BatchNorm running statistics
+    path = tmp_path / "model.pt"
+    torch.save({"state_dict": net.state_dict(), "arch": net.arch}, path)
+    loaded = load_model(str(path))
+    assert loaded.arch == {"batchnorm": True, "dropout": 0.25}
+    assert torch.equal(loaded.norm2.running_mean, net.norm2.running_mean)
+    images = uint8_images(5)
+    torch.testing.assert_close(predict_log_probs(loaded, images, 5), predict_log_probs(net, images, 5), rtol=0, atol=0)
 
 
 # --- checkpoints ------------------------------------------------------------------

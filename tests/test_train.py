@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import yaml
@@ -11,10 +13,21 @@ from mnist_cnn.config import Params, UserError, validate
 from mnist_cnn.train import build, measure_test_set, pick_device, train_epoch
 
 
-def params(**train: object) -> Params:
+def params(model: dict | None = None, **train: object) -> Params:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["train"].update(train)
+    raw["model"].update(model or {})
     return validate(raw)
+
+
+# Every proposed improvement switched on at once.
+IMPROVED = {"model": {"batchnorm": True, "dropout": 0.3}, "lr_schedule": "onecycle", "weight_decay": 0.01}
+
+
+@pytest.fixture
+def deterministic_mode_restored():
+    yield
+    torch.use_deterministic_algorithms(False)  # process-wide: do not leak into other tests
 
 
 def toy_data(n: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,11 +48,12 @@ def test_pick_device() -> None:
             pick_device("cuda")
 
 
-def test_same_seed_gives_bitwise_identical_training_on_cpu() -> None:
+@pytest.mark.parametrize("options", [{}, IMPROVED], ids=["report", "improved"])
+def test_same_seed_gives_bitwise_identical_training_on_cpu(options: dict) -> None:
     images, labels = toy_data(256)
     results = []
     for _ in range(2):
-        step = build(params(device="cpu"), images, labels)
+        step = build(params(device="cpu", **options), images, labels)
         loss = train_epoch(step, len(images), 64)
         results.append((loss, [p.detach().clone() for p in step.model.parameters()]))
     assert results[0][0] == results[1][0]
@@ -99,3 +113,93 @@ def test_a_diverging_loss_stops_training_naming_epoch_and_step() -> None:
                 if epoch == 3:  # poison the weights: the next loss is NaN
                     step.model.fc2.bias.fill_(float("nan"))
             train_epoch(step, len(images), 64, epoch=epoch)
+
+
+# --- learning-rate schedules, weight decay, deterministic mode ------------------
+
+
+def lr_per_step(schedule: str, epochs: int = 3, n: int = 640, batch: int = 64) -> list[float]:
+    images, labels = toy_data(n)
+    step = build(params(device="cpu", lr=0.01, lr_schedule=schedule, epochs=epochs, batch_size=batch), images, labels)
+    rates = []
+    for _ in range(epochs):
+        for start in range(0, n, batch):
+            rates.append(float(step.optimizer.param_groups[0]["lr"]))
+            step(torch.arange(start, min(start + batch, n)))
+    return rates
+
+
+def test_no_schedule_keeps_the_rate() -> None:
+    assert set(lr_per_step("none")) == {0.01}
+
+
+def test_step_schedule_decays_by_0_7_per_epoch() -> None:
+    rates = lr_per_step("step")  # 10 steps per epoch
+    assert rates[:10] == [0.01] * 10
+    assert rates[10:20] == pytest.approx([0.007] * 10)
+    assert rates[20:] == pytest.approx([0.0049] * 10)
+
+
+def test_cosine_schedule_anneals_towards_zero() -> None:
+    rates = lr_per_step("cosine")
+    assert rates[0] == 0.01
+    assert all(a > b for a, b in itertools.pairwise(rates))
+    assert rates[-1] < 0.0005
+
+
+def test_onecycle_warms_up_to_lr_then_anneals() -> None:
+    rates = lr_per_step("onecycle")  # 30 steps: the peak at 30% of them
+    peak = rates.index(max(rates))
+    assert max(rates) == pytest.approx(0.01)
+    assert 7 <= peak <= 10
+    assert rates[0] == pytest.approx(0.01 / 25)
+    assert rates[-1] < 0.0002
+
+
+def test_weight_decay_uses_adamw_and_changes_training() -> None:
+    images, labels = toy_data(256)
+    plain = build(params(device="cpu"), images, labels)
+    decayed = build(params(device="cpu", weight_decay=0.5), images, labels)
+    assert type(plain.optimizer) is torch.optim.Adam
+    assert type(decayed.optimizer) is torch.optim.AdamW
+    assert decayed.optimizer.param_groups[0]["weight_decay"] == 0.5
+    for step in (plain, decayed):
+        train_epoch(step, len(images), 64)
+    assert decayed.model.fc1.weight.norm() < plain.model.fc1.weight.norm()
+
+
+def test_improvements_learn() -> None:
+    images, labels = toy_data(640)
+    step = build(params(device="cpu", lr=0.003, **IMPROVED), images, labels)
+    losses = [train_epoch(step, len(images), 64) for _ in range(3)]
+    assert losses[-1] < losses[0]
+    assert measure_test_set(step.model, images, labels, 256)[1] > 0.5
+
+
+def test_deterministic_mode_gives_the_same_training(deterministic_mode_restored: None) -> None:
+    # The deterministic loss (a gather instead of nll_loss) is the same mean: same learning, same runs.
+    images, labels = toy_data(256)
+    default = build(params(device="cpu"), images, labels)
+    default_loss = train_epoch(default, len(images), 64)
+    losses = []
+    for _ in range(2):
+        step = build(params(device="cpu", deterministic=True), images, labels)
+        losses.append(train_epoch(step, len(images), 64))
+    assert torch.are_deterministic_algorithms_enabled()
+    assert losses[0] == losses[1]
+    assert losses[0] == pytest.approx(default_loss, rel=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("graph", [False, True])
+def test_deterministic_cuda_runs_are_bitwise_identical(graph: bool, deterministic_mode_restored: None) -> None:
+    images, labels = toy_data(1000, "cuda")
+    weights = []
+    for _ in range(2):
+        step = build(params(device="cuda", deterministic=True, cuda_graph=graph, **IMPROVED), images, labels)
+        for _ in range(2):
+            train_epoch(step, len(images), 64)
+        weights.append([p.detach().clone() for p in step.model.parameters()])
+    for a, b in zip(*weights, strict=True):
+        assert torch.equal(a, b)

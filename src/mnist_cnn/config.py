@@ -67,13 +67,21 @@ class DataParams(_Section):
     timeout_s: float = Field(gt=0, description="network timeout per request, seconds")
 
 
+class ModelParams(_Section):
+    batchnorm: bool = Field(description="BatchNorm2d after each conv, before its ReLU")
+    dropout: float = Field(ge=0, lt=1, description="dropout rate after the pooled features and after fc1; 0 = off")
+
+
 class TrainParams(_Section):
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
-    lr: float = Field(gt=0)
+    lr: float = Field(gt=0, description="Adam's learning rate; the peak of the onecycle schedule")
+    lr_schedule: Literal["none", "step", "cosine", "onecycle"] = Field(description="per-batch learning-rate decay")
+    weight_decay: float = Field(ge=0, description="decoupled weight decay (AdamW) when > 0")
     device: Literal["auto", "cpu", "cuda"]
     precision: Literal["fp32", "bf16"] = Field(description="bf16 = autocast + channels_last")
     cuda_graph: bool = Field(description="on CUDA, replay each training step as one captured graph")
+    deterministic: bool = Field(description="deterministic algorithms only (matters on CUDA; CPU runs already are)")
     eval_batch_size: int = Field(ge=1, description="evaluation batch; bounds peak memory")
 
 
@@ -81,6 +89,7 @@ class Params(_Section):
     seed: int = Field(ge=0)
     augment: bool
     data: DataParams
+    model: ModelParams
     train: TrainParams
 
 

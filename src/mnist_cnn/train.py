@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import random
 import sys
 import time
@@ -26,7 +27,7 @@ from mnist_cnn import tracking
 from mnist_cnn.config import Params, UserError, load_params, run_stage
 from mnist_cnn.data import atomic_path, load_processed, save_tensors, write_json
 from mnist_cnn.model import Net, predict_log_probs
-from mnist_cnn.train_step import TrainStep, epoch_order, make_optimizer, tune_cpu_allocator
+from mnist_cnn.train_step import TrainStep, epoch_order, make_optimizer, make_scheduler, tune_cpu_allocator
 
 MODEL_PATH = Path("models/model.pt")
 METRICS_PATH = Path("metrics/train.json")
@@ -60,6 +61,15 @@ def seed_everything(seed: int, device: torch.device) -> torch.Generator:
     return generator
 
 
+def use_deterministic_algorithms() -> None:
+    """Only deterministic kernels (cuDNN convolutions, cuBLAS with a fixed workspace): on CUDA,
+    bitwise-repeatable runs at some speed cost; on the CPU our ops already are deterministic."""
+    # cuBLAS reads this when it is first initialised, so it must be set before any CUDA matmul.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 def train_epoch(step: TrainStep, n: int, batch_size: int, progress: tqdm | None = None, epoch: int = 1) -> float:
     """One pass over the shuffled training set; returns the mean training loss.
 
@@ -88,9 +98,13 @@ def build(params: Params, images: torch.Tensor, labels: torch.Tensor) -> TrainSt
     if device.type == "cpu":
         tune_cpu_allocator()
     generator = seed_everything(params.seed, device)
-    model = Net().to(device)
+    if params.train.deterministic:
+        use_deterministic_algorithms()
+    model = Net(params.model.batchnorm, params.model.dropout).to(device)
     bf16 = params.train.precision == "bf16"
-    optimizer = make_optimizer(model, params.train.lr, device, params.train.cuda_graph)
+    optimizer = make_optimizer(model, params.train.lr, params.train.weight_decay, device, params.train.cuda_graph)
+    steps_per_epoch = -(-len(images) // params.train.batch_size)
+    scheduler = make_scheduler(optimizer, params.train.lr_schedule, params.train.epochs, steps_per_epoch)
     return TrainStep(
         model,
         optimizer,
@@ -101,6 +115,8 @@ def build(params: Params, images: torch.Tensor, labels: torch.Tensor) -> TrainSt
         batch_size=params.train.batch_size,
         generator=generator,
         cuda_graph=params.train.cuda_graph,
+        scheduler=scheduler,
+        deterministic=params.train.deterministic,
     )
 
 
@@ -154,12 +170,13 @@ def fit(params: Params) -> list[EpochResult]:
                 "test_loss": test_loss,
                 "test_accuracy": accuracy,
                 "epoch_seconds": result.seconds,
+                "lr": float(step.optimizer.param_groups[0]["lr"]),  # the rate the next step will use
             },
             step=epoch,
         )
         write_history(history)
 
-    save_tensors(MODEL_PATH, {"state_dict": step.model.state_dict()})
+    save_tensors(MODEL_PATH, {"state_dict": step.model.state_dict(), "arch": step.model.arch})
     return history
 
 

@@ -39,8 +39,11 @@ class TrainStep:
         batch_size: int,
         generator: torch.Generator | None,
         cuda_graph: bool,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        deterministic: bool = False,
     ) -> None:
-        self.model, self.optimizer = model, optimizer
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.deterministic = deterministic
         self.images, self.labels = images, labels
         self.augment, self.bf16, self.batch_size = augment, bf16, batch_size
         self.device = images.device
@@ -72,7 +75,13 @@ class TrainStep:
             torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False) if self.bf16 else nullcontext()
         )
         with autocast:
-            loss = F.nll_loss(self.model(x), self.labels[index])
+            log_probs = self.model(x)
+        if self.deterministic:
+            # CUDA's nll_loss has no deterministic kernel (it raises under deterministic
+            # mode); the same mean, written as a gather, has one.
+            loss = -log_probs.float().gather(1, self.labels[index, None]).mean()
+        else:
+            loss = F.nll_loss(log_probs, self.labels[index])
         self.optimizer.zero_grad(set_to_none=not self.use_graph)  # graphs need stable grad buffers
         loss.backward()
         self.optimizer.step()
@@ -89,6 +98,11 @@ class TrainStep:
         self.first_bad_step.fill_(-1)
 
     def __call__(self, index: torch.Tensor) -> None:
+        self._run(index)
+        if self.scheduler is not None:
+            self.scheduler.step()  # outside any graph: it writes the new rate into the lr tensor
+
+    def _run(self, index: torch.Tensor) -> None:
         full = index.numel() == self.batch_size
         if not (self.use_graph and full):
             self._step(index)
@@ -133,11 +147,39 @@ def tune_cpu_allocator() -> None:
     libc.mallopt(m_top_pad, 64 << 20)
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, device: torch.device, cuda_graph: bool) -> torch.optim.Adam:
-    """Adam as in the report; on CUDA the fused kernel, capturable when graphed."""
+def make_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device, cuda_graph: bool
+) -> torch.optim.Adam:
+    """Adam as in the report (AdamW when weight_decay > 0); on CUDA the fused kernel, capturable when graphed."""
+    kwargs: dict = {}
     if device.type == "cuda":
-        return torch.optim.Adam(model.parameters(), lr=lr, fused=True, capturable=cuda_graph)
-    return torch.optim.Adam(model.parameters(), lr=lr)
+        kwargs = {"fused": True, "capturable": cuda_graph}
+        if cuda_graph:  # a graph reads the rate from this tensor, so a schedule can change it between replays
+            kwargs["lr"] = torch.tensor(lr, device=device)
+    kwargs.setdefault("lr", lr)
+    if weight_decay > 0:
+        return torch.optim.AdamW(model.parameters(), weight_decay=weight_decay, **kwargs)
+    return torch.optim.Adam(model.parameters(), **kwargs)
+
+
+STEP_GAMMA = 0.7  # `step`: the rate times 0.7 after every epoch, as in PyTorch's MNIST example
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, epochs: int, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The learning-rate schedule, stepped after every batch (None for `none`)."""
+    total = epochs * steps_per_epoch
+    if schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=steps_per_epoch, gamma=STEP_GAMMA)
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    if schedule == "onecycle":
+        peak = float(optimizer.param_groups[0]["lr"])
+        # cycle_momentum=False: a captured graph bakes Adam's betas in, so cycling them
+        # would behave differently with and without graphs.
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=total, cycle_momentum=False)
+    return None
 
 
 def epoch_order(n: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
