@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup ui-deps repro test test-fast lint bench ablation ui serve clean
+.PHONY: setup ui-deps repro pull push test test-fast lint bench ablation ui serve clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,16 @@ $(UI_STAMP): tests/ui/package.json
 
 repro: setup
 	dvc repro
+
+# Restore data, processed tensors and the model from the DVC remote instead of rebuilding them
+# (README "Sharing"); the remote is checked first, so an unreachable one is named in one line.
+pull: setup
+	python -m mnist_cnn.remote
+	dvc pull
+
+push: setup
+	python -m mnist_cnn.remote
+	dvc push
 
 test: setup ui-deps
 	ruff check src tests

@@ -1,0 +1,151 @@
+"""Sharing results (README "Sharing"): a DVC remote in a local directory, a second git repository
+as origin, `dvc push`/`dvc pull` and `dvc exp push`/`dvc exp pull` between two clones."""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import make_pipeline_repo, render_digits, run, tool_env
+
+pytestmark = pytest.mark.slow
+
+CACHED_OUTPUTS = ("data/raw", "data/processed", "models/model.pt", "models/mlflow_run.json", "reports")
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory, synthetic_mnist: Path) -> dict[str, Path]:
+    """Alice's repository after `dvc repro`, pushed: git to a bare origin, outputs to a DVC remote."""
+    root = tmp_path_factory.mktemp("sharing")
+    origin, remote = root / "origin.git", root / "dvc-remote"
+    run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], root)
+    alice = make_pipeline_repo(root / "alice", synthetic_mnist)
+    run(["dvc", "remote", "add", "-d", "shared", str(remote)], alice)
+    run(["dvc", "repro"], alice)
+    run(["git", "add", "-A"], alice)
+    run(["git", "commit", "-qm", "results"], alice)
+    run(["git", "remote", "add", "origin", str(origin)], alice)
+    run(["git", "push", "-q", "origin", "main"], alice)
+    run(["dvc", "push"], alice)
+    return {"root": root, "origin": origin, "remote": remote, "alice": alice}
+
+
+def clone(published: dict[str, Path], name: str) -> Path:
+    target = published["root"] / name
+    run(["git", "clone", "-q", str(published["origin"]), str(target)], published["root"])
+    return target
+
+
+def predict(repo: Path, image: Path) -> list[str]:
+    result = run(["python", "-m", "mnist_cnn.predict", "--model", "models/model.pt", "--json", str(image)], repo)
+    return result.stdout.splitlines()
+
+
+def workspace_files(repo: Path) -> set[str]:
+    """Files under the cached outputs' folders (what a pull could leave half-written)."""
+    found = set()
+    for folder in ("data", "models", "reports"):
+        found |= {str(p.relative_to(repo)) for p in (repo / folder).rglob("*") if p.is_file()}
+    return found - {"data/.gitignore", "models/.gitignore"}
+
+
+def test_a_fresh_clone_restores_with_dvc_pull_instead_of_retraining(published: dict[str, Path]) -> None:
+    alice, bob = published["alice"], clone(published, "bob")
+    assert not (bob / "models" / "model.pt").exists()
+
+    run(["dvc", "pull"], bob)
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], bob).stdout
+    repro = run(["dvc", "repro"], bob).stdout
+    assert "Running stage" not in repro
+    assert repro.count("didn't change, skipping") == 5
+    for output in CACHED_OUTPUTS:
+        assert (bob / output).exists(), output
+    assert (bob / "models/model.pt").read_bytes() == (alice / "models/model.pt").read_bytes()
+    assert not (bob / "mlruns").exists()  # nothing ran: the MLflow store stays per checkout
+
+    digit = published["root"] / "digit.png"
+    Image.fromarray(render_digits(1, seed=5)[0][0]).resize((140, 140)).save(digit)
+    assert predict(bob, digit) == predict(alice, digit)
+
+
+def exp_show(repo: Path) -> dict[str, dict[str, str]]:
+    """`dvc exp show --csv`, as {experiment name: row}."""
+    text = run(["dvc", "exp", "show", "--csv", "--all-commits"], repo).stdout
+    return {row["Experiment"]: row for row in csv.DictReader(io.StringIO(text)) if row["Experiment"]}
+
+
+def test_experiments_travel_with_exp_push_and_pull(published: dict[str, Path]) -> None:
+    alice = published["alice"]
+    # --temp: Alice's workspace keeps the committed results the other tests compare against.
+    run(["dvc", "exp", "run", "--temp", "-n", "no-augment", "-S", "augment=false"], alice)
+    run(["dvc", "exp", "push", "origin", "no-augment"], alice)  # git refs to origin, outputs to the remote
+    carol = clone(published, "carol")
+    assert "no-augment" not in exp_show(carol)
+
+    run(["dvc", "exp", "pull", "origin", "no-augment"], carol)
+    row = exp_show(carol)["no-augment"]
+    accuracy_columns = [k for k in row if k.endswith("test_accuracy") and row[k]]
+    assert accuracy_columns
+    alice_row = exp_show(alice)["no-augment"]
+    assert {k: row[k] for k in accuracy_columns} == {k: alice_row[k] for k in accuracy_columns}
+    assert row["augment"] == "False"
+
+    # The experiment's model came along too: applying it needs no training.
+    run(["dvc", "exp", "apply", "no-augment"], carol)
+    run(["dvc", "checkout"], carol)
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], carol).stdout
+    assert yaml.safe_load((carol / "params.yaml").read_text())["augment"] is False
+
+
+def failed_pull(repo: Path) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(["dvc", "pull"], cwd=repo, env=tool_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0, result.stdout
+    return result
+
+
+def test_an_unreachable_remote_fails_clearly_and_writes_nothing(published: dict[str, Path]) -> None:
+    dave = clone(published, "dave")
+    missing = published["root"] / "unmounted-share"
+    run(["dvc", "remote", "modify", "--local", "shared", "url", str(missing)], dave)
+    result = failed_pull(dave)
+    message = result.stderr + result.stdout
+    # DVC names what it could not check out, but not why (that needs `dvc pull -v`) ...
+    assert "ERROR" in message and "models/model.pt" in message
+    assert "Traceback" not in message
+    assert workspace_files(dave) == set()
+    # ... which `make pull` says first, in one line.
+    check = subprocess.run(
+        ["python", "-m", "mnist_cnn.remote"], cwd=dave, env=tool_env(), capture_output=True, text=True, timeout=120
+    )
+    assert check.returncode == 2
+    assert check.stderr.strip() == f"error: DVC remote 'shared' ({missing}): no such directory (is the share mounted?)"
+
+
+def test_an_object_missing_on_the_remote_is_named_and_the_rest_restored(published: dict[str, Path]) -> None:
+    erin = clone(published, "erin")
+    damaged = published["root"] / "damaged-remote"
+    shutil.copytree(published["remote"], damaged)
+    lock = yaml.safe_load((erin / "dvc.lock").read_text())
+    model_md5 = next(o["md5"] for o in lock["stages"]["train"]["outs"] if o["path"] == "models/model.pt")
+    (damaged / "files" / "md5" / model_md5[:2] / model_md5[2:]).unlink()
+    run(["dvc", "remote", "modify", "--local", "shared", "url", str(damaged)], erin)
+
+    result = failed_pull(erin)
+    message = result.stderr + result.stdout
+    assert "models/model.pt" in message
+    assert "Traceback" not in message
+    files = workspace_files(erin)
+    assert "models/model.pt" not in files
+    assert not [f for f in files if ".tmp" in f or f.endswith(".part")]  # no half-written files
+    # Everything else came down whole.
+    original = workspace_files(published["alice"]) - {"models/model.pt"}
+    assert files == original
+    for name in files:
+        assert (erin / name).read_bytes() == (published["alice"] / name).read_bytes(), name
