@@ -81,6 +81,7 @@ class TrainParams(_Section):
     device: Literal["auto", "cpu", "cuda"]
     precision: Literal["fp32", "bf16"] = Field(description="bf16 = autocast + channels_last")
     cuda_graph: bool = Field(description="on CUDA, replay each training step as one captured graph")
+    nproc: int = Field(ge=1, description="data-parallel processes under torchrun (DDP); 1 = no torchrun")
     deterministic: bool = Field(description="deterministic algorithms only (matters on CUDA; CPU runs already are)")
     eval_batch_size: int = Field(ge=1, description="evaluation batch; bounds peak memory")
 

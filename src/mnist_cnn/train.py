@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mnist_cnn import tracking
+from mnist_cnn import distributed, tracking
 from mnist_cnn.config import Params, UserError, load_params, run_stage
 from mnist_cnn.data import atomic_path, load_processed, save_tensors, write_json
 from mnist_cnn.model import Net, predict_log_probs
@@ -45,9 +45,11 @@ class EpochResult:
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device: 'cuda' requested but no CUDA device is available")
+    if name == "cuda":
+        return torch.device("cuda", distributed.local_rank())  # one GPU per torchrun process
     return torch.device(name)
 
 
@@ -77,19 +79,28 @@ def train_epoch(step: TrainStep, n: int, batch_size: int, progress: tqdm | None 
     """
     step.model.train()
     step.start_epoch()
-    order = epoch_order(n, step.device, step.generator)
-    for start in range(0, n, batch_size):
-        step(order[start : start + batch_size])
+    # Under DDP every rank draws the same permutation and trains on its shard of it,
+    # batch_size / world images per step (see distributed.py).
+    order = distributed.shard(epoch_order(n, step.device, step.shuffle_generator), step.rank, step.world)
+    local_batch = batch_size // step.world
+    for start in range(0, len(order), local_batch):
+        step(order[start : start + local_batch])
         if progress is not None:
             progress.update(1)
-    bad_step = int(step.first_bad_step.item())  # the epoch's host-device syncs: this and the loss
+    # The epoch's host-device syncs: this and the loss.
+    bad_step = int(distributed.all_reduce(step.first_bad_step, "max").item())
     if bad_step >= 0:
-        steps = -(-n // batch_size)
+        steps = -(-len(order) // local_batch)
         raise UserError(
             f"training diverged: the loss is NaN or infinite at epoch {epoch}, step {bad_step} of {steps}"
             " (try a smaller train.lr)"
         )
-    return step.loss_sum.item() / n
+    return distributed.all_reduce(step.loss_sum).item() / (len(order) * step.world)
+
+
+def steps_per_epoch(n: int, batch_size: int, world: int) -> int:
+    per_rank = n // world if world > 1 else n  # see distributed.shard
+    return -(-per_rank // (batch_size // world))
 
 
 def build(params: Params, images: torch.Tensor, labels: torch.Tensor) -> TrainStep:
@@ -97,14 +108,22 @@ def build(params: Params, images: torch.Tensor, labels: torch.Tensor) -> TrainSt
     device = images.device
     if device.type == "cpu":
         tune_cpu_allocator()
+    rank, world = distributed.rank(), distributed.world_size()
+    if params.train.batch_size % world:
+        raise UserError(f"train.batch_size ({params.train.batch_size}) must be divisible by the {world} processes")
     generator = seed_everything(params.seed, device)
+    shuffle_generator = None
+    if world > 1:  # the same shuffle everywhere, a different augmentation stream per rank
+        shuffle_generator = generator
+        generator = torch.Generator(device=device)
+        generator.manual_seed(params.seed + rank)
     if params.train.deterministic:
         use_deterministic_algorithms()
     model = Net(params.model.batchnorm, params.model.dropout).to(device)
     bf16 = params.train.precision == "bf16"
     optimizer = make_optimizer(model, params.train.lr, params.train.weight_decay, device, params.train.cuda_graph)
-    steps_per_epoch = -(-len(images) // params.train.batch_size)
-    scheduler = make_scheduler(optimizer, params.train.lr_schedule, params.train.epochs, steps_per_epoch)
+    steps = steps_per_epoch(len(images), params.train.batch_size, world)
+    scheduler = make_scheduler(optimizer, params.train.lr_schedule, params.train.epochs, steps)
     return TrainStep(
         model,
         optimizer,
@@ -112,11 +131,14 @@ def build(params: Params, images: torch.Tensor, labels: torch.Tensor) -> TrainSt
         labels,
         augment=params.augment,
         bf16=bf16,
-        batch_size=params.train.batch_size,
+        batch_size=params.train.batch_size // world,
         generator=generator,
         cuda_graph=params.train.cuda_graph,
         scheduler=scheduler,
         deterministic=params.train.deterministic,
+        shuffle_generator=shuffle_generator,
+        rank=rank,
+        world=world,
     )
 
 
@@ -137,25 +159,31 @@ def write_history(rows: list[EpochResult]) -> None:
 
 
 def fit(params: Params) -> list[EpochResult]:
-    """Train for params.train.epochs, logging each epoch to the active MLflow run."""
+    """Train for params.train.epochs. Rank 0 (the only process without torchrun) evaluates
+    after each epoch, logs to the active MLflow run and writes the outputs; other ranks only train."""
     device = pick_device(params.train.device)
     train_x, train_y = load_processed("train", params.data.subset)
     test_x, test_y = load_processed("test")
     train_x, train_y = train_x.to(device), train_y.to(device)
     test_x, test_y = test_x.to(device), test_y.to(device)
     step = build(params, train_x, train_y)
+    lead = step.rank == 0
     batch_size = params.train.batch_size
-    steps = -(-len(train_x) // batch_size)
-    interactive = sys.stderr.isatty()
-    print(f"train: {len(train_x)} images, {params.train.epochs} epochs on {device}, augment={params.augment}")
+    steps = steps_per_epoch(len(train_x), batch_size, step.world)
+    on = f"{device} x {step.world} processes" if step.world > 1 else str(device)
+    if lead:
+        print(f"train: {len(train_x)} images, {params.train.epochs} epochs on {on}, augment={params.augment}")
 
     history: list[EpochResult] = []
     for epoch in range(1, params.train.epochs + 1):
         started = time.perf_counter()
-        with tqdm(total=steps, desc=f"epoch {epoch}", unit="batch", disable=not interactive, leave=False) as bar:
+        show_bar = lead and sys.stderr.isatty()
+        with tqdm(total=steps, desc=f"epoch {epoch}", unit="batch", disable=not show_bar, leave=False) as bar:
             train_loss = train_epoch(step, len(train_x), batch_size, bar, epoch)
         train_seconds = time.perf_counter() - started
-        test_loss, accuracy = measure_test_set(step.model, test_x, test_y, params.train.eval_batch_size)
+        if not lead:
+            continue
+        test_loss, accuracy = measure_test_set(step.net, test_x, test_y, params.train.eval_batch_size)
         result = EpochResult(epoch, train_loss, test_loss, accuracy, train_seconds)
         history.append(result)
         speed = len(train_x) / train_seconds
@@ -176,27 +204,44 @@ def fit(params: Params) -> list[EpochResult]:
         )
         write_history(history)
 
-    save_tensors(MODEL_PATH, {"state_dict": step.model.state_dict(), "arch": step.model.arch})
+    if lead:
+        save_tensors(MODEL_PATH, {"state_dict": step.net.state_dict(), "arch": step.net.arch})
     return history
+
+
+def check_parallel(params: Params) -> None:
+    nproc = params.train.nproc
+    if nproc > 1 and params.train.cuda_graph:
+        raise UserError("train.cuda_graph cannot be combined with train.nproc > 1 (DDP's gradient hooks)")
+    if params.train.batch_size % nproc:
+        raise UserError(f"train.batch_size ({params.train.batch_size}) must be divisible by train.nproc ({nproc})")
 
 
 def main() -> None:
     params = load_params()
-    with tracking.start_run(params):
-        history = fit(params)
-        last = history[-1]
-        train_seconds = sum(r.seconds for r in history)
-        write_json(
-            METRICS_PATH,
-            {
-                "train_loss": last.train_loss,
-                "test_loss": last.test_loss,
-                "test_accuracy": last.test_accuracy,
-                "train_seconds": round(train_seconds, 2),
-            },
-        )
-        mlflow.log_metric("train_seconds", train_seconds)
-        mlflow.log_artifact(str(HISTORY_PATH), artifact_path="plots")
+    check_parallel(params)
+    if params.train.nproc > 1 and not distributed.launched():
+        distributed.relaunch(params.train.nproc)  # does not return: torchrun runs this module N times
+    with distributed.process_group(pick_device(params.train.device).type):
+        if distributed.rank() != 0:
+            fit(params)
+            return
+        with tracking.start_run(params):
+            mlflow.log_param("world_size", distributed.world_size())
+            history = fit(params)
+            last = history[-1]
+            train_seconds = sum(r.seconds for r in history)
+            write_json(
+                METRICS_PATH,
+                {
+                    "train_loss": last.train_loss,
+                    "test_loss": last.test_loss,
+                    "test_accuracy": last.test_accuracy,
+                    "train_seconds": round(train_seconds, 2),
+                },
+            )
+            mlflow.log_metric("train_seconds", train_seconds)
+            mlflow.log_artifact(str(HISTORY_PATH), artifact_path="plots")
 
 
 if __name__ == "__main__":

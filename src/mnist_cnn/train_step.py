@@ -41,9 +41,14 @@ class TrainStep:
         cuda_graph: bool,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         deterministic: bool = False,
+        shuffle_generator: torch.Generator | None = None,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
+        self.net = model  # the bare network: evaluate and save this one
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.deterministic = deterministic
+        self.rank, self.world = rank, world
         self.images, self.labels = images, labels
         self.augment, self.bf16, self.batch_size = augment, bf16, batch_size
         self.device = images.device
@@ -52,10 +57,16 @@ class TrainStep:
         self.channels_last = bf16 and self.device.type == "cuda"
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
+        if world > 1:  # after the layout change: DDP sets up its gradient buckets from the parameters
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         self.use_graph = cuda_graph and self.device.type == "cuda"
         # Inside a CUDA graph the random draws must come from the default CUDA
         # generator (seeded by torch.manual_seed), whose state graphs track.
         self.generator = None if self.use_graph else generator
+        # The epoch's permutation; under DDP it must be the same on every rank (the
+        # augmentation generator differs per rank), else one generator does both.
+        self.shuffle_generator = shuffle_generator or self.generator
         self.loss_sum = torch.zeros((), device=self.device)
         self.steps = torch.zeros((), dtype=torch.long, device=self.device)
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)

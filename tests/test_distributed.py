@@ -1,0 +1,100 @@
+"""Data-parallel training (src/mnist_cnn/distributed.py): shards, checks, and 2 CPU processes under torchrun."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, make_pipeline_repo, run, tool_env
+from mnist_cnn.config import UserError, validate
+from mnist_cnn.distributed import shard
+from mnist_cnn.train import check_parallel, steps_per_epoch
+
+
+@pytest.mark.parametrize("n", [10, 11, 13])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_shards_are_disjoint_equal_and_cover_all_but_a_remainder(n: int, world: int) -> None:
+    order = torch.randperm(n)
+    shards = [shard(order, rank, world) for rank in range(world)]
+    assert {len(s) for s in shards} == {n // world if world > 1 else n}
+    taken = torch.cat(shards).tolist()
+    assert len(set(taken)) == len(taken)
+    assert n - len(taken) < world
+
+
+def test_steps_per_epoch_do_not_change_with_the_process_count() -> None:
+    assert steps_per_epoch(60000, 64, 1) == steps_per_epoch(60000, 64, 2) == 938
+    assert steps_per_epoch(100, 64, 1) == 2
+    assert steps_per_epoch(101, 64, 2) == 2  # 50 images a rank, 32 a step
+
+
+def raw_params(**train: object) -> dict:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["train"].update(train)
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("train", "message"),
+    [
+        ({"nproc": 3}, r"train\.batch_size \(64\) must be divisible by train\.nproc \(3\)"),
+        ({"nproc": 2, "cuda_graph": True}, r"train\.cuda_graph cannot be combined with train\.nproc > 1"),
+    ],
+)
+def test_impossible_combinations_are_refused(train: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        check_parallel(validate(raw_params(**train)))
+
+
+def test_nproc_must_be_positive() -> None:
+    with pytest.raises(UserError, match=r"'train\.nproc'"):
+        validate(raw_params(nproc=0))
+
+
+def test_a_bad_nproc_stops_the_stage_before_torchrun(tmp_path: Path, synthetic_mnist: Path) -> None:
+    repo = make_pipeline_repo(tmp_path / "repo", synthetic_mnist, train__nproc=5)
+    cmd = ["python", "-m", "mnist_cnn.train"]
+    result = subprocess.run(cmd, cwd=repo, env=tool_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: train.batch_size (64) must be divisible by train.nproc (5)"
+    assert "torch.distributed.run" not in result.stdout
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_like_one(tmp_path: Path, pipeline: Path) -> None:
+    """`dvc repro` with train.nproc=2: torchrun, gloo, 2 ranks; compared with the 1-process pipeline run."""
+    data = yaml.safe_load((pipeline / "params.yaml").read_text())["data"]["source_dir"]
+    repo = make_pipeline_repo(tmp_path / "ddp", Path(data), train__nproc=2)
+    out = run(["dvc", "repro"], repo).stdout
+    assert "torch.distributed.run --standalone --nproc-per-node=2" in out
+    assert out.count("epoch 1:") == 1  # only rank 0 reports
+
+    # Same outputs, same formats as one process.
+    for name in ("metrics/train.json", "metrics/eval.json"):
+        assert json.loads((repo / name).read_text()).keys() == json.loads((pipeline / name).read_text()).keys()
+    for name in ("plots/train_history.csv", "plots/confusion.csv"):
+        ours, theirs = ((r / name).read_text().splitlines() for r in (repo, pipeline))
+        assert (ours[0], len(ours)) == (theirs[0], len(theirs))
+    assert {p.name for p in (repo / "reports").iterdir()} == {p.name for p in (pipeline / "reports").iterdir()}
+
+    # One MLflow run, from rank 0, with world_size; accuracy as with one process (same seed, params).
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+    (ddp_run,) = mlflow.search_runs(experiment_names=["mnist-cnn"], output_format="list")
+    assert ddp_run.data.params["world_size"] == "2"
+    assert ddp_run.info.status == "FINISHED"
+    mlflow.set_tracking_uri(f"sqlite:///{pipeline / 'mlruns' / 'mlflow.db'}")
+    single = mlflow.search_runs(
+        experiment_names=["mnist-cnn"],
+        filter_string="params.augment = 'True' and params.seed = '42'",
+        output_format="list",
+    )[0]
+    assert single.data.params["world_size"] == "1"
+    ddp_accuracy, single_accuracy = ddp_run.data.metrics["test_accuracy"], single.data.metrics["test_accuracy"]
+    assert ddp_accuracy > 0.5
+    assert abs(ddp_accuracy - single_accuracy) < 0.1, (ddp_accuracy, single_accuracy)
