@@ -125,3 +125,14 @@ def test_experiments_run_the_code_of_their_snapshot(tmp_path: Path, synthetic_mn
     logs = run(["dvc", "queue", "logs", "queued"], repo).stdout
     assert "code: as committed" in logs
     assert "edited after queueing" not in logs
+
+
+def test_an_identical_experiment_is_restored_from_the_run_cache(pipeline: Path, client: MlflowClient) -> None:
+    """Same code, data and params as the earlier --temp run: DVC restores its outputs, nothing trains,
+    and MLflow gets no new run (the restored models/mlflow_run.json names the original one)."""
+    experiment_id = client.get_experiment_by_name("mnist-cnn").experiment_id
+    before = {r.info.run_id for r in client.search_runs([experiment_id])}
+    out = run(["dvc", "exp", "run", "--temp", "-S", "augment=true", "-S", "seed=7"], pipeline).stdout
+    assert "Stage 'train' is cached - skipping run, checking out outputs" in out
+    assert "epoch 1:" not in out
+    assert {r.info.run_id for r in client.search_runs([experiment_id])} == before
