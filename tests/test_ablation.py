@@ -15,7 +15,7 @@ def log_run(experiment_id: str, augment: bool, seed: int, accuracies: list[float
     with mlflow.start_run(experiment_id=experiment_id) as run:
         mlflow.log_params({"augment": augment, "seed": seed, "train.lr": 0.001})
         for epoch, acc in enumerate(accuracies, 1):
-            mlflow.log_metrics({"test_accuracy": acc, "test_loss": 1 - acc}, step=epoch)
+            mlflow.log_metrics({"test_accuracy": acc, "test_loss": 1 - acc, "train_loss": 0.5 / epoch}, step=epoch)
         matrix = [[0] * 10 for _ in range(10)]
         matrix[4][9], matrix[9][4] = confused_4_9, 1
         rows = ["true\\predicted," + ",".join(map(str, range(10)))]
@@ -45,7 +45,7 @@ def test_groups_means_and_paired_difference(store: str, tmp_path: Path) -> None:
     text = (tmp_path / "out" / "ablation.md").read_text()
     assert "## augment=False (3 runs)" in text and "## augment=True (3 runs)" in text
     assert "| 2 | 97.00 ± 1.00 |" in text  # off, epoch 2: mean 0.97, sample std 0.01
-    assert "| 2 | 99.00 ± 0.00 |" in text
+    assert "| 2 | 99.00 ± 0.00 | 0.0100 ± 0.0000 | 0.2500 ± 0.0000 |" in text
     # mean 2 points; t(0.975, 2) = 4.303, sem = 1/sqrt(3) points -> half-width 2.484
     assert "+2.000 points, 95% CI [-0.484, +4.484]" in text
     assert "runs [6, 6, 6]" in text and "runs [3, 3, 3]" in text  # 4<->9 confusions, both directions

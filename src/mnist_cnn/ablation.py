@@ -7,7 +7,8 @@ those whose DVC experiment name or a tag matches), groups them by the params
 that differ between them (the seed excepted), and writes DIR/ablation.md and
 DIR/ablation.png: per group and epoch the mean +- std of test accuracy and
 loss; the paired difference augment on - off over the seeds both settings
-ran, with a 95% confidence interval (Student's t); and how often 4 and 9 were
+ran, with a 95% confidence interval (Student's t); the training loss (to see
+overfitting); and how often 4 and 9 were
 confused. The summary is logged as its own MLflow run, tagged
 `mnist_cnn.kind=ablation-summary`.
 """
@@ -35,7 +36,7 @@ from mnist_cnn.config import UserError, run_stage
 from mnist_cnn.data import atomic_path
 
 KIND_TAG = "mnist_cnn.kind"
-METRICS = ("test_accuracy", "test_loss")
+METRICS = ("test_accuracy", "test_loss", "train_loss")
 
 
 @dataclass
@@ -129,14 +130,16 @@ def markdown(groups: list[Group], paired: dict[str, float] | None) -> str:
     for g in groups:
         acc_mean, acc_std = per_epoch(g, "test_accuracy")
         loss_mean, loss_std = per_epoch(g, "test_loss")
+        train_mean, train_std = per_epoch(g, "train_loss")
         lines += [
             f"## {g.label} ({len(g.runs)} runs)",
             "",
-            "| epoch | test accuracy (%) | test loss |",
-            "|---|---|---|",
+            "| epoch | test accuracy (%) | test loss | train loss |",
+            "|---|---|---|---|",
         ]
-        for e, (am, asd, lm, lsd) in enumerate(zip(acc_mean, acc_std, loss_mean, loss_std, strict=True), 1):
-            lines.append(f"| {e} | {100 * am:.2f} ± {100 * asd:.2f} | {lm:.4f} ± {lsd:.4f} |")
+        rows = zip(acc_mean, acc_std, loss_mean, loss_std, train_mean, train_std, strict=True)
+        for e, (am, asd, lm, lsd, tm, tsd) in enumerate(rows, 1):
+            lines.append(f"| {e} | {100 * am:.2f} ± {100 * asd:.2f} | {lm:.4f} ± {lsd:.4f} | {tm:.4f} ± {tsd:.4f} |")
         counts = [r.confusions_4_9 for r in g.runs if r.confusions_4_9 is not None]
         if counts:
             lines.append(f"\n4 and 9 confused (both directions), per run: mean {np.mean(counts):.1f}, runs {counts}")
