@@ -5,11 +5,10 @@
 Reads the finished runs of the MLflow experiment `mnist-cnn` (optionally only
 those whose DVC experiment name or a tag matches), groups them by the params
 that differ between them (the seed excepted), and writes DIR/ablation.md and
-DIR/ablation.png: per group and epoch the mean +- std of test accuracy and
-loss; the paired difference augment on - off over the seeds both settings
-ran, with a 95% confidence interval (Student's t); the training loss (to see
-overfitting); and how often 4 and 9 were
-confused. The summary is logged as its own MLflow run, tagged
+DIR/ablation.png: per group and epoch the mean +- std of test accuracy, test
+loss and training loss (the last shows overfitting); the paired difference
+augment on - off over the seeds both settings ran, with a 95% confidence
+interval (Student's t); and how often 4 and 9 were confused. The summary is logged as its own MLflow run, tagged
 `mnist_cnn.kind=ablation-summary`.
 """
 
