@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 from mlflow.entities import Run
 from scipy import stats
 
@@ -160,6 +162,7 @@ def plot(groups: list[Group], path: Path) -> None:
         epochs = np.arange(1, len(mean) + 1)
         ax.errorbar(epochs, 100 * mean, yerr=100 * std, marker="o", capsize=3, label=f"{g.label} (n={len(g.runs)})")
     ax.set(xlabel="epoch", ylabel="test accuracy (%), mean ± std", title="Ablation")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     with atomic_path(path) as tmp:
@@ -173,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag", help="only runs with this tag, KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("ablation"), help="output directory")
     args = parser.parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run is noise here
 
     runs = fetch_runs(args.exp_name, args.tag)
     if not runs:
