@@ -266,7 +266,14 @@ def test_interrupted_training_exits_130_and_ends_the_run_killed(
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     with out.open("w") as stdout, err.open("w") as stderr:
         train = subprocess.Popen(
-            [sys.executable, "-m", "mnist_cnn.train"], cwd=work, env=tool_env(), stdout=stdout, stderr=stderr
+            [sys.executable, "-m", "mnist_cnn.train"],
+            cwd=work,
+            env=tool_env(),
+            stdout=stdout,
+            stderr=stderr,
+            # A shell without job control starts background jobs with SIGINT ignored, and Python keeps
+            # an inherited SIG_IGN; a terminal's Ctrl-C reaches a process with the default disposition.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     try:
         # The history is written after each epoch: once it is there, training is under way.
