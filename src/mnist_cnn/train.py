@@ -90,7 +90,7 @@ def train_epoch(step: TrainStep, n: int, batch_size: int, progress: tqdm | None 
     # The epoch's host-device syncs: this and the loss.
     bad_step = int(distributed.all_reduce(step.first_bad_step, "max").item())
     if bad_step >= 0:
-        steps = -(-len(order) // local_batch)
+        steps = steps_per_epoch(n, batch_size, step.world)
         raise UserError(
             f"training diverged: the loss is NaN or infinite at epoch {epoch}, step {bad_step} of {steps}"
             " (try a smaller train.lr)"
