@@ -147,6 +147,8 @@ def test_missing_key_is_named(raw_params: dict[str, Any], key: str) -> None:
         ("train.lr", True),  # bool is not a number here
         ("train.device", "gpu"),
         ("train.precision", "fp16"),
+        ("model.depth", 4),
+        ("model.depth", "3"),
         ("data.mirrors", "https://example.org/"),
         ("data.mirrors", ["https://example.org/", 3]),
         ("data", [1, 2]),

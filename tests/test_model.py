@@ -93,7 +93,7 @@ def test_gradients_reach_every_parameter(net: Net) -> None:
 
 
 def test_default_options_leave_the_reports_weights_only(net: Net) -> None:
-    assert net.arch == {"batchnorm": False, "dropout": 0.0}
+    assert net.arch == {"batchnorm": False, "dropout": 0.0, "depth": 2}
     layers = ("conv1", "conv2", "fc1", "fc2")
     assert list(net.state_dict()) == [f"{layer}.{p}" for layer in layers for p in ("weight", "bias")]
 
@@ -123,6 +123,45 @@ def test_dropout_is_random_in_training_and_off_in_eval() -> None:
     assert net.drop_features.p == net.drop_hidden.p == 0.5
 
 
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_depth_3_adds_a_conv_block_and_a_pool_before_the_classifier(batchnorm: bool) -> None:
+    torch.manual_seed(0)
+    net = Net(batchnorm=batchnorm, depth=3).eval()
+    conv3 = net.block3[0]
+    assert (conv3.in_channels, conv3.out_channels, conv3.kernel_size, conv3.padding) == (64, 64, (3, 3), (1, 1))
+    assert isinstance(net.block3[1], nn.BatchNorm2d if batchnorm else nn.Identity)
+    assert net.fc1.in_features == 64 * 7 * 7
+    bn = 2 * (32 + 64 + 64) if batchnorm else 0
+    assert sum(p.numel() for p in net.parameters()) == 320 + 18_496 + 36_928 + 401_536 + 1_290 + bn
+    x = normalize(uint8_images(3))
+    h = F.relu(net.norm1(net.conv1(x)))
+    h = F.max_pool2d(F.relu(net.norm2(net.conv2(h))), 2)
+    h = F.max_pool2d(F.relu(net.block3[1](conv3(h))), 2)
+    h = F.relu(net.fc1(h.flatten(1)))
+    torch.testing.assert_close(net(x), F.log_softmax(net.fc2(h), dim=1))
+
+
+def test_depth_2_draws_the_same_initial_weights_as_the_reports_layers() -> None:
+    # The third block exists only at depth 3, so the report's model consumes the RNG as
+    # four bare layers created in order do (an unconditional conv3 would change fc1 and fc2).
+    torch.manual_seed(0)
+    layers = [
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.Linear(12544, 128),
+        nn.Linear(128, 10),
+    ]
+    torch.manual_seed(0)
+    net = Net()
+    for mine, bare in zip((net.conv1, net.conv2, net.fc1, net.fc2), layers, strict=True):
+        assert torch.equal(mine.weight, bare.weight) and torch.equal(mine.bias, bare.bias)
+
+
+def test_depth_other_than_2_or_3_is_refused() -> None:
+    with pytest.raises(ValueError, match="depth must be 2 or 3"):
+        Net(depth=4)
+
+
 def test_checkpoint_records_the_architecture(tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = Net(batchnorm=True, dropout=0.25)
@@ -131,10 +170,21 @@ def test_checkpoint_records_the_architecture(tmp_path: Path) -> None:
     path = tmp_path / "model.pt"
     torch.save({"state_dict": net.state_dict(), "arch": net.arch}, path)
     loaded = load_model(str(path))
-    assert loaded.arch == {"batchnorm": True, "dropout": 0.25}
+    assert loaded.arch == {"batchnorm": True, "dropout": 0.25, "depth": 2}
     assert torch.equal(loaded.norm2.running_mean, net.norm2.running_mean)
     images = uint8_images(5)
     torch.testing.assert_close(predict_log_probs(loaded, images, 5), predict_log_probs(net, images, 5), rtol=0, atol=0)
+
+
+def test_deep_checkpoint_loads_as_a_deep_net(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = Net(batchnorm=True, depth=3).eval()
+    path = tmp_path / "model.pt"
+    torch.save({"state_dict": net.state_dict(), "arch": net.arch}, path)
+    loaded = load_model(str(path))
+    assert loaded.arch["depth"] == 3 and loaded.block3 is not None
+    images = uint8_images(4)
+    torch.testing.assert_close(predict_log_probs(loaded, images, 4), predict_log_probs(net, images, 4), rtol=0, atol=0)
 
 
 # --- checkpoints ------------------------------------------------------------------

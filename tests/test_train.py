@@ -21,7 +21,7 @@ def params(model: dict | None = None, **train: object) -> Params:
 
 
 # Every proposed improvement switched on at once.
-IMPROVED = {"model": {"batchnorm": True, "dropout": 0.3}, "lr_schedule": "onecycle", "weight_decay": 0.01}
+IMPROVED = {"model": {"batchnorm": True, "dropout": 0.3, "depth": 3}, "lr_schedule": "onecycle", "weight_decay": 0.01}
 
 
 @pytest.fixture

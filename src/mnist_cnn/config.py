@@ -70,6 +70,7 @@ class DataParams(_Section):
 class ModelParams(_Section):
     batchnorm: bool = Field(description="BatchNorm2d after each conv, before its ReLU")
     dropout: float = Field(ge=0, lt=1, description="dropout rate after the pooled features and after fc1; 0 = off")
+    depth: Literal[2, 3] = Field(description="2 = the report's two convs; 3 = a third conv block + pool")
 
 
 class TrainParams(_Section):

@@ -119,7 +119,7 @@ def build(params: Params, images: torch.Tensor, labels: torch.Tensor) -> TrainSt
         generator.manual_seed(params.seed + rank)
     if params.train.deterministic:
         use_deterministic_algorithms()
-    model = Net(params.model.batchnorm, params.model.dropout).to(device)
+    model = Net(params.model.batchnorm, params.model.dropout, params.model.depth).to(device)
     bf16 = params.train.precision == "bf16"
     optimizer = make_optimizer(model, params.train.lr, params.train.weight_decay, device, params.train.cuda_graph)
     steps = steps_per_epoch(len(images), params.train.batch_size, world)
