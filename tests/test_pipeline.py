@@ -7,15 +7,18 @@ MLflow sqlite store are the real ones.
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import time
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
+import torch
 from mlflow import MlflowClient
 
-from conftest import make_pipeline_repo, run
+from conftest import REPO, make_pipeline_repo, run
 
 pytestmark = pytest.mark.slow
 
@@ -136,3 +139,28 @@ def test_an_identical_experiment_is_restored_from_the_run_cache(pipeline: Path, 
     assert "Stage 'train' is cached - skipping run, checking out outputs" in out
     assert "epoch 1:" not in out
     assert {r.info.run_id for r in client.search_runs([experiment_id])} == before
+
+
+def readme_preset_command() -> list[str]:
+    """The `dvc exp run -n improved ...` line exactly as README.md gives it."""
+    match = re.search(r"^dvc exp run -n improved (?:.*\\\n)*.*$", (REPO / "README.md").read_text(), re.MULTILINE)
+    assert match, "README.md has no `dvc exp run -n improved` line"
+    return shlex.split(match.group(0).replace("\\\n", " "))
+
+
+def test_the_readme_preset_runs_the_whole_pipeline(tmp_path: Path, synthetic_mnist: Path) -> None:
+    """The preset, run as the README says: every later stage loads the improved network from the
+    architecture saved with its weights, and evaluates exactly what training measured."""
+    command = readme_preset_command()
+    assert "-S" in command
+    repo = make_pipeline_repo(tmp_path / "repo", synthetic_mnist)
+    run(command, repo)
+    checkpoint = torch.load(repo / "models/model.pt", weights_only=True)
+    assert checkpoint["arch"] == {"batchnorm": True, "dropout": 0.1, "depth": 3}
+    assert "block3.1.running_mean" in checkpoint["state_dict"]  # the third block, with its BatchNorm
+    trained = json.loads((repo / "metrics/train.json").read_text())
+    evaluated = json.loads((repo / "metrics/eval.json").read_text())
+    assert evaluated["test_accuracy"] == pytest.approx(trained["test_accuracy"], abs=1e-6)
+    assert evaluated["test_loss"] == pytest.approx(trained["test_loss"], rel=1e-5)
+    assert (repo / "reports/confusion_matrix.png").stat().st_size > 0
+    assert "improved" in run(["dvc", "exp", "list", "--name-only"], repo).stdout.split()
