@@ -162,29 +162,24 @@ def test_depth_other_than_2_or_3_is_refused() -> None:
         Net(depth=4)
 
 
-def test_checkpoint_records_the_architecture(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "arch",
+    [{"batchnorm": True, "dropout": 0.25, "depth": 2}, {"batchnorm": True, "dropout": 0.0, "depth": 3}],
+    ids=["depth2", "depth3"],
+)
+def test_checkpoint_records_the_architecture(tmp_path: Path, arch: dict) -> None:
     torch.manual_seed(0)
-    net = Net(batchnorm=True, dropout=0.25)
+    net = Net(**arch)
     net.train()
     net(normalize(uint8_images(8)))  # moves the BatchNorm running statistics
     path = tmp_path / "model.pt"
     torch.save({"state_dict": net.state_dict(), "arch": net.arch}, path)
     loaded = load_model(str(path))
-    assert loaded.arch == {"batchnorm": True, "dropout": 0.25, "depth": 2}
+    assert loaded.arch == arch
+    assert (loaded.block3 is not None) == (arch["depth"] == 3)
     assert torch.equal(loaded.norm2.running_mean, net.norm2.running_mean)
     images = uint8_images(5)
     torch.testing.assert_close(predict_log_probs(loaded, images, 5), predict_log_probs(net, images, 5), rtol=0, atol=0)
-
-
-def test_deep_checkpoint_loads_as_a_deep_net(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    net = Net(batchnorm=True, depth=3).eval()
-    path = tmp_path / "model.pt"
-    torch.save({"state_dict": net.state_dict(), "arch": net.arch}, path)
-    loaded = load_model(str(path))
-    assert loaded.arch["depth"] == 3 and loaded.block3 is not None
-    images = uint8_images(4)
-    torch.testing.assert_close(predict_log_probs(loaded, images, 4), predict_log_probs(net, images, 4), rtol=0, atol=0)
 
 
 # --- checkpoints ------------------------------------------------------------------

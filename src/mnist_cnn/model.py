@@ -39,11 +39,11 @@ class Net(nn.Module):
         self.block3 = None
         if depth == 3:
             conv3 = nn.Conv2d(64, 64, kernel_size=3, padding=1)
-            self.block3 = nn.Sequential(conv3, nn.BatchNorm2d(64) if batchnorm else nn.Identity(), nn.ReLU())
+            norm3 = nn.BatchNorm2d(64) if batchnorm else nn.Identity()
+            self.block3 = nn.Sequential(conv3, norm3, nn.ReLU(), nn.MaxPool2d(2, 2))
         self.pool = nn.MaxPool2d(2, 2)
         self.drop_features = nn.Dropout(dropout) if dropout else nn.Identity()
-        side = 14 if depth == 2 else 7
-        self.fc1 = nn.Linear(64 * side * side, 128)
+        self.fc1 = nn.Linear(64 * 14 * 14 if depth == 2 else 64 * 7 * 7, 128)
         self.drop_hidden = nn.Dropout(dropout) if dropout else nn.Identity()
         self.fc2 = nn.Linear(128, 10)
 
@@ -51,7 +51,7 @@ class Net(nn.Module):
         x = torch.relu(self.norm1(self.conv1(x)))
         x = self.pool(torch.relu(self.norm2(self.conv2(x))))
         if self.block3 is not None:
-            x = self.pool(self.block3(x))
+            x = self.block3(x)
         x = torch.relu(self.fc1(torch.flatten(self.drop_features(x), 1)))
         return torch.log_softmax(self.fc2(self.drop_hidden(x)), dim=1)
 
