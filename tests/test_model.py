@@ -89,6 +89,24 @@ def test_gradients_reach_every_parameter(net: Net) -> None:
         assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("depth", [2, 3])
+def test_channels_last_gives_the_same_gradients_as_nchw(depth: int) -> None:
+    # bf16 trains channels_last, and the features' gradient is turned back to that layout
+    # before max-pool's backward (a speed fix): the values must be exactly those of NCHW.
+    torch.manual_seed(0)
+    nchw = Net(depth=depth)
+    fast = Net(depth=depth)
+    fast.load_state_dict(nchw.state_dict())
+    fast.to(memory_format=torch.channels_last)
+    x = normalize(uint8_images(8))
+    labels = torch.arange(8)
+    for model, images in ((nchw, x), (fast, x.contiguous(memory_format=torch.channels_last))):
+        F.nll_loss(model(images), labels).backward()
+    assert fast.conv2.weight.grad.is_contiguous(memory_format=torch.channels_last)
+    for (name, a), b in zip(nchw.named_parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, msg=name)
+
+
 # --- the report's proposed improvements (options, off by default) ---------------
 
 

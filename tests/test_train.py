@@ -48,7 +48,9 @@ def test_pick_device() -> None:
             pick_device("cuda")
 
 
-@pytest.mark.parametrize("options", [{}, IMPROVED], ids=["report", "improved"])
+@pytest.mark.parametrize(
+    "options", [{}, IMPROVED, {**IMPROVED, "precision": "bf16"}], ids=["report", "improved", "bf16"]
+)
 def test_same_seed_gives_bitwise_identical_training_on_cpu(options: dict) -> None:
     images, labels = toy_data(256)
     results = []
@@ -76,6 +78,16 @@ def test_last_short_batch_is_trained_not_dropped() -> None:
     train_epoch(step, len(images), 64)
     adam_steps = {int(state["step"]) for state in step.optimizer.state.values()}
     assert adam_steps == {2}
+
+
+def test_bf16_is_the_fast_path_and_fp32_the_reports() -> None:
+    images, labels = toy_data(64)
+    fast = build(params(device="cpu", precision="bf16"), images, labels)
+    assert fast.channels_last and fast.net.conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    assert fast.optimizer.defaults["fused"]
+    exact = build(params(device="cpu", precision="fp32"), images, labels)
+    assert not exact.channels_last and exact.net.conv2.weight.is_contiguous()
+    assert not exact.optimizer.defaults["fused"]  # the report's multi-tensor Adam, bit for bit
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -121,7 +121,7 @@ def build(params: Params, images: torch.Tensor, labels: torch.Tensor) -> TrainSt
         use_deterministic_algorithms()
     model = Net(params.model.batchnorm, params.model.dropout, params.model.depth).to(device)
     bf16 = params.train.precision == "bf16"
-    optimizer = make_optimizer(model, params.train.lr, params.train.weight_decay, device, params.train.cuda_graph)
+    optimizer = make_optimizer(model, params.train.lr, params.train.weight_decay, device, params.train.cuda_graph, bf16)
     steps = steps_per_epoch(len(images), params.train.batch_size, world)
     scheduler = make_scheduler(optimizer, params.train.lr_schedule, params.train.epochs, steps)
     return TrainStep(
