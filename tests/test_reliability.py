@@ -414,6 +414,22 @@ def test_predict_refuses_a_checkpoint_with_pickled_code_in_one_line(tmp_path: Pa
     assert not marker.exists()
 
 
+def test_evaluate_refuses_a_tampered_model_in_one_line(prepared: Path, small_mnist: Path, tmp_path: Path) -> None:
+    """models/model.pt replaced by a file with pickled code (or by anything else): evaluate must say so
+    in one line, run nothing, and leave no metrics behind."""
+    work = copy_prepared(prepared, tmp_path / "work", small_mnist)
+    marker = tmp_path / "payload-ran"
+    (work / "models").mkdir()
+    torch.save({"state_dict": Net().state_dict(), "extra": RunsACommand(marker)}, work / "models" / "model.pt")
+    line = one_error_line(stage("evaluate", work))
+    assert line == "error: models/model.pt: refused to load: it holds pickled objects besides weights"
+    assert not marker.exists()
+    (work / "models" / "model.pt").write_text("not a checkpoint")
+    line = one_error_line(stage("evaluate", work))
+    assert line == "error: models/model.pt: not a model.pt checkpoint of this project (not a torch.save archive)"
+    assert not (work / "metrics").exists()
+
+
 # --- 5. the stages write only inside the working directory ----------------------
 
 

@@ -22,7 +22,7 @@ import mnist_cnn
 from mnist_cnn import registry, tracking
 from mnist_cnn.config import load_params, run_stage
 from mnist_cnn.data import atomic_path, load_processed, write_json
-from mnist_cnn.model import load_model, normalize, predict_log_probs
+from mnist_cnn.model import load_checkpoint, normalize, predict_log_probs
 from mnist_cnn.train import MODEL_PATH
 
 METRICS_PATH = Path("metrics/eval.json")
@@ -66,7 +66,7 @@ def register_model(model: torch.nn.Module, example: np.ndarray, run_id: str) -> 
 def main() -> None:
     params = load_params()
     images, labels = load_processed("test")
-    model = load_model(str(MODEL_PATH))
+    model = load_checkpoint(str(MODEL_PATH))
     log_probs = predict_log_probs(model, images, params.train.eval_batch_size)
     predicted = log_probs.argmax(1).numpy()
     truth = labels.numpy()

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import pickle
+import zipfile
+from pathlib import Path
+
 import torch
 from torch import nn
+
+from mnist_cnn.config import UserError
 
 # The report normalises with the standard MNIST statistics; preprocess measures
 # them again on the training set and checks they agree.
@@ -77,6 +83,20 @@ def load_model(path: str, device: torch.device | str = "cpu") -> Net:
     model = Net(**checkpoint.get("arch", {}))  # files from before the options have no "arch"
     model.load_state_dict(checkpoint["state_dict"])
     return model.to(device).eval()
+
+
+def load_checkpoint(path: str, device: torch.device | str = "cpu") -> Net:
+    """load_model for files the user hands over (evaluate, predict): one clear error, no traceback."""
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such model file (train one with `dvc repro`)")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
+        raise UserError(f"{path}: not a model.pt checkpoint of this project (not a torch.save archive)")
+    try:
+        return load_model(path, device)
+    except pickle.UnpicklingError:  # torch's message would suggest weights_only=False: not for an unknown file
+        raise UserError(f"{path}: refused to load: it holds pickled objects besides weights") from None
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as error:
+        raise UserError(f"{path}: not a model.pt checkpoint of this project ({str(error).splitlines()[0]})") from None
 
 
 @torch.no_grad()

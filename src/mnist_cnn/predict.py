@@ -18,7 +18,6 @@ import io
 import json
 import math
 import os
-import pickle
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
 from mnist_cnn.config import UserError, run_stage
-from mnist_cnn.model import load_model, normalize
+from mnist_cnn.model import load_checkpoint, normalize
 
 DEFAULT_MODEL = "models:/mnist-cnn@champion"
 FIT = 20  # MNIST: the digit's bounding box fits 20x20 ...
@@ -134,14 +133,7 @@ def registry_predictor(uri: str) -> Predictor:
 
 def checkpoint_predictor(path: str) -> Predictor:
     """The train stage's checkpoint (weights only, no pickled code)."""
-    if not Path(path).is_file():
-        raise UserError(f"{path}: no such model file (train one with `dvc repro`)")
-    try:
-        net = load_model(path)
-    except pickle.UnpicklingError:  # torch's message would suggest weights_only=False: not for an unknown file
-        raise UserError(f"{path}: refused to load: it holds pickled objects besides weights") from None
-    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as error:
-        raise UserError(f"{path}: not a model.pt checkpoint of this project ({str(error).splitlines()[0]})") from None
+    net = load_checkpoint(path)
 
     def predict(batch: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
