@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import REPO, tool_env, write_synthetic_mnist
+
+BENCH_ARGS = ["--device", "cpu", "--subset", "2048", "--workers", "1", "--repeats", "2"]
 
 
 def test_bench_prints_table_and_json(tmp_path: Path) -> None:
@@ -21,7 +24,7 @@ def test_bench_prints_table_and_json(tmp_path: Path) -> None:
     for stage in ("download", "preprocess"):
         subprocess.run([sys.executable, "-m", f"mnist_cnn.{stage}"], cwd=tmp_path, env=env, check=True)
     result = subprocess.run(
-        [sys.executable, "-m", "mnist_cnn.bench", "--device", "cpu", "--subset", "2048", "--workers", "1"],
+        [sys.executable, "-m", "mnist_cnn.bench", *BENCH_ARGS],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -31,22 +34,25 @@ def test_bench_prints_table_and_json(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("loop")
+    for row in lines[1:3]:  # reference, project: the median, then the rate of each of the 2 passes
+        assert len(row.split("   ")[-1].split()) == 2, row
     report = json.loads(lines[-1])
     for key in ("device", "reference_img_per_s", "project_img_per_s", "ratio", "peak_rss_mb"):
         assert key in report
-    assert report["device"] == "cpu"
+    assert report["device"] == "cpu" and report["repeats"] == 2
     assert report["reference_img_per_s"] > 0 and report["project_img_per_s"] > 0
     assert report["ratio"] == round(report["project_img_per_s"] / report["reference_img_per_s"], 2)
 
 
-def test_bench_rejects_a_tiny_subset(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("args", "option"), [(["--subset", "10"], "--subset"), (["--repeats", "0"], "--repeats")])
+def test_bench_rejects_a_tiny_run(tmp_path: Path, args: list[str], option: str) -> None:
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     result = subprocess.run(
-        [sys.executable, "-m", "mnist_cnn.bench", "--subset", "10"],
+        [sys.executable, "-m", "mnist_cnn.bench", *args],
         cwd=tmp_path,
         env=tool_env(),
         capture_output=True,
         text=True,
     )
     assert result.returncode == 2
-    assert result.stderr.strip().startswith("error: --subset")
+    assert result.stderr.strip().startswith(f"error: {option} ")

@@ -1,9 +1,10 @@
 """Training throughput: the tutorial-style loop of the report against the train stage's loop.
 
-    python -m mnist_cnn.bench [--device cpu|cuda] [--precision fp32|bf16] [--subset N] [--json]
+    python -m mnist_cnn.bench [--device cpu|cuda] [--precision fp32|bf16] [--subset N] [--repeats R] [--json]
 
 Both loops run in this process, on the same images, device, model, Adam and
-batch size, with augmentation as in params.yaml, each after a warm-up:
+batch size, with augmentation as in params.yaml, each after a warm-up, and
+their timed passes alternate (R of each; the rate reported is the median):
 - reference: torchvision's MNIST dataset, per-image PIL RandomRotation(10) +
   RandomAffine(0, translate=(0.1, 0.1)), ToTensor, Normalize, a DataLoader
   with worker processes (the report's loop);
@@ -17,9 +18,12 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -41,8 +45,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def reference_loop(params: Params, device: torch.device, subset: int, workers: int) -> float:
-    """Images per second of the report's loop over `subset` images (after a warm-up)."""
+@contextmanager
+def reference_loop(params: Params, device: torch.device, subset: int, workers: int) -> Iterator[Callable[[], float]]:
+    """The report's loop over `subset` images, warmed up; yields a function that times one pass (images/s)."""
     steps = [transforms.RandomRotation(10), transforms.RandomAffine(0, translate=(0.1, 0.1))] if params.augment else []
     transform = transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
     with tempfile.TemporaryDirectory() as root:
@@ -63,7 +68,7 @@ def reference_loop(params: Params, device: torch.device, subset: int, workers: i
         model = Net().to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=params.train.lr)
 
-        def one_pass(limit: int | None) -> int:
+        def one_pass(limit: int | None = None) -> int:
             seen = 0
             for i, (x, y) in enumerate(loader):
                 if limit is not None and i >= limit:
@@ -77,24 +82,30 @@ def reference_loop(params: Params, device: torch.device, subset: int, workers: i
             return seen
 
         one_pass(WARMUP_BATCHES)
-        sync(device)
-        started = time.perf_counter()
-        seen = one_pass(None)
-        sync(device)
-        return seen / (time.perf_counter() - started)
+        yield lambda: timed(one_pass, device)
 
 
-def project_loop(params: Params, device: torch.device, subset: int) -> float:
-    """Images per second of the train stage's loop over `subset` images (after a warm-up epoch)."""
+@contextmanager
+def project_loop(params: Params, device: torch.device, subset: int) -> Iterator[Callable[[], float]]:
+    """The train stage's loop over `subset` images, after a warm-up epoch; yields a function that times one pass."""
     images, labels = load_processed("train", subset)
     step = build(params, images.to(device), labels.to(device))
     n, batch_size = len(images), params.train.batch_size
-    train_epoch(step, n, batch_size)  # warm-up: allocations, cuDNN plans, graph capture
+
+    def one_pass() -> int:
+        train_epoch(step, n, batch_size)
+        return n
+
+    one_pass()  # warm-up: allocations, cuDNN plans, graph capture
+    yield lambda: timed(one_pass, device)
+
+
+def timed(one_pass: Callable[[], int], device: torch.device) -> float:
     sync(device)
     started = time.perf_counter()
-    train_epoch(step, n, batch_size)
+    seen = one_pass()
     sync(device)
-    return n / (time.perf_counter() - started)
+    return seen / (time.perf_counter() - started)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -102,6 +113,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: params.yaml")
     parser.add_argument("--subset", type=int, default=6400, help="training images per timed pass")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes of each loop, alternating (median)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="reference DataLoader")
     parser.add_argument("--no-cuda-graph", action="store_true", help="project loop without graph capture")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
@@ -112,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.subset < MIN_SUBSET:
         raise UserError(f"--subset must be at least {MIN_SUBSET} (warm-up plus a timed pass)")
+    if args.repeats < 1:
+        raise UserError("--repeats must be at least 1")
     params = load_params()
     train = params.train.model_copy(
         update={
@@ -125,8 +139,17 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
 
-    reference = reference_loop(params, device, args.subset, args.workers)
-    project = project_loop(params, device, args.subset)
+    # The passes of the two loops alternate, and each rate is the median of its passes:
+    # a shared machine's speed drifts, and drift should not favour either loop.
+    rates: dict[str, list[float]] = {"reference": [], "project": []}
+    with (
+        reference_loop(params, device, args.subset, args.workers) as reference_pass,
+        project_loop(params, device, args.subset) as project_pass,
+    ):
+        for _ in range(args.repeats):
+            rates["reference"].append(reference_pass())
+            rates["project"].append(project_pass())
+    reference, project = statistics.median(rates["reference"]), statistics.median(rates["project"])
     result = {
         "device": str(device),
         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -135,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         "augment": params.augment,
         "batch_size": train.batch_size,
         "subset": args.subset,
+        "repeats": args.repeats,
         "reference_img_per_s": round(reference, 1),
         "project_img_per_s": round(project, 1),
         "ratio": round(project / reference, 2),
@@ -143,10 +167,14 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
     }
     if not args.json:
-        print(f"{'loop':<44}{'img/s':>12}")
-        print(f"{'reference (PIL transforms + DataLoader, ' + str(args.workers) + ' workers)':<44}{reference:>12,.0f}")
-        label = f"project (train stage, {train.precision}{', CUDA graph' if result['cuda_graph'] else ''})"
-        print(f"{label:<44}{project:>12,.0f}")
+        print(f"{'loop':<50}{'img/s (median)':>16}   passes")
+        labels = {
+            "reference": f"reference (PIL transforms + DataLoader, {args.workers} workers)",
+            "project": f"project (train stage, {train.precision}{', CUDA graph' if result['cuda_graph'] else ''})",
+        }
+        for loop, label in labels.items():
+            passes = " ".join(f"{rate:,.0f}" for rate in rates[loop])
+            print(f"{label:<50}{statistics.median(rates[loop]):>16,.0f}   {passes}")
         print(f"ratio {result['ratio']}x on {result['device_name']}; peak RSS {result['peak_rss_mb']} MB")
     print(json.dumps(result), flush=True)
     sys.stdout.flush()
