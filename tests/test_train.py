@@ -116,6 +116,20 @@ def test_cuda_graph_step_trains_like_eager(precision: str) -> None:
     assert abs(final[True][0] - final[False][0]) < 0.5 * final[False][0] + 0.05
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_graphed_step_reads_the_scheduled_rate_from_a_tensor() -> None:
+    # A captured graph bakes in Python floats; the schedule must reach Adam through a tensor.
+    images, labels = toy_data(640, "cuda")  # 10 steps per epoch
+    step = build(params(device="cuda", cuda_graph=True, lr_schedule="step", lr=0.01), images, labels)
+    rate = step.optimizer.param_groups[0]["lr"]
+    assert isinstance(rate, torch.Tensor) and rate.device.type == "cuda"
+    train_epoch(step, len(images), 64)
+    assert step.graph is not None
+    assert step.optimizer.param_groups[0]["lr"] is rate
+    assert float(rate) == pytest.approx(0.007)
+
+
 def test_a_diverging_loss_stops_training_naming_epoch_and_step() -> None:
     images, labels = toy_data(640)
     step = build(params(device="cpu"), images, labels)

@@ -168,14 +168,13 @@ def make_optimizer(
     and on the CPU under bf16. CPU fp32 keeps the default multi-tensor Adam: the fused
     one rounds differently in the last bits, and fp32 reproduces the report's runs exactly.
     """
-    kwargs: dict = {}
+    kwargs: dict = {"lr": lr}
     if device.type == "cuda":
-        kwargs = {"fused": True, "capturable": cuda_graph}
-    elif bf16:
-        kwargs = {"fused": True}
+        kwargs.update(fused=True, capturable=cuda_graph)
         if cuda_graph:  # a graph reads the rate from this tensor, so a schedule can change it between replays
             kwargs["lr"] = torch.tensor(lr, device=device)
-    kwargs.setdefault("lr", lr)
+    elif bf16:
+        kwargs["fused"] = True
     if weight_decay > 0:
         return torch.optim.AdamW(model.parameters(), weight_decay=weight_decay, **kwargs)
     return torch.optim.Adam(model.parameters(), **kwargs)
