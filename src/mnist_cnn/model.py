@@ -59,7 +59,7 @@ class Net(nn.Module):
         if self.block3 is not None:
             x = self.block3(x)
         x = self.drop_features(x)
-        if x.requires_grad and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        if x.requires_grad and x.is_contiguous(memory_format=torch.channels_last):
             x.register_hook(_channels_last_grad)
         x = torch.relu(self.fc1(torch.flatten(x, 1)))
         return torch.log_softmax(self.fc2(self.drop_hidden(x)), dim=1)
