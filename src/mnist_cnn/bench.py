@@ -2,9 +2,9 @@
 
     python -m mnist_cnn.bench [--device cpu|cuda] [--precision fp32|bf16] [--subset N] [--repeats R] [--json]
 
-Both loops run in this process, on the same images, device, model, Adam and
-batch size, with augmentation as in params.yaml, each after a warm-up and
-timed over R passes (the rate reported is the median):
+Both loops run in this process, on the same images, device, network (model.*
+of params.yaml), Adam and batch size, with augmentation as in params.yaml, each
+after a warm-up and timed over R passes (the rate reported is the median):
 - reference: torchvision's MNIST dataset, per-image PIL RandomRotation(10) +
   RandomAffine(0, translate=(0.1, 0.1)), ToTensor, Normalize, a DataLoader
   with worker processes (the report's loop);
@@ -65,7 +65,7 @@ def reference_loop(params: Params, device: torch.device, subset: int, workers: i
             persistent_workers=workers > 0,
         )
         torch.manual_seed(params.seed)
-        model = Net().to(device)
+        model = Net(params.model.batchnorm, params.model.dropout, params.model.depth).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=params.train.lr)
 
         def one_pass(limit: int | None = None) -> int:
@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
             "device": args.device,
             "precision": args.precision or params.train.precision,
             "cuda_graph": params.train.cuda_graph and not args.no_cuda_graph,
+            # The project loop runs 1 + repeats epochs; a one-cycle schedule refuses steps beyond its plan.
+            "epochs": max(params.train.epochs, 1 + args.repeats),
         }
     )
     params = params.model_copy(update={"train": train})
@@ -145,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     rates: dict[str, list[float]] = {}
     with reference_loop(params, device, args.subset, args.workers) as reference_pass:
         rates["reference"] = [reference_pass() for _ in range(args.repeats)]
+    del reference_pass  # the last reference to its DataLoader: the worker processes end here
     with project_loop(params, device, args.subset) as project_pass:
         rates["project"] = [project_pass() for _ in range(args.repeats)]
     reference, project = statistics.median(rates["reference"]), statistics.median(rates["project"])
