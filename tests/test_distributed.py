@@ -52,6 +52,16 @@ def test_impossible_combinations_are_refused(train: dict, message: str) -> None:
         check_parallel(validate(raw_params(**train)))
 
 
+def test_a_graph_is_refused_under_a_hand_started_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Several machines: torchrun is run by hand, so train.nproc stays 1 and only WORLD_SIZE tells.
+    params = validate(raw_params(cuda_graph=True))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    check_parallel(params)
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    with pytest.raises(UserError, match=r"train\.cuda_graph cannot be combined with torchrun's 16 processes"):
+        check_parallel(params)
+
+
 def test_nproc_must_be_positive() -> None:
     with pytest.raises(UserError, match=r"'train\.nproc'"):
         validate(raw_params(nproc=0))

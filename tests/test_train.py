@@ -214,6 +214,10 @@ def test_deterministic_mode_gives_the_same_training(deterministic_mode_restored:
     assert torch.are_deterministic_algorithms_enabled()
     assert losses[0] == losses[1]
     assert losses[0] == pytest.approx(default_loss, rel=1e-4)
+    # The test-set loss takes the same deterministic route, and is the same mean.
+    deterministic_test_loss = measure_test_set(step.model, images, labels, 100)[0]
+    torch.use_deterministic_algorithms(False)
+    assert deterministic_test_loss == pytest.approx(measure_test_set(step.model, images, labels, 100)[0], rel=1e-6)
 
 
 @pytest.mark.gpu
@@ -221,11 +225,13 @@ def test_deterministic_mode_gives_the_same_training(deterministic_mode_restored:
 @pytest.mark.parametrize("graph", [False, True])
 def test_deterministic_cuda_runs_are_bitwise_identical(graph: bool, deterministic_mode_restored: None) -> None:
     images, labels = toy_data(1000, "cuda")
-    weights = []
+    weights, test_losses = [], []
     for _ in range(2):
         step = build(params(device="cuda", deterministic=True, cuda_graph=graph, **IMPROVED), images, labels)
         for _ in range(2):
             train_epoch(step, len(images), 64)
         weights.append([p.detach().clone() for p in step.model.parameters()])
+        test_losses.append(measure_test_set(step.net, images, labels, 500)[0])  # as fit() does after each epoch
     for a, b in zip(*weights, strict=True):
         assert torch.equal(a, b)
+    assert test_losses[0] == test_losses[1]

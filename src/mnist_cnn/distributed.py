@@ -31,6 +31,11 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
+def launched_world_size() -> int:
+    """The process count torchrun announced (1 when not launched), known before the group is joined."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -53,7 +58,7 @@ def relaunch(nproc: int, module: str = "mnist_cnn.train") -> None:
 @contextmanager
 def process_group(device_type: str) -> Iterator[None]:
     """Join torchrun's process group (gloo on CPU, nccl on CUDA) for the block; nothing when not launched."""
-    if not launched() or int(os.environ["WORLD_SIZE"]) == 1:
+    if launched_world_size() == 1:
         yield
         return
     if device_type == "cuda":

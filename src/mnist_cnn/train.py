@@ -20,14 +20,20 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from mnist_cnn import distributed, tracking
 from mnist_cnn.config import Params, UserError, load_params, run_stage
 from mnist_cnn.data import atomic_path, load_processed, save_tensors, write_json
 from mnist_cnn.model import Net, predict_log_probs
-from mnist_cnn.train_step import TrainStep, epoch_order, make_optimizer, make_scheduler, tune_cpu_allocator
+from mnist_cnn.train_step import (
+    TrainStep,
+    epoch_order,
+    make_optimizer,
+    make_scheduler,
+    mean_nll,
+    tune_cpu_allocator,
+)
 
 MODEL_PATH = Path("models/model.pt")
 METRICS_PATH = Path("metrics/train.json")
@@ -144,7 +150,7 @@ def build(params: Params, images: torch.Tensor, labels: torch.Tensor) -> TrainSt
 
 def measure_test_set(model: Net, images: torch.Tensor, labels: torch.Tensor, batch: int) -> tuple[float, float]:
     log_probs = predict_log_probs(model, images, batch)
-    loss = F.nll_loss(log_probs, labels).item()
+    loss = mean_nll(log_probs, labels, torch.are_deterministic_algorithms_enabled()).item()
     accuracy = (log_probs.argmax(1) == labels).float().mean().item()
     return loss, accuracy
 
@@ -213,6 +219,9 @@ def check_parallel(params: Params) -> None:
     nproc = params.train.nproc
     if nproc > 1 and params.train.cuda_graph:
         raise UserError("train.cuda_graph cannot be combined with train.nproc > 1 (DDP's gradient hooks)")
+    launched_world = distributed.launched_world_size()  # torchrun started by hand, e.g. on several machines
+    if launched_world > 1 and params.train.cuda_graph:
+        raise UserError(f"train.cuda_graph cannot be combined with torchrun's {launched_world} processes (DDP)")
     if params.train.batch_size % nproc:
         raise UserError(f"train.batch_size ({params.train.batch_size}) must be divisible by train.nproc ({nproc})")
 

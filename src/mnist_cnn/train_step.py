@@ -89,12 +89,7 @@ class TrainStep:
         )
         with autocast:
             log_probs = self.model(x)
-        if self.deterministic:
-            # CUDA's nll_loss has no deterministic kernel (it raises under deterministic
-            # mode); the same mean, written as a gather, has one.
-            loss = -log_probs.float().gather(1, self.labels[index, None]).mean()
-        else:
-            loss = F.nll_loss(log_probs, self.labels[index])
+        loss = mean_nll(log_probs, self.labels[index], self.deterministic)
         self.optimizer.zero_grad(set_to_none=not self.use_graph)  # graphs need stable grad buffers
         loss.backward()
         self.optimizer.step()
@@ -134,11 +129,21 @@ class TrainStep:
             torch.cuda.current_stream().wait_stream(side)
             self.eager_steps += 1
             return
-        self.graph = torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph()
         self.static_index.copy_(index)
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(graph):
             self._step(self.static_index)
+        self.graph = graph  # only a completed capture is ever replayed
         self.graph.replay()  # capture records the step without running it
+
+
+def mean_nll(log_probs: torch.Tensor, labels: torch.Tensor, deterministic: bool) -> torch.Tensor:
+    """NLLLoss, mean over the batch. PyTorch documents CUDA's NLLLoss as raising under
+    deterministic algorithms; in that mode the same mean is written as a gather, which has
+    a deterministic kernel (on the CPU both are deterministic; only the last bits differ)."""
+    if deterministic:
+        return -log_probs.float().gather(1, labels[:, None]).mean()
+    return F.nll_loss(log_probs, labels)
 
 
 def tune_cpu_allocator() -> None:
