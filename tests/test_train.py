@@ -123,7 +123,7 @@ def test_a_graphed_step_reads_the_scheduled_rate_from_a_tensor() -> None:
     images, labels = toy_data(640, "cuda")  # 10 steps per epoch
     step = build(params(device="cuda", cuda_graph=True, lr_schedule="step", lr=0.01), images, labels)
     rate = step.optimizer.param_groups[0]["lr"]
-    assert isinstance(rate, torch.Tensor) and rate.device.type == "cuda"
+    assert isinstance(rate, torch.Tensor) and rate.device.type == "cuda" and rate.dtype == torch.float32
     train_epoch(step, len(images), 64)
     assert step.graph is not None
     assert step.optimizer.param_groups[0]["lr"] is rate

@@ -178,7 +178,7 @@ def make_optimizer(
     if device.type == "cuda":
         kwargs.update(fused=True, capturable=cuda_graph)
         if cuda_graph:  # a graph reads the rate from this tensor, so a schedule can change it between replays
-            kwargs["lr"] = torch.tensor(lr, device=device)
+            kwargs["lr"] = torch.tensor(lr, dtype=torch.float32, device=device)  # the fused kernel reads float32
     elif bf16:
         kwargs["fused"] = True
     if weight_decay > 0:
