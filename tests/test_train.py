@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import platform
 
 import pytest
 import torch
@@ -128,6 +129,19 @@ def test_a_graphed_step_reads_the_scheduled_rate_from_a_tensor() -> None:
     assert step.graph is not None
     assert step.optimizer.param_groups[0]["lr"] is rate
     assert float(rate) == pytest.approx(0.007)
+
+
+def test_bf16_warns_on_an_x86_cpu_without_native_bfloat16(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images, labels = toy_data(64)
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    for native, precision in [(True, "bf16"), (False, "bf16"), (False, "fp32")]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
+        build(params(device="cpu", precision=precision), images, labels)
+        warned = "warning: train.precision bf16: this CPU has no native bfloat16" in capsys.readouterr().err
+        assert warned == (precision == "bf16" and not native)
 
 
 def test_a_diverging_loss_stops_training_naming_epoch_and_step() -> None:

@@ -28,6 +28,7 @@ from mnist_cnn.data import atomic_path, load_processed, save_tensors, write_json
 from mnist_cnn.model import Net, predict_log_probs
 from mnist_cnn.train_step import (
     TrainStep,
+    emulated_bf16_warning,
     epoch_order,
     make_optimizer,
     make_scheduler,
@@ -112,9 +113,13 @@ def steps_per_epoch(n: int, batch_size: int, world: int) -> int:
 def build(params: Params, images: torch.Tensor, labels: torch.Tensor) -> TrainStep:
     """The report's model and optimizer, wrapped in the step the train stage (and bench) runs."""
     device = images.device
+    rank, world = distributed.rank(), distributed.world_size()
+    bf16 = params.train.precision == "bf16"
     if device.type == "cpu":
         tune_cpu_allocator()
-    rank, world = distributed.rank(), distributed.world_size()
+        warning = emulated_bf16_warning() if bf16 else None
+        if warning and rank == 0:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
     if params.train.batch_size % world:
         raise UserError(f"train.batch_size ({params.train.batch_size}) must be divisible by the {world} processes")
     generator = seed_everything(params.seed, device)
@@ -126,7 +131,6 @@ def build(params: Params, images: torch.Tensor, labels: torch.Tensor) -> TrainSt
     if params.train.deterministic:
         use_deterministic_algorithms()
     model = Net(params.model.batchnorm, params.model.dropout, params.model.depth).to(device)
-    bf16 = params.train.precision == "bf16"
     optimizer = make_optimizer(model, params.train.lr, params.train.weight_decay, device, params.train.cuda_graph, bf16)
     steps = steps_per_epoch(len(images), params.train.batch_size, world)
     scheduler = make_scheduler(optimizer, params.train.lr_schedule, params.train.epochs, steps)
