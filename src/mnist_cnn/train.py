@@ -145,7 +145,6 @@ def build(params: Params, images: torch.Tensor, labels: torch.Tensor) -> TrainSt
         generator=generator,
         cuda_graph=params.train.cuda_graph,
         scheduler=scheduler,
-        deterministic=params.train.deterministic,
         shuffle_generator=shuffle_generator,
         rank=rank,
         world=world,
@@ -154,7 +153,7 @@ def build(params: Params, images: torch.Tensor, labels: torch.Tensor) -> TrainSt
 
 def measure_test_set(model: Net, images: torch.Tensor, labels: torch.Tensor, batch: int) -> tuple[float, float]:
     log_probs = predict_log_probs(model, images, batch)
-    loss = mean_nll(log_probs, labels, torch.are_deterministic_algorithms_enabled()).item()
+    loss = mean_nll(log_probs, labels).item()
     accuracy = (log_probs.argmax(1) == labels).float().mean().item()
     return loss, accuracy
 
@@ -220,11 +219,10 @@ def fit(params: Params) -> list[EpochResult]:
 
 
 def check_parallel(params: Params) -> None:
-    nproc = params.train.nproc
-    if nproc > 1 and params.train.cuda_graph:
+    nproc, launched_world = params.train.nproc, distributed.launched_world_size()
+    if params.train.cuda_graph and nproc > 1:
         raise UserError("train.cuda_graph cannot be combined with train.nproc > 1 (DDP's gradient hooks)")
-    launched_world = distributed.launched_world_size()  # torchrun started by hand, e.g. on several machines
-    if launched_world > 1 and params.train.cuda_graph:
+    if params.train.cuda_graph and launched_world > 1:  # torchrun started by hand, e.g. on several machines
         raise UserError(f"train.cuda_graph cannot be combined with torchrun's {launched_world} processes (DDP)")
     if params.train.batch_size % nproc:
         raise UserError(f"train.batch_size ({params.train.batch_size}) must be divisible by train.nproc ({nproc})")

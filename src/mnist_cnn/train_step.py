@@ -42,14 +42,12 @@ class TrainStep:
         generator: torch.Generator | None,
         cuda_graph: bool,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-        deterministic: bool = False,
         shuffle_generator: torch.Generator | None = None,
         rank: int = 0,
         world: int = 1,
     ) -> None:
         self.net = model  # the bare network: evaluate and save this one
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.deterministic = deterministic
         self.rank, self.world = rank, world
         self.images, self.labels = images, labels
         self.augment, self.bf16, self.batch_size = augment, bf16, batch_size
@@ -90,7 +88,7 @@ class TrainStep:
         )
         with autocast:
             log_probs = self.model(x)
-        loss = mean_nll(log_probs, self.labels[index], self.deterministic)
+        loss = mean_nll(log_probs, self.labels[index])
         self.optimizer.zero_grad(set_to_none=not self.use_graph)  # graphs need stable grad buffers
         loss.backward()
         self.optimizer.step()
@@ -138,11 +136,12 @@ class TrainStep:
         self.graph.replay()  # capture records the step without running it
 
 
-def mean_nll(log_probs: torch.Tensor, labels: torch.Tensor, deterministic: bool) -> torch.Tensor:
+def mean_nll(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """NLLLoss, mean over the batch. PyTorch documents CUDA's NLLLoss as raising under
-    deterministic algorithms; in that mode the same mean is written as a gather, which has
-    a deterministic kernel (on the CPU both are deterministic; only the last bits differ)."""
-    if deterministic:
+    deterministic algorithms (train.deterministic turns them on); in that mode the same mean
+    is written as a gather, which has a deterministic kernel (on the CPU both are
+    deterministic; only the last bits differ)."""
+    if torch.are_deterministic_algorithms_enabled():
         return -log_probs.float().gather(1, labels[:, None]).mean()
     return F.nll_loss(log_probs, labels)
 
