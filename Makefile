@@ -46,15 +46,15 @@ push: setup
 	dvc push
 
 test: setup ui-deps
-	ruff check src tests
-	ruff format --check src tests
+	ruff check src tests dev
+	ruff format --check src tests dev
 	pytest -q
 
 test-fast: setup
 	pytest -q -m "not slow and not network"
 
 lint: setup
-	ruff check src tests && ruff format --check src tests
+	ruff check src tests dev && ruff format --check src tests dev
 
 # Throughput of the report's loop vs the train stage's loop (needs the data: preprocess stage).
 bench: setup
