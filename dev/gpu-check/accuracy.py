@@ -51,8 +51,16 @@ def main() -> None:
                 sync(device)
                 times.append(time.perf_counter() - start)
             test_loss, accuracy = measure_test_set(step.model, test_images, test_labels, eval_batch)
-            row = {"config": name, "seed": seed, "acc": round(accuracy * 100, 2), "test_loss": round(test_loss, 4)}
-            rows.append(row | {"train_loss": round(loss, 4), "epoch_s": [round(t, 3) for t in times]})
+            rows.append(
+                {
+                    "config": name,
+                    "seed": seed,
+                    "acc": round(accuracy * 100, 2),
+                    "test_loss": round(test_loss, 4),
+                    "train_loss": round(loss, 4),
+                    "epoch_s": [round(t, 3) for t in times],
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     for name, _, _ in configs:
         mine = [r for r in rows if r["config"] == name]
