@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, tool_env, write_synthetic_mnist
+from helpers import REPO, tool_env, write_synthetic_mnist
 
 BENCH_ARGS = ["--device", "cpu", "--subset", "2048", "--workers", "1", "--repeats", "2"]
 

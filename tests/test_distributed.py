@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, make_pipeline_repo, run, tool_env
+from helpers import REPO, make_pipeline_repo, run, tool_env
 from mnist_cnn.config import UserError, validate
 from mnist_cnn.distributed import shard
 from mnist_cnn.train import check_parallel, steps_per_epoch

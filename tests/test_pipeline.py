@@ -18,7 +18,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import REPO, make_pipeline_repo, run
+from helpers import REPO, make_pipeline_repo, run
 
 pytestmark = pytest.mark.slow
 

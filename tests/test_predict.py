@@ -14,7 +14,7 @@ import yaml
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from scipy import ndimage
 
-from conftest import REPO, tool_env
+from helpers import REPO, tool_env
 from mnist_cnn.config import UserError, run_stage, validate
 from mnist_cnn.predict import main, read_image, to_mnist
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conftest import REPO, tool_env, write_synthetic_mnist
+from helpers import REPO, tool_env, write_synthetic_mnist
 from mnist_cnn.data import write_idx
 
 

@@ -14,7 +14,7 @@ import yaml
 from mlflow import MlflowClient
 from PIL import Image, ImageDraw
 
-from conftest import REPO
+from helpers import REPO
 from mnist_cnn import predict, registry
 from mnist_cnn.config import Params, run_stage, validate
 from mnist_cnn.model import Net

@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 from PIL import Image, ImageDraw
 
-from conftest import REPO, make_pipeline_repo, run, tool_env, write_params, write_synthetic_mnist
+from helpers import REPO, make_pipeline_repo, run, tool_env, write_params, write_synthetic_mnist
 from mnist_cnn import registry
 from mnist_cnn.config import validate
 from mnist_cnn.model import Net

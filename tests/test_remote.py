@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, run, tool_env
+from helpers import free_port, run, tool_env
 
 
 @pytest.fixture

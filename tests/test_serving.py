@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import VENV_BIN, free_port, http_server
+from helpers import VENV_BIN, free_port, http_server
 from mnist_cnn.data import load_tensors
 from mnist_cnn.model import normalize
 

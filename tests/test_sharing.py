@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import make_pipeline_repo, render_digits, run, tool_env
+from helpers import make_pipeline_repo, render_digits, run, tool_env
 
 pytestmark = pytest.mark.slow
 

@@ -14,9 +14,10 @@ import mlflow
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 from mnist_cnn import tracking
 from mnist_cnn.config import UserError, validate
+from mnist_cnn.paths import RUN_FILE
 
 
 @pytest.fixture
@@ -61,7 +62,7 @@ def test_start_run_logs_params_and_tags_and_records_id(in_tmp: Path, monkeypatch
     params = validate(yaml.safe_load((REPO / "params.yaml").read_text()))
     with tracking.start_run(params) as run:
         run_id = run.info.run_id
-    assert json.loads(tracking.RUN_FILE.read_text())["run_id"] == run_id
+    assert json.loads(RUN_FILE.read_text())["run_id"] == run_id
     logged = mlflow.get_run(run_id)
     assert logged.data.params["augment"] == "True"
     assert logged.data.params["train.lr"] == "0.001"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from conftest import VENV_BIN, free_port, http_server, make_pipeline_repo, run
+from helpers import VENV_BIN, free_port, http_server, make_pipeline_repo, run
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 from mnist_cnn.config import Params, UserError, validate
 from mnist_cnn.train import build, measure_test_set, pick_device, train_epoch
 

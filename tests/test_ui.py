@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO, VENV_BIN, free_port, http_server
+from helpers import REPO, VENV_BIN, free_port, http_server
 
 UI_DIR = REPO / "tests" / "ui"
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))

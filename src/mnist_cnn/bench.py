@@ -32,8 +32,9 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
 from mnist_cnn.config import Params, UserError, load_params, run_stage
-from mnist_cnn.data import MNIST_FILES, RAW_DIR, load_processed
+from mnist_cnn.data import MNIST_FILES, load_processed
 from mnist_cnn.model import MNIST_MEAN, MNIST_STD, Net
+from mnist_cnn.paths import RAW_DIR
 from mnist_cnn.train import build, pick_device, train_epoch
 
 WARMUP_BATCHES = 30

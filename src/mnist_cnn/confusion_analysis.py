@@ -23,10 +23,8 @@ from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 from mnist_cnn import tracking
 from mnist_cnn.config import UserError, load_params, run_stage
 from mnist_cnn.data import atomic_path, load_processed, write_json
-from mnist_cnn.evaluate import CONFUSION_PATH
-from mnist_cnn.train import HISTORY_PATH
+from mnist_cnn.paths import CONFUSION_CSV, REPORTS_DIR, TRAIN_HISTORY
 
-REPORTS = Path("reports")
 TOP_PAIRS = 10
 GALLERY = 40
 
@@ -106,25 +104,25 @@ def plot_curves(history_path: Path, path: Path) -> None:
 
 def main() -> None:
     load_params()
-    truth, predicted = read_predictions(CONFUSION_PATH)
+    truth, predicted = read_predictions(CONFUSION_CSV)
     images, _ = load_processed("test")
     if len(images) != len(truth):
-        raise UserError(f"{CONFUSION_PATH}: {len(truth)} rows but {len(images)} test images; rerun evaluate")
+        raise UserError(f"{CONFUSION_CSV}: {len(truth)} rows but {len(images)} test images; rerun evaluate")
     matrix = confusion_matrix(truth, predicted, labels=range(10))
     pairs = most_confused(matrix, TOP_PAIRS)
 
-    REPORTS.mkdir(exist_ok=True)
-    plot_confusion(matrix, REPORTS / "confusion_matrix.png")
+    REPORTS_DIR.mkdir(exist_ok=True)
+    plot_confusion(matrix, REPORTS_DIR / "confusion_matrix.png")
     lines = ["true\\predicted," + ",".join(map(str, range(10)))]
     lines += [f"{digit}," + ",".join(map(str, row)) for digit, row in enumerate(matrix)]
-    with atomic_path(REPORTS / "confusion_counts.csv") as tmp:
+    with atomic_path(REPORTS_DIR / "confusion_counts.csv") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
-    write_json(REPORTS / "confused_pairs.json", {"most_confused": pairs})
-    plot_gallery(images.squeeze(1).numpy(), truth, predicted, REPORTS / "misclassified.png")
-    plot_curves(HISTORY_PATH, REPORTS / "training_curves.png")
+    write_json(REPORTS_DIR / "confused_pairs.json", {"most_confused": pairs})
+    plot_gallery(images.squeeze(1).numpy(), truth, predicted, REPORTS_DIR / "misclassified.png")
+    plot_curves(TRAIN_HISTORY, REPORTS_DIR / "training_curves.png")
 
     with tracking.reopen_run():
-        mlflow.log_artifacts(str(REPORTS), artifact_path="reports")
+        mlflow.log_artifacts(str(REPORTS_DIR), artifact_path="reports")
     top = ", ".join(f"{p['true']}→{p['predicted']} ({p['count']})" for p in pairs[:3])
     print(f"confusion-analysis: {int((truth != predicted).sum())} errors; most confused: {top}")
 

@@ -16,9 +16,7 @@ import numpy as np
 import torch
 
 from mnist_cnn.config import UserError
-
-RAW_DIR = Path("data/raw")
-PROCESSED_DIR = Path("data/processed")
+from mnist_cnn.paths import PROCESSED_DIR
 
 # name -> SHA-256 of the uncompressed file (the files LeCun published).
 MNIST_FILES: dict[str, str] = {

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from mnist_cnn.config import DataParams, UserError, load_params, run_stage
-from mnist_cnn.data import MNIST_FILES, RAW_DIR, cannot_write
+from mnist_cnn.data import MNIST_FILES, cannot_write
+from mnist_cnn.paths import RAW_DIR
 
 CHUNK = 1 << 20
 NPM_DATA_DIR = "package/data/"

@@ -23,10 +23,8 @@ from mnist_cnn import registry, tracking
 from mnist_cnn.config import load_params, run_stage
 from mnist_cnn.data import atomic_path, load_processed, write_json
 from mnist_cnn.model import load_checkpoint, normalize, predict_log_probs
-from mnist_cnn.train import MODEL_PATH
+from mnist_cnn.paths import CONFUSION_CSV, EVAL_METRICS, MODEL_PATH
 
-METRICS_PATH = Path("metrics/eval.json")
-CONFUSION_PATH = Path("plots/confusion.csv")
 CLASSES = [str(d) for d in range(10)]
 
 
@@ -76,14 +74,14 @@ def main() -> None:
         "test_loss": F.nll_loss(log_probs, labels).item(),
         "per_class": per_class_report(truth, predicted),
     }
-    write_json(METRICS_PATH, metrics)
-    with atomic_path(CONFUSION_PATH) as tmp:
+    write_json(EVAL_METRICS, metrics)
+    with atomic_path(CONFUSION_CSV) as tmp:
         tmp.write_text("actual,predicted\n" + "".join(f"{t},{p}\n" for t, p in zip(truth, predicted, strict=True)))
 
     with tracking.reopen_run() as run:
         mlflow.log_metrics({"eval_accuracy": metrics["test_accuracy"], "eval_loss": metrics["test_loss"]})
         mlflow.log_metrics({f"eval_f1_{d}": metrics["per_class"][d]["f1-score"] for d in CLASSES})
-        mlflow.log_artifact(str(METRICS_PATH), artifact_path="metrics")
+        mlflow.log_artifact(str(EVAL_METRICS), artifact_path="metrics")
         example = normalize(images[:4]).numpy()
         version = register_model(model, example, run.info.run_id)
         promotion = registry.promote(mlflow.MlflowClient(), version, metrics["test_accuracy"], params)

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from mnist_cnn.config import load_params, run_stage
-from mnist_cnn.data import PROCESSED_DIR, RAW_DIR, load_split, save_tensors, write_json
+from mnist_cnn.data import load_split, save_tensors, write_json
+from mnist_cnn.paths import PROCESSED_DIR, RAW_DIR
 
 
 def pixel_stats(images: np.ndarray) -> tuple[float, float]:

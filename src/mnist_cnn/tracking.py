@@ -22,10 +22,10 @@ from mlflow.exceptions import MlflowException
 
 from mnist_cnn.config import Params, UserError, flat
 from mnist_cnn.data import write_json
+from mnist_cnn.paths import RUN_FILE
 
 EXPERIMENT = "mnist-cnn"
 REGISTERED_MODEL = "mnist-cnn"
-RUN_FILE = Path("models/mlflow_run.json")
 
 
 def store_root() -> Path:

@@ -15,7 +15,6 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -26,6 +25,7 @@ from mnist_cnn import distributed, tracking
 from mnist_cnn.config import Params, UserError, load_params, run_stage
 from mnist_cnn.data import atomic_path, load_processed, save_tensors, write_json
 from mnist_cnn.model import Net, predict_log_probs
+from mnist_cnn.paths import MODEL_PATH, TRAIN_HISTORY, TRAIN_METRICS
 from mnist_cnn.train_step import (
     TrainStep,
     emulated_bf16_warning,
@@ -35,10 +35,6 @@ from mnist_cnn.train_step import (
     mean_nll,
     tune_cpu_allocator,
 )
-
-MODEL_PATH = Path("models/model.pt")
-METRICS_PATH = Path("metrics/train.json")
-HISTORY_PATH = Path("plots/train_history.csv")
 
 
 @dataclass
@@ -163,7 +159,7 @@ def write_history(rows: list[EpochResult]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=list(asdict(rows[0])))
     writer.writeheader()
     writer.writerows(asdict(r) for r in rows)
-    with atomic_path(HISTORY_PATH) as tmp:
+    with atomic_path(TRAIN_HISTORY) as tmp:
         tmp.write_text(buffer.getvalue())
 
 
@@ -243,7 +239,7 @@ def main() -> None:
             last = history[-1]
             train_seconds = sum(r.seconds for r in history)
             write_json(
-                METRICS_PATH,
+                TRAIN_METRICS,
                 {
                     "train_loss": last.train_loss,
                     "test_loss": last.test_loss,
@@ -252,7 +248,7 @@ def main() -> None:
                 },
             )
             mlflow.log_metric("train_seconds", train_seconds)
-            mlflow.log_artifact(str(HISTORY_PATH), artifact_path="plots")
+            mlflow.log_artifact(str(TRAIN_HISTORY), artifact_path="plots")
 
 
 if __name__ == "__main__":

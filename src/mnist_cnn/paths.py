@@ -1,0 +1,22 @@
+"""Every file a stage reads or writes, relative to the repository (the stage's working directory).
+
+One place for them, so that stages share paths without importing each other and dvc.yaml's
+`deps`/`outs` can be checked against one list.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RAW_DIR = Path("data/raw")  # download
+PROCESSED_DIR = Path("data/processed")  # preprocess: train.pt, test.pt, stats.json
+
+MODEL_PATH = Path("models/model.pt")  # train: weights + architecture
+RUN_FILE = Path("models/mlflow_run.json")  # train: the MLflow run the later stages reopen
+TRAIN_METRICS = Path("metrics/train.json")
+TRAIN_HISTORY = Path("plots/train_history.csv")  # one row per epoch
+
+EVAL_METRICS = Path("metrics/eval.json")  # evaluate
+CONFUSION_CSV = Path("plots/confusion.csv")  # one row per test image (DVC's confusion template)
+
+REPORTS_DIR = Path("reports")  # confusion-analysis: figures and tables

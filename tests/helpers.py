@@ -1,0 +1,125 @@
+"""Test helpers (plain functions, imported as `from helpers import ...`): synthetic MNIST-format
+data, the tools' environment, real servers on free ports, throw-away pipeline repositories."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image, ImageDraw, ImageFont
+
+from mnist_cnn.data import write_idx
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def render_digits(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Digits drawn with a font, randomly shifted and noised: learnable, MNIST-shaped."""
+    rng = np.random.default_rng(seed)
+    font = ImageFont.load_default(size=22)
+    labels = rng.integers(0, 10, size=count).astype(np.uint8)
+    images = np.zeros((count, 28, 28), dtype=np.uint8)
+    for i, label in enumerate(labels):
+        canvas = Image.new("L", (28, 28), 0)
+        dx, dy = rng.integers(-3, 4, size=2)
+        ImageDraw.Draw(canvas).text((8 + dx, 2 + dy), str(label), fill=255, font=font)
+        noise = rng.integers(0, 40, size=(28, 28))
+        images[i] = np.clip(np.asarray(canvas, dtype=np.int64) + noise * (rng.random((28, 28)) < 0.1), 0, 255)
+    return images, labels
+
+
+def write_synthetic_mnist(directory: Path, n_train: int = 2000, n_test: int = 300) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for prefix, count, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        images, labels = render_digits(count, seed)
+        write_idx(directory / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte", labels)
+    return directory
+
+
+def tool_env(**extra: str) -> dict[str, str]:
+    """Environment for DVC/MLflow subprocesses: this venv first, no telemetry, no outside store."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
+    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", DVC_NO_ANALYTICS="1", **extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def http_server(
+    cmd: list[str], cwd: Path, ready_path: str, port: int, timeout: float = 120, **env: str
+) -> Iterator[str]:
+    """Start a real server (mlflow ui, mlflow models serve) on 127.0.0.1:port; yield its base URL
+    once `ready_path` answers; stop it afterwards. Its output goes to a file, never a pipe that
+    could fill up and block it."""
+    log = cwd / f"server-{port}.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(cmd, cwd=cwd, env=tool_env(**env), stdout=sink, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert process.poll() is None, f"{cmd[0]} exited:\n{log.read_text()}"
+            try:
+                with urllib.request.urlopen(base + ready_path, timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"{' '.join(cmd)} did not answer {ready_path} within {timeout} s:\n{log.read_text()}")
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(cmd, cwd=cwd, env=tool_env(**env), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def write_params(directory: Path, data_dir: Path, **overrides: object) -> None:
+    """The repo's params.yaml made offline and fed from data_dir (synthetic data: no checksums),
+    2 epochs; overrides as `section__key=value` or `key=value`."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(mirrors=[], npm_package="", source_dir=str(data_dir), verify_sha256=False)
+    params["train"].update(epochs=2, eval_batch_size=500)
+    for dotted, value in overrides.items():
+        section, _, key = dotted.rpartition("__")
+        (params[section] if section else params)[key] = value
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def make_pipeline_repo(path: Path, data_dir: Path, **overrides: object) -> Path:
+    """A fresh git + DVC repository with this project's pipeline, fed from data_dir, offline."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(REPO / name, path / name)
+    shutil.copytree(REPO / "src", path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    write_params(path, data_dir, **overrides)
+    run(["git", "init", "-q", "-b", "main"], path)
+    run(["git", "config", "user.email", "test@example.invalid"], path)
+    run(["git", "config", "user.name", "test"], path)
+    run(["dvc", "init", "-q"], path)
+    run(["git", "add", "-A"], path)
+    run(["git", "commit", "-qm", "pipeline"], path)
+    return path
