@@ -49,7 +49,7 @@ def raw_params(**train: object) -> dict:
 )
 def test_impossible_combinations_are_refused(train: dict, message: str) -> None:
     with pytest.raises(UserError, match=message):
-        check_parallel(validate(raw_params(**train)))
+        validate(raw_params(**train))
 
 
 def test_a_graph_is_refused_under_a_hand_started_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -60,6 +60,9 @@ def test_a_graph_is_refused_under_a_hand_started_torchrun(monkeypatch: pytest.Mo
     monkeypatch.setenv("WORLD_SIZE", "16")
     with pytest.raises(UserError, match=r"train\.cuda_graph cannot be combined with torchrun's 16 processes"):
         check_parallel(params)
+    monkeypatch.setenv("WORLD_SIZE", "5")
+    with pytest.raises(UserError, match=r"train\.batch_size \(64\) must be divisible by torchrun's 5 processes"):
+        check_parallel(validate(raw_params()))
 
 
 def test_nproc_must_be_positive() -> None:
@@ -72,7 +75,7 @@ def test_a_bad_nproc_stops_the_stage_before_torchrun(tmp_path: Path, synthetic_m
     cmd = ["python", "-m", "mnist_cnn.train"]
     result = subprocess.run(cmd, cwd=repo, env=tool_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: train.batch_size (64) must be divisible by train.nproc (5)"
+    assert result.stderr.strip() == "error: params.yaml: train.batch_size (64) must be divisible by train.nproc (5)"
     assert "torch.distributed.run" not in result.stdout
 
 

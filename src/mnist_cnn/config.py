@@ -8,7 +8,7 @@ halfway through training.
 from __future__ import annotations
 
 import difflib
-import math
+import reprlib
 import signal
 import sys
 from collections.abc import Callable
@@ -16,14 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class UserError(Exception):
@@ -35,27 +29,10 @@ class UserError(Exception):
 
 class _Section(BaseModel):
     # extra="forbid": an unknown key is an error, not silently ignored.
-    # strict=True: `epochs: "5"` or `augment: 1` is a type error, not coerced.
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _int_is_a_float(cls, value: Any, info: ValidationInfo) -> Any:
-        # YAML reads `lr: 1` as an int, which strict mode would reject for a float.
-        is_float = cls.model_fields[str(info.field_name)].annotation is float
-        if is_float and isinstance(value, int) and not isinstance(value, bool):
-            try:
-                return float(value)
-            except OverflowError:
-                raise ValueError("is too large for a float") from None
-        return value
-
-    @field_validator("*", mode="after")
-    @classmethod
-    def _finite(cls, value: Any) -> Any:
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
+    # strict=True: `epochs: "5"` or `augment: 1` is a type error, not coerced; a float field still
+    # takes an int (YAML reads `lr: 1` as one), and an int too large for a float is a type error.
+    # allow_inf_nan=False: `.inf` and `.nan` are not numbers a parameter can take.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class DataParams(_Section):
@@ -85,6 +62,22 @@ class TrainParams(_Section):
     nproc: int = Field(ge=1, description="data-parallel processes under torchrun (DDP); 1 = no torchrun")
     deterministic: bool = Field(description="deterministic algorithms only (matters on CUDA; CPU runs already are)")
     eval_batch_size: int = Field(ge=1, description="evaluation batch; bounds peak memory")
+
+    @model_validator(mode="after")
+    def _combinations(self) -> TrainParams:
+        # Rules across keys, reported as one line naming them (see _describe). A torchrun started
+        # by hand is checked by the train stage: it shows in the environment, not in params.
+        if self.batch_size % self.nproc:
+            raise PydanticCustomError(
+                "combination",
+                "train.batch_size ({batch_size}) must be divisible by train.nproc ({nproc})",
+                {"batch_size": self.batch_size, "nproc": self.nproc},
+            )
+        if self.cuda_graph and self.nproc > 1:
+            raise PydanticCustomError(
+                "combination", "train.cuda_graph cannot be combined with train.nproc > 1 (DDP's gradient hooks)"
+            )
+        return self
 
 
 class Params(_Section):
@@ -120,7 +113,9 @@ def _describe(error: ValidationError) -> str:
         return f"unknown key '{key}'{_did_you_mean(str(loc[-1]), _fields_at(loc))}"
     if first["type"] == "missing":
         return f"missing key '{key}'"
-    return f"'{key}': {first['msg']} (got {first.get('input')!r})"
+    if first["type"] == "combination":
+        return first["msg"]
+    return f"'{key}': {first['msg']} (got {reprlib.repr(first.get('input'))})"
 
 
 def validate(raw: Any, source: str = "params") -> Params:

@@ -116,8 +116,6 @@ def build(params: Params, images: torch.Tensor, labels: torch.Tensor) -> TrainSt
         warning = emulated_bf16_warning() if bf16 else None
         if warning and rank == 0:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
-    if params.train.batch_size % world:
-        raise UserError(f"train.batch_size ({params.train.batch_size}) must be divisible by the {world} processes")
     generator = seed_everything(params.seed, device)
     shuffle_generator = None
     if world > 1:  # the same shuffle everywhere, a different augmentation stream per rank
@@ -215,13 +213,15 @@ def fit(params: Params) -> list[EpochResult]:
 
 
 def check_parallel(params: Params) -> None:
-    nproc, launched_world = params.train.nproc, distributed.launched_world_size()
-    if params.train.cuda_graph and nproc > 1:
-        raise UserError("train.cuda_graph cannot be combined with train.nproc > 1 (DDP's gradient hooks)")
-    if params.train.cuda_graph and launched_world > 1:  # torchrun started by hand, e.g. on several machines
-        raise UserError(f"train.cuda_graph cannot be combined with torchrun's {launched_world} processes (DDP)")
-    if params.train.batch_size % nproc:
-        raise UserError(f"train.batch_size ({params.train.batch_size}) must be divisible by train.nproc ({nproc})")
+    """What params cannot know: the process count of a torchrun started by hand (several machines).
+
+    The rules between train.nproc and other keys are params' own (config.TrainParams).
+    """
+    world, batch = distributed.launched_world_size(), params.train.batch_size
+    if params.train.cuda_graph and world > 1:
+        raise UserError(f"train.cuda_graph cannot be combined with torchrun's {world} processes (DDP)")
+    if batch % world:
+        raise UserError(f"train.batch_size ({batch}) must be divisible by torchrun's {world} processes")
 
 
 def main() -> None:
