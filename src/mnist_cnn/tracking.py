@@ -7,7 +7,6 @@ evaluate and confusion-analysis reopen it, so one `dvc repro` or
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
@@ -18,6 +17,7 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 
 import mlflow
+from filelock import FileLock
 from mlflow.exceptions import MlflowException
 
 from mnist_cnn.config import Params, UserError, flat
@@ -103,8 +103,7 @@ def store_lock(uri: str) -> Iterator[None]:
     if path is None:
         yield
         return
-    with open(f"{path}.lock", "a") as lock:  # flock is released when the file is closed
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with FileLock(f"{path}.lock"):
         yield
 
 
