@@ -68,7 +68,7 @@ class Net(nn.Module):
 def _channels_last_grad(grad: torch.Tensor) -> torch.Tensor:
     # Under bf16 the feature maps are channels_last; flatten reads them in NCHW order,
     # so their gradient comes back NCHW, and max-pool's backward on a channels_last
-    # input with an NCHW gradient took ~3x as long (CPU, measured) as this one copy.
+    # input with an NCHW gradient is much slower than this one copy (docs/speed.md).
     return grad.contiguous(memory_format=torch.channels_last)
 
 

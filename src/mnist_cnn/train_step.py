@@ -6,9 +6,8 @@ runs forward, NLLLoss, backward and Adam, and adds the loss to a running sum
 on the device, so the host never waits for the GPU inside an epoch.
 
 On CUDA with `train.cuda_graph`, the whole step (augmentation included) is
-captured once and replayed: the step's ~80 operator calls (torch.profiler's count
-on the CPU with the fused Adam CUDA uses; some launch several kernels) become one graph launch,
-which is what should make batch 64 fast on a large GPU (not yet measured on one).
+captured once and replayed: the step's many small operator calls (some launch several
+kernels) become one graph launch, which is what should make batch 64 fast on a large GPU.
 Only full batches can replay the graph (its shapes are fixed); the epoch's last,
 shorter batch runs eagerly through the same model and optimizer, so no image is dropped.
 """
@@ -53,7 +52,7 @@ class TrainStep:
         self.augment, self.bf16, self.batch_size = augment, bf16, batch_size
         self.device = images.device
         # bf16 is the fast path: channels_last pays on GPUs (tensor-core convolutions) and
-        # on this CPU (oneDNN's NHWC kernels; max-pool ~15x faster than NCHW). fp32 keeps
+        # on CPUs (oneDNN's NHWC convolution and max-pool kernels; docs/speed.md). fp32 keeps
         # NCHW so that the report's model trains bit for bit as before.
         self.channels_last = bf16
         if self.channels_last:
@@ -152,8 +151,8 @@ def tune_cpu_allocator() -> None:
     Each CPU step allocates and frees a few multi-MB activations; glibc hands
     blocks that large back with munmap and page-faults fresh ones on the next
     step, which shows up as system time. Raising the mmap and trim thresholds
-    (mallopt, process-wide) made a step ~10% faster in fp32 and ~15% in bf16
-    on the 2-core CI machine. A no-op where the C library is not glibc.
+    (mallopt, process-wide) stops that (docs/speed.md has the gain). A no-op where
+    the C library is not glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -168,10 +167,8 @@ def tune_cpu_allocator() -> None:
 def emulated_bf16_warning() -> str | None:
     """A warning for bf16 on an x86 CPU without native bfloat16 instructions, else None.
 
-    oneDNN then emulates bf16. Measured on the CI machine with oneDNN limited to older
-    instruction sets (ONEDNN_MAX_CPU_ISA): bf16 trained 1.6-1.8x slower than fp32 with
-    AVX-512 (636-665 vs 1,049-1,171 img/s) and 12x slower with AVX2 (79 vs 954 img/s),
-    where natively (AVX512-BF16) it is 2.2x faster.
+    oneDNN then emulates bf16, and bf16 trains slower than fp32 instead of faster
+    (docs/speed.md has the measurements).
     """
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None  # other architectures: no check here
@@ -179,7 +176,7 @@ def emulated_bf16_warning() -> str | None:
         return None
     return (
         "train.precision bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so it is emulated"
-        " and trains 1.6-12x slower than fp32 (measured); use train.precision: fp32 here"
+        " and trains slower than fp32; use train.precision: fp32 here"
     )
 
 
