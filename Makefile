@@ -36,7 +36,7 @@ repro: setup
 	dvc repro
 
 # Restore data, processed tensors and the model from the DVC remote instead of rebuilding them
-# (README "Sharing"); the remote is checked first, so an unreachable one is named in one line.
+# (docs/operations.md, "Sharing"); the remote is checked first, so an unreachable one is named in one line.
 pull: setup
 	python -m mnist_cnn.remote
 	dvc pull
@@ -46,15 +46,15 @@ push: setup
 	dvc push
 
 test: setup ui-deps
-	ruff check src tests dev
-	ruff format --check src tests dev
+	ruff check src tests
+	ruff format --check src tests
 	pytest -q
 
 test-fast: setup
 	pytest -q -m "not slow and not network"
 
 lint: setup
-	ruff check src tests dev && ruff format --check src tests dev
+	ruff check src tests && ruff format --check src tests
 
 # Throughput of the report's loop vs the train stage's loop (needs the data: preprocess stage).
 bench: setup
