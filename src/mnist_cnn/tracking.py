@@ -7,7 +7,6 @@ evaluate and confusion-analysis reopen it, so one `dvc repro` or
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
@@ -92,20 +91,6 @@ def _check_sqlite(uri: str) -> None:
         raise UserError(f"MLflow store {uri}: cannot create {error.filename} ({error.strerror})") from None
     except sqlite3.Error as error:
         raise UserError(f"MLflow store {uri}: cannot open {path} ({error})") from None
-
-
-@contextmanager
-def store_lock(uri: str) -> Iterator[None]:
-    """Hold an exclusive lock beside a local sqlite store (<db>.lock) for a read-modify-write
-    sequence, e.g. registry.promote: parallel experiments (`dvc queue start -j N`) then promote one
-    at a time. Any other store (a tracking server) gets no lock: its clients share no file."""
-    path = _sqlite_file(uri)
-    if path is None:
-        yield
-        return
-    with open(f"{path}.lock", "a") as lock:  # flock is released when the file is closed
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def git_commit() -> str:
