@@ -289,7 +289,8 @@ def promote_all_at_once(url: str, name: str, versions: list[registry.Candidate],
 
 def test_many_concurrent_promotions_against_a_server_end_at_the_rules_choice(tmp_path: Path) -> None:
     """Rounds of 10 promotions, all at once, in shuffled order, through a real `mlflow server` (one
-    process; requests are served in threads, so they reach the database concurrently): the final champion and every gate tag are always the fold of the final versions."""
+    process; it serves requests in threads, so they reach the database concurrently): the final
+    champion and every gate tag are always the fold of the final versions."""
     port = free_port()
     cmd = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     cmd += ["--backend-store-uri", f"sqlite:///{tmp_path / 'team.db'}", "--artifacts-destination", str(tmp_path / "a")]
