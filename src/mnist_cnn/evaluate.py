@@ -84,7 +84,9 @@ def main() -> None:
         mlflow.log_artifact(str(EVAL_METRICS), artifact_path="metrics")
         example = normalize(images[:4]).numpy()
         version = register_model(model, example, run.info.run_id)
-        promotion = registry.promote(mlflow.MlflowClient(), version, metrics["test_accuracy"], params)
+        promotion = registry.promote(
+            mlflow.MlflowClient(), version, {"test_accuracy": metrics["test_accuracy"]}, params
+        )
     print(
         f"evaluate: test accuracy {metrics['test_accuracy']:.2%}, loss {metrics['test_loss']:.4f}; "
         f"registered {tracking.REGISTERED_MODEL} version {version}"

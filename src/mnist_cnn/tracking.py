@@ -17,7 +17,6 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 
 import mlflow
-from filelock import FileLock
 from mlflow.exceptions import MlflowException
 
 from mnist_cnn.config import Params, UserError, flat
@@ -92,19 +91,6 @@ def _check_sqlite(uri: str) -> None:
         raise UserError(f"MLflow store {uri}: cannot create {error.filename} ({error.strerror})") from None
     except sqlite3.Error as error:
         raise UserError(f"MLflow store {uri}: cannot open {path} ({error})") from None
-
-
-@contextmanager
-def store_lock(uri: str) -> Iterator[None]:
-    """Hold an exclusive lock beside a local sqlite store (<db>.lock) for a read-modify-write
-    sequence, e.g. registry.promote: parallel experiments (`dvc queue start -j N`) then promote one
-    at a time. Any other store (a tracking server) gets no lock: its clients share no file."""
-    path = _sqlite_file(uri)
-    if path is None:
-        yield
-        return
-    with FileLock(f"{path}.lock"):
-        yield
 
 
 def git_commit() -> str:
