@@ -28,12 +28,13 @@ from mnist_cnn.model import load_checkpoint, normalize, predict_log_probs
 from mnist_cnn.paths import CONFUSION_CSV, DVC_LOCK, EVAL_METRICS, MODEL_PATH
 
 
-def register_model(model: torch.nn.Module, example: np.ndarray, run_id: str) -> str:
-    """Log the model to the run and register it, unless this run already has a version."""
+def register_model(model: torch.nn.Module, example: np.ndarray, run_id: str) -> tuple[str, str | None]:
+    """Log the model to the run and register it, unless this run already has a version.
+    Returns (registered version, MLflow 3 logged-model id)."""
     client = mlflow.MlflowClient()
     existing = client.search_model_versions(f"name='{tracking.REGISTERED_MODEL}' and run_id='{run_id}'")
     if existing:
-        return existing[0].version
+        return existing[0].version, existing[0].model_id
     model = model.cpu()
     with torch.no_grad():
         signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
@@ -47,8 +48,11 @@ def register_model(model: torch.nn.Module, example: np.ndarray, run_id: str) -> 
         code_paths=[str(Path(mnist_cnn.__file__).parent)],
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"],
         registered_model_name=tracking.REGISTERED_MODEL,
+        # log_model copies the run's metrics of its step to the model; at step -1 there are none,
+        # so the model carries the test metrics linked below, not the system or per-epoch ones.
+        step=-1,
     )
-    return str(info.registered_model_version)
+    return str(info.registered_model_version), info.model_id
 
 
 def main() -> None:
@@ -71,17 +75,17 @@ def main() -> None:
     with tracking.reopen_run() as run:
         test_set = lineage.dataset(params, "test", images.numpy(), truth)
         mlflow.log_input(test_set, context="evaluation")
-        # Linked to the test set; log_model below copies them, link included, to the logged model.
-        eval_metrics = {"eval_accuracy": metrics["test_accuracy"], "eval_loss": metrics["test_loss"]}
-        eval_metrics["eval_macro_f1"] = metrics["macro_f1"]
-        per_class_f1 = f1_score(truth, predicted, labels=range(10), average=None, zero_division=0)
-        eval_metrics |= {f"eval_f1_{digit}": float(f1) for digit, f1 in enumerate(per_class_f1)}
-        mlflow.log_metrics(eval_metrics, dataset=test_set)
         mlflow.log_artifact(str(EVAL_METRICS), artifact_path="metrics")
         if DVC_LOCK.exists():  # the hashes of the data, code and params this run was made from
             mlflow.log_artifact(str(DVC_LOCK))
         example = normalize(images[:4]).numpy()
-        version = register_model(model, example, run.info.run_id)
+        version, model_id = register_model(model, example, run.info.run_id)
+        eval_metrics = {"eval_accuracy": metrics["test_accuracy"], "eval_loss": metrics["test_loss"]}
+        eval_metrics["eval_macro_f1"] = metrics["macro_f1"]
+        per_class_f1 = f1_score(truth, predicted, labels=range(10), average=None, zero_division=0)
+        eval_metrics |= {f"eval_f1_{digit}": float(f1) for digit, f1 in enumerate(per_class_f1)}
+        # On the run and on the logged model, each linked to the test set (MLflow 3's metric lineage).
+        mlflow.log_metrics(eval_metrics, dataset=test_set, model_id=model_id)
         promotion = registry.promote(mlflow.MlflowClient(), version, metrics["test_accuracy"], params)
     print(
         f"evaluate: test accuracy {metrics['test_accuracy']:.2%}, loss {metrics['test_loss']:.4f}; "
