@@ -35,7 +35,7 @@ def test_runs_name_their_datasets_with_dvc_hash(pipeline: Path, client: MlflowCl
     assert digest.endswith(".dir")  # DVC's hash of a directory
     experiment = client.get_experiment_by_name("mnist-cnn")
     runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 3
+    assert len(runs) >= 2
     for r in runs:
         inputs = {i.tags[0].value: i.dataset for i in r.inputs.dataset_inputs if i.tags}
         assert set(inputs) == {"training", "evaluation"}, r.inputs.dataset_inputs
