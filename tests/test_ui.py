@@ -84,7 +84,7 @@ def test_ui_shows_run_metrics_and_registered_model(
             **os.environ,
             "CHROMIUM": str(CHROMIUM),
             "DATASET_DIGEST": digest.pop(),
-            "LOGGED_MODEL_ID": champion.model_id or "",
+            "LOGGED_MODEL_ID": client.get_run(champion.run_id).outputs.model_outputs[0].model_id,
         },
         capture_output=True,
         text=True,

@@ -33,8 +33,9 @@ def register_model(model: torch.nn.Module, example: np.ndarray, run_id: str) -> 
     Returns (registered version, MLflow 3 logged-model id)."""
     client = mlflow.MlflowClient()
     existing = client.search_model_versions(f"name='{tracking.REGISTERED_MODEL}' and run_id='{run_id}'")
-    if existing:
-        return existing[0].version, existing[0].model_id
+    if existing:  # evaluate rerun on the same run: the model it logged then
+        outputs = client.get_run(run_id).outputs
+        return existing[0].version, next((o.model_id for o in outputs.model_outputs), None) if outputs else None
     model = model.cpu()
     with torch.no_grad():
         signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
