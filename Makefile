@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup ui-deps repro pull push test test-fast lint bench ablation ui serve clean
+.PHONY: setup lock ui-deps repro pull push test test-fast lint bench ablation ui serve clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,11 @@ $(STAMP):
 	# Exact pins; torch 2.14.1 + torchvision 0.29.1 never float to a newer release.
 	$(PYTHON) -m pip install --quiet -c requirements.lock -e ".[dev]"
 	rm -f $(VENV)/.installed-* && touch $@
+
+# requirements.lock from pyproject.toml: pip resolves (dry run, nothing installed), constrained by the
+# current pins; UPGRADE=name,... lets those float to the newest allowed (docs/development.md).
+lock: setup
+	python dev/lock.py
 
 # tests/test_ui.py drives /usr/bin/chromium (apt; .ci/run installs it) with playwright-core from npm,
 # pinned exactly in tests/ui/package.json; no lockfile is written (it would record the registry host).
@@ -46,15 +51,15 @@ push: setup
 	dvc push
 
 test: setup ui-deps
-	ruff check src tests
-	ruff format --check src tests
+	ruff check src tests dev
+	ruff format --check src tests dev
 	pytest -q
 
 test-fast: setup
 	pytest -q -m "not slow and not network"
 
 lint: setup
-	ruff check src tests && ruff format --check src tests
+	ruff check src tests && ruff format --check src tests dev
 
 # Throughput of the report's loop vs the train stage's loop (needs the data: preprocess stage).
 bench: setup
@@ -74,8 +79,10 @@ ablation: setup
 	while dvc queue status | grep -qE 'Queued|Running'; do sleep 15; done
 	python -m mnist_cnn.ablation
 
-# The MLflow UI over this checkout's store, on loopback only.
+# The MLflow UI over this checkout's store, on loopback only; it prints the experiment's URL in the
+# training view (MLflow 3 otherwise opens on its GenAI view).
 ui: setup
+	@env -u MLFLOW_TRACKING_URI python -c "from mnist_cnn import tracking; print('open', tracking.ui_url('http://127.0.0.1:5000'))"
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1 --port 5000
 
 # The registry's champion behind MLflow's REST scoring server (/invocations), loopback only.

@@ -1,10 +1,10 @@
-"""Per-class metrics from scikit-learn, in the shape eval.json stores."""
+"""Per-class metrics from scikit-learn, in the shape reports/classification_report.json stores."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from mnist_cnn.evaluate import per_class_report
+from mnist_cnn.confusion_analysis import per_class_report
 
 
 def test_perfect_predictions() -> None:

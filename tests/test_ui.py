@@ -1,9 +1,10 @@
 """The MLflow UI, in a real headless Chromium, shows the pipeline's runs and registered model.
 
 `mlflow ui` serves the `pipeline` fixture's store on a free loopback port; tests/ui/check_ui.mjs
-(playwright-core driving Debian's /usr/bin/chromium) opens the champion's run page, its
-model-metrics tab and the registered model's page, checks the texts there and saves one
-screenshot per page. Chromium comes from `.ci/run` (apt-get); playwright-core from `make test`
+(playwright-core driving Debian's /usr/bin/chromium) opens the champion's run page (metrics,
+dataset inputs with their digest), its model-metrics and system-metrics tabs, its logged model,
+the registered model's page and the experiment's training view, checks the texts there and saves
+one screenshot per page. Chromium comes from `.ci/run` (apt-get); playwright-core from `make test`
 (npm, exact pin in tests/ui/package.json, no lockfile), or from this module when it is missing.
 """
 
@@ -70,13 +71,21 @@ def test_ui_shows_run_metrics_and_registered_model(
     run_ids = {r.info.run_id for r in client.search_runs([experiment.experiment_id])}
     assert champion.run_id in run_ids, (champion.run_id, run_ids)
 
+    digest = {i.dataset.digest for r in client.search_runs([experiment.experiment_id]) for i in r.inputs.dataset_inputs}
+    assert len(digest) == 1, digest  # one data/processed for every run
+
     out = tmp_path / "screenshots"
     args = [ui, experiment.experiment_id, champion.run_id, str(out), "mnist-cnn", str(champion.version)]
     args += [f"{alias}={version}" for alias, version in sorted(aliases.items())]
     result = subprocess.run(
         [node, str(UI_DIR / "check_ui.mjs"), *args],
         cwd=UI_DIR,
-        env={**os.environ, "CHROMIUM": str(CHROMIUM)},
+        env={
+            **os.environ,
+            "CHROMIUM": str(CHROMIUM),
+            "DATASET_DIGEST": digest.pop(),
+            "LOGGED_MODEL_ID": client.get_run(champion.run_id).outputs.model_outputs[0].model_id,
+        },
         capture_output=True,
         text=True,
         timeout=180,
@@ -88,6 +97,14 @@ def test_ui_shows_run_metrics_and_registered_model(
     with capsys.disabled():
         print(f"\nUI screenshots: {', '.join(str(SCREENSHOTS / s.name) for s in shots)}")
     assert result.returncode == 0, f"UI check failed:\n{result.stdout}\n{result.stderr}"
-    assert [s.name for s in shots] == ["registered-model.png", "run-model-metrics.png", "run-overview.png"]
+    assert [s.name for s in shots] == [
+        "logged-model.png",
+        "registered-model.png",
+        "run-inputs.png",
+        "run-model-metrics.png",
+        "run-overview.png",
+        "run-system-metrics.png",
+        "runs-table.png",
+    ]
     for shot in shots:
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000, shot

@@ -2,9 +2,10 @@
 
 Reads plots/confusion.csv (evaluate's per-image predictions, in test-set order),
 the test images and plots/train_history.csv. Writes to reports/:
+classification_report.json (per-class precision/recall/F1, scikit-learn's),
 confusion_matrix.png, confusion_counts.csv, confused_pairs.json,
 misclassified.png and training_curves.png, and logs them all to the
-pipeline's MLflow run.
+pipeline's MLflow run (artifacts, not DVC metrics: DVC shows the headline ones).
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
-from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
+from sklearn.metrics import ConfusionMatrixDisplay, classification_report, confusion_matrix
 
 from mnist_cnn import tracking
 from mnist_cnn.config import UserError, load_params, run_stage
 from mnist_cnn.data import atomic_path, load_processed, write_json
-from mnist_cnn.paths import CONFUSION_CSV, REPORTS_DIR, TRAIN_HISTORY
+from mnist_cnn.paths import CLASSIFICATION_REPORT, CONFUSION_CSV, REPORTS_DIR, TRAIN_HISTORY
 
 TOP_PAIRS = 10
 GALLERY = 40
+CLASSES = [str(d) for d in range(10)]
 
 
 def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -35,6 +37,17 @@ def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except (OSError, ValueError) as error:
         raise UserError(f"{path}: unreadable ({error}); run the evaluate stage first") from None
     return rows[:, 0], rows[:, 1]
+
+
+def per_class_report(labels: np.ndarray, predicted: np.ndarray) -> dict[str, dict[str, float]]:
+    """Precision, recall, F1 and support of every digit (absent ones too) and their averages."""
+    report = classification_report(
+        labels, predicted, labels=range(10), target_names=CLASSES, output_dict=True, zero_division=0
+    )
+    return {
+        name: {k: round(float(v), 6) for k, v in report[name].items()}
+        for name in [*CLASSES, "macro avg", "weighted avg"]
+    }
 
 
 def most_confused(matrix: np.ndarray, top: int) -> list[dict[str, int | float]]:
@@ -112,6 +125,7 @@ def main() -> None:
     pairs = most_confused(matrix, TOP_PAIRS)
 
     REPORTS_DIR.mkdir(exist_ok=True)
+    write_json(CLASSIFICATION_REPORT, per_class_report(truth, predicted))
     plot_confusion(matrix, REPORTS_DIR / "confusion_matrix.png")
     lines = ["true\\predicted," + ",".join(map(str, range(10)))]
     lines += [f"{digit}," + ",".join(map(str, row)) for digit, row in enumerate(matrix)]

@@ -1,10 +1,12 @@
-"""Stage 4, evaluate: test metrics, per-class report, and the model in the registry.
+"""Stage 4, evaluate: test metrics and the model in the registry.
 
-Outputs: metrics/eval.json (accuracy, loss, per-class precision/recall/F1) and
-plots/confusion.csv (one row per test image, for DVC's confusion template).
-Logs the metrics and the model (pytorch flavour, with signature and input
-example) to the pipeline's MLflow run and registers it as `mnist-cnn`, one
-version per trained model, then moves the registry's aliases (registry.promote).
+Outputs: metrics/eval.json (flat: test_accuracy, test_loss, macro_f1) and
+plots/confusion.csv (one row per test image, for DVC's confusion template; the
+confusion-analysis stage turns it into the per-class report). Logs the test set
+as the run's evaluation dataset, the metrics linked to it, dvc.lock, and the
+model (pytorch flavour, with signature and input example) to the pipeline's
+MLflow run and registers it as `mnist-cnn`, one version per trained model,
+then moves the registry's aliases (registry.promote).
 """
 
 from __future__ import annotations
@@ -16,34 +18,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from mlflow.models import infer_signature
-from sklearn.metrics import accuracy_score, classification_report
+from sklearn.metrics import accuracy_score, f1_score
 
 import mnist_cnn
-from mnist_cnn import registry, tracking
+from mnist_cnn import lineage, registry, tracking
 from mnist_cnn.config import load_params, run_stage
 from mnist_cnn.data import atomic_path, load_processed, write_json
 from mnist_cnn.model import load_checkpoint, normalize, predict_log_probs
-from mnist_cnn.paths import CONFUSION_CSV, EVAL_METRICS, MODEL_PATH
-
-CLASSES = [str(d) for d in range(10)]
+from mnist_cnn.paths import CONFUSION_CSV, DVC_LOCK, EVAL_METRICS, MODEL_PATH
 
 
-def per_class_report(labels: np.ndarray, predicted: np.ndarray) -> dict[str, dict[str, float]]:
-    report = classification_report(
-        labels, predicted, labels=range(10), target_names=CLASSES, output_dict=True, zero_division=0
-    )
-    return {
-        name: {k: round(float(v), 6) for k, v in report[name].items()}
-        for name in [*CLASSES, "macro avg", "weighted avg"]
-    }
-
-
-def register_model(model: torch.nn.Module, example: np.ndarray, run_id: str) -> str:
-    """Log the model to the run and register it, unless this run already has a version."""
+def register_model(model: torch.nn.Module, example: np.ndarray, run_id: str) -> tuple[str, str | None]:
+    """Log the model to the run and register it, unless this run already has a version.
+    Returns (registered version, MLflow 3 logged-model id)."""
     client = mlflow.MlflowClient()
     existing = client.search_model_versions(f"name='{tracking.REGISTERED_MODEL}' and run_id='{run_id}'")
-    if existing:
-        return existing[0].version
+    if existing:  # evaluate rerun on the same run: the model it logged then
+        outputs = client.get_run(run_id).outputs
+        return existing[0].version, next((o.model_id for o in outputs.model_outputs), None) if outputs else None
     model = model.cpu()
     with torch.no_grad():
         signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
@@ -57,8 +49,11 @@ def register_model(model: torch.nn.Module, example: np.ndarray, run_id: str) -> 
         code_paths=[str(Path(mnist_cnn.__file__).parent)],
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"],
         registered_model_name=tracking.REGISTERED_MODEL,
+        # log_model copies the run's metrics of its step to the model; at step -1 there are none,
+        # so the model carries the test metrics linked below, not the system or per-epoch ones.
+        step=-1,
     )
-    return str(info.registered_model_version)
+    return str(info.registered_model_version), info.model_id
 
 
 def main() -> None:
@@ -72,20 +67,32 @@ def main() -> None:
     metrics = {
         "test_accuracy": float(accuracy_score(truth, predicted)),
         "test_loss": F.nll_loss(log_probs, labels).item(),
-        "per_class": per_class_report(truth, predicted),
+        "macro_f1": float(f1_score(truth, predicted, labels=range(10), average="macro", zero_division=0)),
     }
     write_json(EVAL_METRICS, metrics)
     with atomic_path(CONFUSION_CSV) as tmp:
         tmp.write_text("actual,predicted\n" + "".join(f"{t},{p}\n" for t, p in zip(truth, predicted, strict=True)))
 
     with tracking.reopen_run() as run:
-        mlflow.log_metrics({"eval_accuracy": metrics["test_accuracy"], "eval_loss": metrics["test_loss"]})
-        mlflow.log_metrics({f"eval_f1_{d}": metrics["per_class"][d]["f1-score"] for d in CLASSES})
+        test_set = lineage.dataset(params, "test", images.numpy(), truth)
+        mlflow.log_input(test_set, context="evaluation")
         mlflow.log_artifact(str(EVAL_METRICS), artifact_path="metrics")
+        if DVC_LOCK.exists():  # the hashes of the data, code and params this run was made from
+            mlflow.log_artifact(str(DVC_LOCK))
         example = normalize(images[:4]).numpy()
-        version = register_model(model, example, run.info.run_id)
+        version, model_id = register_model(model, example, run.info.run_id)
+        eval_metrics = {"eval_accuracy": metrics["test_accuracy"], "eval_loss": metrics["test_loss"]}
+        eval_metrics["eval_macro_f1"] = metrics["macro_f1"]
+        per_class_f1 = f1_score(truth, predicted, labels=range(10), average=None, zero_division=0)
+        eval_metrics |= {f"eval_f1_{digit}": float(f1) for digit, f1 in enumerate(per_class_f1)}
+        # On the run and on the logged model, each linked to the test set (MLflow 3's metric lineage).
+        mlflow.log_metrics(eval_metrics, dataset=test_set, model_id=model_id)
         promotion = registry.promote(
-            mlflow.MlflowClient(), version, {"test_accuracy": metrics["test_accuracy"]}, params
+            mlflow.MlflowClient(),
+            version,
+            {"test_accuracy": metrics["test_accuracy"]},
+            params,
+            data_digest=lineage.data_digest(),
         )
     print(
         f"evaluate: test accuracy {metrics['test_accuracy']:.2%}, loss {metrics['test_loss']:.4f}; "

@@ -20,3 +20,6 @@ EVAL_METRICS = Path("metrics/eval.json")  # evaluate
 CONFUSION_CSV = Path("plots/confusion.csv")  # one row per test image (DVC's confusion template)
 
 REPORTS_DIR = Path("reports")  # confusion-analysis: figures and tables
+CLASSIFICATION_REPORT = REPORTS_DIR / "classification_report.json"  # per-class precision/recall/F1
+
+DVC_LOCK = Path("dvc.lock")  # DVC's record of every stage's hashes (lineage reads it; evaluate logs it)

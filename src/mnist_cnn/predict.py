@@ -194,5 +194,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name}: {digit} ({probability:.1%})")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `mnist-cnn-predict` console script: the same as `python -m mnist_cnn.predict`."""
     run_stage(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -5,6 +5,9 @@
 // <run-version>: the version of <model> registered from <run-id> ("" = none); each <alias>=<version>
 // must show on that version's row of the model page.
 //
+// Optional env: DATASET_DIGEST (the runs' dataset digest, checked on the run page's Inputs) and
+// LOGGED_MODEL_ID (the run's MLflow 3 logged model, whose page must list the test metrics).
+//
 // Exits 0 when every check passed, 1 with "FAIL: ..." lines on stderr otherwise, and writes
 // one PNG screenshot per page into <out-dir> either way (taken after the checks, so a failing
 // page is captured as it was).
@@ -22,6 +25,8 @@ const aliases = aliasArgs.map((arg) => arg.split("="));
 const executablePath = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const timeout = Number(process.env.UI_TIMEOUT_MS ?? 20000);
 const metrics = ["train_loss", "test_loss", "test_accuracy"];
+const digest = process.env.DATASET_DIGEST ?? "";
+const loggedModelId = process.env.LOGGED_MODEL_ID ?? "";
 const failures = [];
 mkdirSync(outDir, { recursive: true });
 
@@ -89,6 +94,38 @@ try {
     if (modelVersion) {
       await expectVisible(page, page.getByText(`v${modelVersion}`, { exact: true }), `run overview shows ${model} v${modelVersion}`);
     }
+  });
+  // Inputs: the datasets the run trained and was tested on, each with its DVC digest. The overview
+  // lists them by name; clicking one opens its details (digest, source, schema).
+  if (digest) {
+    await visit(page, run, "run-inputs", async () => {
+      for (const name of ["mnist-train", "mnist-test"]) {
+        await expectVisible(page, page.getByText(name).filter({ visible: true }), `run overview lists dataset ${name}`);
+      }
+      await page.getByText("mnist-test").filter({ visible: true }).first().click({ timeout }).catch(() => {});
+      await expectVisible(page, page.getByText(digest.slice(0, 8)), `dataset details show digest ${digest}`);
+    });
+  }
+  // System metrics tab: charts of CPU and memory sampled during training.
+  await visit(page, `${run}/system-metrics`, "run-system-metrics", async () => {
+    for (const name of ["system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"]) {
+      const title = page.getByText(new RegExp(`^(system/)?${name.replace("system/", "")}$`));
+      await expectVisible(page, title, `system-metrics tab shows chart ${name}`);
+    }
+    await expectVisible(page, page.locator("canvas, svg.main-svg, .js-plotly-plot"), "system-metrics tab draws charts");
+  });
+  // The logged model's page (MLflow 3): its metrics, measured on the test set.
+  if (loggedModelId) {
+    await visit(page, `/experiments/${experimentId}/models/${loggedModelId}`, "logged-model", async () => {
+      await expectVisible(page, page.getByText("eval_accuracy", { exact: true }), "logged model page lists eval_accuracy");
+      await expectVisible(page, page.getByText("mnist-test").filter({ visible: true }), "logged model metrics name the test set");
+    });
+  }
+  // The experiment in the training view, as `make ui` opens it.
+  await visit(page, `/experiments/${experimentId}?workflowType=machine_learning`, "runs-table", async () => {
+    await expectVisible(page, page.getByText("Run Name").filter({ visible: true }), "training view shows the runs table");
+    const shown = await page.getByText("test_accuracy").filter({ visible: true }).count();
+    console.log(`note: test_accuracy column ${shown ? "shown" : "not shown"} by default`);
   });
   // Model metrics tab: one chart per metric, titled with its name. Charts below the fold are not
   // rendered, so filter them with the tab's own search box (a regular expression) to the three.
