@@ -59,7 +59,7 @@ test-fast: setup
 	pytest -q -m "not slow and not network"
 
 lint: setup
-	ruff check src tests && ruff format --check src tests dev
+	ruff check src tests dev && ruff format --check src tests dev
 
 # Throughput of the report's loop vs the train stage's loop (needs the data: preprocess stage).
 bench: setup
