@@ -18,5 +18,6 @@ TRAIN_HISTORY = Path("plots/train_history.csv")  # one row per epoch
 
 EVAL_METRICS = Path("metrics/eval.json")  # evaluate
 CONFUSION_CSV = Path("plots/confusion.csv")  # one row per test image (DVC's confusion template)
+REFUSAL_STATS = Path("models/refusal.pt")  # evaluate: the "not a digit" statistics (mnist_cnn.refusal)
 
 REPORTS_DIR = Path("reports")  # confusion-analysis: figures and tables
