@@ -6,7 +6,8 @@ Fits the refusal statistics from the training set (or, without --fit, reads mode
 beside the checkpoint), then prints: ECE before/after the temperature on the MNIST test set, the
 false-refusal rate on the test set and on the OOD handwriting set (mnist_cnn.ood when present,
 else an approximation: scikit-learn's load_digits drawn dark on white at 64 px, through predict's
-preprocessing), and the refusal rate on each kind of generated non-digit (mnist_cnn.nondigits).
+preprocessing), the refusal rate on each kind of generated non-digit (mnist_cnn.nondigits), and on
+raw 28x28 uniform noise as the served model could be sent it (no preprocessing).
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ def main() -> None:
     for kind in nondigits.KINDS:
         fields, blank = nondigits.prepared(kind, 1000, seed=1)
         result[f"refused_{kind}"] = (blank + refusal.refused_fraction(net, stats, fields) * len(fields)) / 1000
+    # What the served model may be sent: raw uniform noise, normalised, with no preprocessing at all.
+    raw = torch.randint(0, 256, (1000, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    result["refused_raw_noise"] = refusal.refused_fraction(net, stats, raw.numpy())
     print(json.dumps(result, indent=1))
 
 
