@@ -92,6 +92,11 @@ def answer(net: Net, stats: dict[str, torch.Tensor], x: torch.Tensor) -> Answers
     """(digits (N,), calibrated probabilities (N,), reasons) for normalised images (N, 1, 28, 28);
     a refused image has digit -1, probability 0 and a reason, the others reason None."""
     features, log_probs = features_and_log_probs(net, x)
+    return decide(stats, x, features, log_probs)
+
+
+def decide(stats: dict[str, torch.Tensor], x: torch.Tensor, features: torch.Tensor, log_probs: torch.Tensor) -> Answers:
+    """answer() for a forward pass already made."""
     probabilities, digits = torch.softmax(log_probs / stats["temperature"], dim=1).max(dim=1)
     distance = distances(features, stats)
     span = (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3))) * MNIST_STD
@@ -124,9 +129,9 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bi
 def report(net: Net, stats: dict[str, torch.Tensor], images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """ECE before/after the temperature and the false-refusal rate on labelled uint8 images (N, 1, 28, 28)."""
     x = normalize(images)
-    _, log_probs = features_and_log_probs(net, x)
+    features, log_probs = features_and_log_probs(net, x)
     truth = labels.numpy()
-    digits, _, _ = answer(net, stats, x)
+    digits, _, _ = decide(stats, x, features, log_probs)
     return {
         "ece_uncalibrated": expected_calibration_error(log_probs.exp().numpy(), truth),
         "ece": expected_calibration_error(torch.softmax(log_probs / stats["temperature"], 1).numpy(), truth),
