@@ -20,8 +20,9 @@ from mlflow import MlflowClient
 from PIL import Image, ImageDraw
 
 from helpers import REPO, VENV_BIN, free_port, http_server
-from mnist_cnn import predict, registry
+from mnist_cnn import predict, refusal, registry
 from mnist_cnn.config import Params, run_stage, validate
+from mnist_cnn.data import save_tensors
 from mnist_cnn.model import Net
 
 CLEAN, OOD, ROBUST = registry.GATE_METRICS
@@ -323,9 +324,11 @@ def test_predict_loads_the_champion_evaluate_registered(
     net = Net().eval()
     checkpoint = tmp_path / "model.pt"
     torch.save({"state_dict": net.state_dict()}, checkpoint)
+    stats = refusal.fit(net, torch.randint(0, 256, (100, 1, 28, 28), dtype=torch.uint8), torch.arange(100) % 10, 0)
+    save_tensors(tmp_path / "refusal.pt", stats)  # beside the checkpoint, as evaluate leaves it
     example = np.zeros((2, 1, 28, 28), dtype=np.float32)
     with mlflow.start_run(experiment_id=client.get_experiment_by_name(EXPERIMENT).experiment_id) as run:
-        version = register_model(net, example, run.info.run_id)
+        version, _ = register_model(net, stats, example, run.info.run_id)
     promotion = registry.promote(client, version, metrics(0.5), make_params())  # the default name: mnist-cnn
     assert promotion.champion_moved and aliases(client, "mnist-cnn") == {"champion": "1", "challenger": "1"}
 

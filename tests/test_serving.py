@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from helpers import VENV_BIN, free_port, http_server
+from mnist_cnn import refusal
 from mnist_cnn.data import load_tensors
 from mnist_cnn.model import normalize
 
@@ -44,13 +45,24 @@ def test_served_answers_match_the_model(pipeline: Path, server: str) -> None:
     images = normalize(test["images"][:32].unsqueeze(1)).numpy()
     status, body = post(f"{server}/invocations", json.dumps({"inputs": images.tolist()}).encode())
     assert status == 200, body
-    served = np.asarray(body["predictions"])
-    assert served.shape == (32, 10)
+    served = body["predictions"]
+    assert len(served) == 32 and set(served[0]) == {"digit", "probability", "reason"}
     mlflow.set_tracking_uri(f"sqlite:///{pipeline / 'mlruns' / 'mlflow.db'}")
     local = mlflow.pyfunc.load_model("models:/mnist-cnn/1").predict(images)
-    np.testing.assert_allclose(served, local, rtol=1e-4, atol=1e-4)
-    accuracy = (served.argmax(1) == test["labels"][:32].numpy()).mean()
-    assert accuracy > 0.5  # synthetic digits; chance is 0.1
+    assert [s["digit"] for s in served] == local["digit"].tolist()
+    np.testing.assert_allclose([s["probability"] for s in served], local["probability"], rtol=1e-4, atol=1e-4)
+    accuracy = (local["digit"].to_numpy() == test["labels"][:32].numpy()).mean()
+    assert accuracy > 0.5  # synthetic digits; chance is 0.1 (a refused digit counts as wrong)
+
+
+def test_noise_and_a_blank_input_are_refused(server: str) -> None:
+    noise = torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 255
+    inputs = torch.cat([normalize(noise), normalize(torch.zeros(1, 1, 28, 28))]).numpy()
+    status, body = post(f"{server}/invocations", json.dumps({"inputs": inputs.tolist()}).encode())
+    assert status == 200, body
+    noise_answer, blank_answer = body["predictions"]
+    assert noise_answer["digit"] == -1 and noise_answer["reason"].startswith("not a digit"), noise_answer
+    assert blank_answer == {"digit": -1, "probability": 0.0, "reason": refusal.BLANK}
 
 
 def test_malformed_payload_is_a_4xx_and_server_keeps_serving(server: str) -> None:

@@ -18,6 +18,7 @@ TRAIN_HISTORY = Path("plots/train_history.csv")  # one row per epoch
 
 EVAL_METRICS = Path("metrics/eval.json")  # evaluate
 CONFUSION_CSV = Path("plots/confusion.csv")  # one row per test image (DVC's confusion template)
+REFUSAL_STATS = Path("models/refusal.pt")  # evaluate: the "not a digit" statistics (mnist_cnn.refusal)
 
 REPORTS_DIR = Path("reports")  # confusion-analysis: figures and tables
 CLASSIFICATION_REPORT = REPORTS_DIR / "classification_report.json"  # per-class precision/recall/F1

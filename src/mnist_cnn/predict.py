@@ -7,8 +7,12 @@ reads one image from stdin. Each is turned into what MNIST looks like: greyscale
 light ink on black, cropped to the ink, scaled to fit 20x20 (aspect kept),
 placed on 28x28 with its centre of mass at the centre. `--show-input` writes that
 28x28 picture per file, so a surprising answer can be seen for what it was.
+A picture that is not a digit (noise, a blank page, a solid shape, a letter) is
+refused: `refused: <reason>`, in JSON `"digit": null` with a `reason` (see
+mnist_cnn.refusal); the other pictures of the call are still answered.
 --model is a registry URI (default models:/mnist-cnn@champion, from
-MLFLOW_TRACKING_URI or this checkout's store) or a path to models/model.pt.
+MLFLOW_TRACKING_URI or this checkout's store) or a path to models/model.pt (whose
+refusal statistics, models/refusal.pt from evaluate, are read from beside it).
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
+from mnist_cnn import refusal
 from mnist_cnn.config import UserError, run_stage
+from mnist_cnn.data import load_tensors
 from mnist_cnn.model import load_checkpoint, normalize
+from mnist_cnn.paths import REFUSAL_STATS
 
 DEFAULT_MODEL = "models:/mnist-cnn@champion"
 FIT = 20  # MNIST: the digit's bounding box fits 20x20 ...
@@ -37,7 +44,11 @@ MIN_CONTRAST = 32  # ink must differ from the background by this many grey level
 MIN_STROKE = 2.5  # px at the 20 px scale; most MNIST strokes are 2.5-4 px wide
 SHOW_SCALE = 10
 
-Predictor = Callable[[torch.Tensor], torch.Tensor]  # normalised (N, 1, 28, 28) -> log-probs (N, 10)
+Predictor = Callable[[torch.Tensor], refusal.Answers]  # normalised (N, 1, 28, 28) -> per-image answers
+
+
+class NoInk(UserError):
+    """A nearly uniform picture: predict refuses it as blank, other callers may treat it as an error."""
 
 
 def read_image(name: str) -> Image.Image:
@@ -87,7 +98,7 @@ def to_mnist(image: Image.Image, name: str = "image") -> np.ndarray:
         pixels, background = 255.0 - pixels, 255.0 - background
     peak = float(pixels.max())
     if peak - background < MIN_CONTRAST:
-        raise UserError(f"{name}: no ink found (the picture is nearly uniform)")
+        raise NoInk(f"{name}: no ink found (the picture is nearly uniform)")
     # Background -> 0, the darkest ink -> 255: greyish paper and faint pencil become MNIST-like.
     pixels = np.clip((pixels - background) / (peak - background), 0.0, 1.0) * 255.0
     ink = thicken(crop_to_ink(pixels))
@@ -128,16 +139,34 @@ def registry_predictor(uri: str) -> Predictor:
         raise UserError(f"{uri}: {error.message.splitlines()[0]}") from None
     except OSError as error:
         raise UserError(f"{uri}: cannot load ({error})") from None
-    return lambda batch: torch.as_tensor(np.asarray(model.predict(batch.numpy()), dtype=np.float32))
+    return lambda batch: from_served(model.predict(batch.numpy()))
+
+
+def from_served(output: object) -> refusal.Answers:
+    """The served model's table (digit, probability, reason); a version logged before refusals
+    existed (the pytorch flavour) gives log-probabilities: its answers are not checked."""
+    columns = getattr(output, "columns", ())
+    if "reason" in columns:
+        reasons = [r if isinstance(r, str) else None for r in output["reason"]]
+        return output["digit"].to_numpy(), output["probability"].to_numpy(), reasons
+    probabilities, digits = torch.as_tensor(np.asarray(output, dtype=np.float32)).exp().max(dim=1)
+    return digits.numpy(), probabilities.numpy(), [None] * len(digits)
 
 
 def checkpoint_predictor(path: str) -> Predictor:
-    """The train stage's checkpoint (weights only, no pickled code)."""
+    """The train stage's checkpoint (weights only, no pickled code), with evaluate's refusal statistics
+    from beside it; without them (a checkpoint not yet evaluated) answers are not checked."""
     net = load_checkpoint(path)
+    stats_path = Path(path).parent / REFUSAL_STATS.name
+    if stats_path.is_file():
+        stats = load_tensors(stats_path)
+        return lambda batch: refusal.answer(net, stats, batch)
+    print(f"warning: no {stats_path} (run evaluate): pictures that are not digits are not refused", file=sys.stderr)
 
-    def predict(batch: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return net(batch)
+    def predict(batch: torch.Tensor) -> refusal.Answers:
+        _, log_probs = refusal.features_and_log_probs(net, batch)
+        probabilities, digits = log_probs.exp().max(dim=1)
+        return digits.numpy(), probabilities.numpy(), [None] * len(digits)
 
     return predict
 
@@ -177,19 +206,32 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.images.count("-") > 1:
         raise UserError("'-' (stdin) can be given only once")
-    # Every picture is checked before the (slow) model load: a bad file costs nothing.
-    fields = np.stack([to_mnist(read_image(name), name) for name in args.images])
+    # Every picture is read before the (slow) model load: an unreadable file costs nothing. A blank
+    # one is not an error but an answer (refused), and the other pictures are still read.
+    fields: dict[str, np.ndarray] = {}
+    answers: dict[str, tuple[int | None, float | None, str | None]] = {}
+    for name in args.images:
+        try:
+            fields[name] = to_mnist(read_image(name), name)
+        except NoInk:
+            answers[name] = (None, None, refusal.BLANK)
     if args.show_input is not None:
         try:
-            save_inputs(args.show_input, args.images, fields)
+            save_inputs(args.show_input, list(fields), np.stack(list(fields.values())) if fields else np.zeros(0))
         except OSError as error:
             raise UserError(f"--show-input {args.show_input}: cannot write ({error.strerror})") from None
-    predictor = load_predictor(args.model)
-    log_probs = predictor(normalize(torch.from_numpy(fields).unsqueeze(1)))
-    probabilities, digits = log_probs.exp().max(dim=1)
-    for name, digit, probability in zip(args.images, digits.tolist(), probabilities.tolist(), strict=True):
+    if fields:
+        predictor = load_predictor(args.model)
+        batch = normalize(torch.from_numpy(np.stack(list(fields.values()))).unsqueeze(1))
+        digits, probabilities, reasons = predictor(batch)
+        for name, digit, probability, reason in zip(fields, digits, probabilities, reasons, strict=True):
+            answers[name] = (None, None, reason) if reason else (int(digit), round(float(probability), 6), None)
+    for name in args.images:
+        digit, probability, reason = answers[name]
         if args.json:
-            print(json.dumps({"file": name, "digit": digit, "probability": round(probability, 6)}))
+            print(json.dumps({"file": name, "digit": digit, "probability": probability, "reason": reason}))
+        elif reason:
+            print(f"{name}: refused: {reason}")
         else:
             print(f"{name}: {digit} ({probability:.1%})")
 

@@ -1,0 +1,143 @@
+"""Not a digit (src/mnist_cnn/refusal.py, and predict's use of it): refused noise and blank pages,
+answered digits, deterministic statistics, calibration helpers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image, ImageDraw, ImageFont
+
+from helpers import REPO, render_digits
+from mnist_cnn import refusal
+from mnist_cnn.config import validate
+from mnist_cnn.data import save_tensors
+from mnist_cnn.model import Net
+from mnist_cnn.paths import REFUSAL_STATS
+from mnist_cnn.predict import main
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Net, torch.Tensor, torch.Tensor]:
+    """A model trained for 2 epochs on 3,000 font-rendered digits, and its training set."""
+    from mnist_cnn.train import build, train_epoch
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["train"].update(device="cpu", precision="fp32", cuda_graph=False)
+    params = validate(raw)
+    torch.manual_seed(0)
+    images, labels = render_digits(3000, seed=0)
+    images, labels = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long()
+    step = build(params, images, labels)
+    for _ in range(2):
+        train_epoch(step, len(images), params.train.batch_size)
+    return step.net.eval(), images, labels
+
+
+@pytest.fixture(scope="module")
+def model_dir(trained: tuple[Net, torch.Tensor, torch.Tensor], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """model.pt with evaluate's refusal.pt beside it, as `dvc repro` leaves them in models/."""
+    net, images, labels = trained
+    folder = tmp_path_factory.mktemp("models")
+    save_tensors(folder / "model.pt", {"state_dict": net.state_dict(), "arch": net.arch})
+    save_tensors(folder / REFUSAL_STATS.name, refusal.fit(net, images, labels, seed=42))
+    return folder
+
+
+def typed_digit(digit: int, tmp_path: Path) -> Path:
+    """A digit as the training set draws it (the same font), but large and dark on white paper."""
+    picture = Image.new("L", (160, 120), 255)
+    ImageDraw.Draw(picture).text((50, 10), str(digit), fill=0, font=ImageFont.load_default(size=90))
+    path = tmp_path / f"digit-{digit}.png"
+    picture.save(path)
+    return path
+
+
+def not_digits(tmp_path: Path) -> dict[str, Path]:
+    rng = np.random.default_rng(0)
+    pictures = {
+        "noise": Image.fromarray(rng.integers(0, 256, size=(64, 64), dtype=np.uint8)),
+        "grey-noise": Image.fromarray(rng.integers(100, 256, size=(120, 90), dtype=np.uint8)),
+        "blank": Image.new("L", (50, 50), 255),
+        "faint": Image.fromarray(rng.integers(240, 256, size=(64, 64), dtype=np.uint8)),
+    }
+    paths = {}
+    for name, picture in pictures.items():
+        paths[name] = tmp_path / f"{name}.png"
+        picture.save(paths[name])
+    return paths
+
+
+def test_predict_refuses_noise_and_blank_and_answers_digits_in_json(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    refused = not_digits(tmp_path)
+    digits = {d: typed_digit(d, tmp_path) for d in (2, 3, 7)}
+    files = [str(refused["noise"]), str(digits[2]), str(refused["blank"]), str(digits[3]), str(refused["faint"])]
+    files += [str(refused["grey-noise"]), str(digits[7])]
+    main(["--model", str(model_dir / "model.pt"), "--json", *files])  # one blank picture does not stop the others
+    answers = {a["file"]: a for a in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert list(answers) == files
+    for name in ("noise", "grey-noise"):
+        answer = answers[str(refused[name])]
+        assert answer["digit"] is None and answer["probability"] is None, answer
+        assert answer["reason"].startswith("not a digit"), answer
+    for name in ("blank", "faint"):
+        assert answers[str(refused[name])] == {
+            "file": str(refused[name]),
+            "digit": None,
+            "probability": None,
+            "reason": refusal.BLANK,
+        }
+    for digit, path in digits.items():
+        assert answers[str(path)]["digit"] == digit and answers[str(path)]["reason"] is None, answers[str(path)]
+        assert 0.1 <= answers[str(path)]["probability"] <= 1
+
+
+def test_predict_text_says_refused_with_the_reason(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    refused = not_digits(tmp_path)
+    seven = typed_digit(7, tmp_path)
+    main(["--model", str(model_dir / "model.pt"), str(refused["noise"]), str(refused["blank"]), str(seven)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{refused['noise']}: refused: not a digit (")
+    assert lines[1] == f"{refused['blank']}: refused: {refusal.BLANK}"
+    assert lines[2].startswith(f"{seven}: 7 (") and lines[2].endswith("%)")
+
+
+def test_refusal_statistics_are_deterministic(trained: tuple[Net, torch.Tensor, torch.Tensor]) -> None:
+    net, images, labels = trained
+    first = refusal.fit(net, images[:600], labels[:600], seed=3)
+    again = refusal.fit(net, images[:600], labels[:600], seed=3)
+    assert set(first) == {"means", "precision", "threshold", "temperature"}
+    for key in first:
+        assert torch.equal(first[key], again[key]), key
+    assert first["means"].shape == (10, 128) and first["precision"].shape == (128, 128)
+    assert first["threshold"] > 0 and first["temperature"] > 0
+
+
+def test_temperature_undoes_overconfidence() -> None:
+    """Labels drawn from softmax(z) are calibrated for z; a network stating softmax(3 z) needs T = 3."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(20_000, 10, generator=generator) * 2
+    labels = torch.multinomial(torch.softmax(logits, 1), 1, generator=generator).squeeze(1)
+    overconfident = torch.log_softmax(3 * logits, 1)
+    assert refusal.fit_temperature(overconfident, labels) == pytest.approx(3, rel=0.05)
+    truth = labels.numpy()
+    before = refusal.expected_calibration_error(overconfident.exp().numpy(), truth)
+    after = refusal.expected_calibration_error(torch.softmax(overconfident / 3, 1).numpy(), truth)
+    assert after < 0.02 < 0.1 < before
+
+
+def test_ece_of_known_cases() -> None:
+    labels = np.array([0, 0, 0, 0])
+    sure = np.eye(10)[[0, 0, 0, 1]]  # 100% confident, right 3 times out of 4
+    assert refusal.expected_calibration_error(sure, labels) == pytest.approx(0.25)
+    stated = np.full((4, 10), 0.05)
+    stated[[0, 1, 2, 3], [0, 0, 0, 1]] = 0.55  # 55% sure each time, right 3 times out of 4
+    assert refusal.expected_calibration_error(stated, labels) == pytest.approx(0.20)
