@@ -23,6 +23,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 
@@ -90,9 +91,18 @@ class TrainParams(_Section):
 class Params(_Section):
     seed: int = Field(ge=0)
     augment: bool
+    # More of what users' pictures vary in; 0 = off (the report's augmentation exactly).
+    augment_scale: float = Field(ge=0, lt=1, description="scale by a factor in [1 - s, 1 + s]; 0 = off")
+    augment_thickness: float = Field(ge=0, le=1, description="strokes bolder/finer by up to this; 0 = off")
     data: DataParams
     model: ModelParams
     train: TrainParams
+
+    @model_validator(mode="after")
+    def _extras_need_augment(self) -> Params:
+        if not self.augment and (self.augment_scale or self.augment_thickness):
+            raise ValueError("augment_scale and augment_thickness need augment: true")
+        return self
 
 
 def _did_you_mean(key: str, allowed: list[str]) -> str:
@@ -118,6 +128,8 @@ def _describe(error: ValidationError) -> str:
     key = ".".join(str(p) for p in loc).encode("unicode_escape").decode() or "<top level>"
     if first["type"] == "extra_forbidden":
         return f"unknown key '{key}'{_did_you_mean(str(loc[-1]), _fields_at(loc))}"
+    if not loc:  # a rule across keys (a model validator): its message names them
+        return str(first["msg"]).removeprefix("Value error, ")
     if first["type"] == "missing":
         return f"missing key '{key}'"
     return f"'{key}': {first['msg']} (got {first.get('input')!r})"

@@ -1,7 +1,8 @@
 """Stage 4, evaluate: test metrics, per-class report, and the model in the registry.
 
-Outputs: metrics/eval.json (accuracy, loss, per-class precision/recall/F1) and
-plots/confusion.csv (one row per test image, for DVC's confusion template).
+Outputs: metrics/eval.json (accuracy, loss, ood_accuracy (other writers' digits, see
+ood.py), per-class precision/recall/F1) and plots/confusion.csv (one row per test
+image, for DVC's confusion template).
 Logs the metrics and the model (pytorch flavour, with signature and input
 example) to the pipeline's MLflow run and registers it as `mnist-cnn`, one
 version per trained model, then moves the registry's aliases (registry.promote).
@@ -23,6 +24,7 @@ from mnist_cnn import registry, tracking
 from mnist_cnn.config import load_params, run_stage
 from mnist_cnn.data import atomic_path, load_processed, write_json
 from mnist_cnn.model import load_checkpoint, normalize, predict_log_probs
+from mnist_cnn.ood import ood_accuracy
 from mnist_cnn.paths import CONFUSION_CSV, EVAL_METRICS, MODEL_PATH
 
 CLASSES = [str(d) for d in range(10)]
@@ -72,6 +74,7 @@ def main() -> None:
     metrics = {
         "test_accuracy": float(accuracy_score(truth, predicted)),
         "test_loss": F.nll_loss(log_probs, labels).item(),
+        "ood_accuracy": ood_accuracy(model),  # other writers' digits, through predict's preprocessing
         "per_class": per_class_report(truth, predicted),
     }
     write_json(EVAL_METRICS, metrics)
@@ -80,13 +83,15 @@ def main() -> None:
 
     with tracking.reopen_run() as run:
         mlflow.log_metrics({"eval_accuracy": metrics["test_accuracy"], "eval_loss": metrics["test_loss"]})
+        mlflow.log_metric("ood_accuracy", metrics["ood_accuracy"])
         mlflow.log_metrics({f"eval_f1_{d}": metrics["per_class"][d]["f1-score"] for d in CLASSES})
         mlflow.log_artifact(str(EVAL_METRICS), artifact_path="metrics")
         example = normalize(images[:4]).numpy()
         version = register_model(model, example, run.info.run_id)
         promotion = registry.promote(mlflow.MlflowClient(), version, metrics["test_accuracy"], params)
     print(
-        f"evaluate: test accuracy {metrics['test_accuracy']:.2%}, loss {metrics['test_loss']:.4f}; "
+        f"evaluate: test accuracy {metrics['test_accuracy']:.2%}, loss {metrics['test_loss']:.4f}, "
+        f"ood accuracy {metrics['ood_accuracy']:.2%}; "
         f"registered {tracking.REGISTERED_MODEL} version {version}"
     )
     print(promotion.message())
