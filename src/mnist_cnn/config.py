@@ -83,9 +83,18 @@ class TrainParams(_Section):
 class Params(_Section):
     seed: int = Field(ge=0)
     augment: bool
+    # More of what users' pictures vary in; 0 = off (the report's augmentation exactly).
+    augment_scale: float = Field(ge=0, lt=1, description="scale by a factor in [1 - s, 1 + s]; 0 = off")
+    augment_thickness: float = Field(ge=0, le=1, description="strokes bolder/finer by up to this; 0 = off")
     data: DataParams
     model: ModelParams
     train: TrainParams
+
+    @model_validator(mode="after")
+    def _extras_need_augment(self) -> Params:
+        if not self.augment and (self.augment_scale or self.augment_thickness):
+            raise PydanticCustomError("combination", "augment_scale and augment_thickness need augment: true")
+        return self
 
 
 def _did_you_mean(key: str, allowed: list[str]) -> str:

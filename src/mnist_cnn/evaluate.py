@@ -1,6 +1,7 @@
 """Stage 4, evaluate: test metrics, the "not a digit" statistics, and the model in the registry.
 
-Outputs: metrics/eval.json (flat: test_accuracy, test_loss, macro_f1, ece, test_refused),
+Outputs: metrics/eval.json (flat: test_accuracy, test_loss, macro_f1, ood_accuracy (other
+writers' digits through predict's preprocessing, see ood.py), ece, test_refused),
 plots/confusion.csv (one row per test image, for DVC's confusion template; the
 confusion-analysis stage turns it into the per-class report) and models/refusal.pt (the
 "not a digit" statistics, fitted on the training set: mnist_cnn.refusal).
@@ -30,6 +31,7 @@ from mnist_cnn import lineage, nondigits, refusal, tracking
 from mnist_cnn.config import load_params, run_stage
 from mnist_cnn.data import atomic_path, load_processed, save_tensors, write_json
 from mnist_cnn.model import load_checkpoint, normalize, predict_log_probs
+from mnist_cnn.ood import ood_accuracy
 from mnist_cnn.paths import CONFUSION_CSV, DVC_LOCK, EVAL_METRICS, MODEL_PATH, REFUSAL_STATS
 from mnist_cnn.served import ServedModel
 
@@ -103,6 +105,7 @@ def main() -> None:
         "test_accuracy": float(accuracy_score(truth, predicted)),
         "test_loss": F.nll_loss(log_probs, labels).item(),
         "macro_f1": float(f1_score(truth, predicted, labels=range(10), average="macro", zero_division=0)),
+        "ood_accuracy": ood_accuracy(model),  # other writers' digits, through predict's preprocessing
         "ece": calibration["ece"],  # of the temperature-calibrated probabilities predict reports
         "test_refused": calibration["refused"],  # test digits refused as "not a digit"
     }
@@ -121,12 +124,14 @@ def main() -> None:
         version, model_id = register_model(model, stats, example, run.info.run_id)
         eval_metrics = {"eval_accuracy": metrics["test_accuracy"], "eval_loss": metrics["test_loss"]}
         eval_metrics["eval_macro_f1"] = metrics["macro_f1"]
+        mlflow.log_metric("ood_accuracy", metrics["ood_accuracy"])
         per_class_f1 = f1_score(truth, predicted, labels=range(10), average=None, zero_division=0)
         eval_metrics |= {f"eval_f1_{digit}": float(f1) for digit, f1 in enumerate(per_class_f1)}
         # On the run and on the logged model, each linked to the test set (MLflow 3's metric lineage).
         mlflow.log_metrics(eval_metrics, dataset=test_set, model_id=model_id)
     print(
         f"evaluate: test accuracy {metrics['test_accuracy']:.2%}, loss {metrics['test_loss']:.4f}, "
+        f"ood accuracy {metrics['ood_accuracy']:.2%}, "
         f"ECE {calibration['ece_uncalibrated']:.4f} -> {calibration['ece']:.4f} (temperature), "
         f"{calibration['refused']:.2%} of test digits refused; "
         f"registered {tracking.REGISTERED_MODEL} version {version}"

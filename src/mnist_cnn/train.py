@@ -142,6 +142,8 @@ def build(params: Params, images: torch.Tensor, labels: torch.Tensor) -> TrainSt
         shuffle_generator=shuffle_generator,
         rank=rank,
         world=world,
+        augment_scale=params.augment_scale,
+        augment_thickness=params.augment_thickness,
     )
 
 
