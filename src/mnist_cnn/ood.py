@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
