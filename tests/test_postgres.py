@@ -118,7 +118,11 @@ def test_pipeline_and_parallel_experiments_on_postgres(
     run(["dvc", "exp", "run", "--queue", "-n", "seed-7", "-S", "seed=7"], repo)
     # Two workers at once, as two teammates would; one thread each on a 2-core machine.
     try:
-        run(["dvc", "queue", "start", "-j", "2"], repo, MLFLOW_TRACKING_URI=url, OMP_NUM_THREADS="1")
+        # Output to a file: the detached workers inherit it, and a pipe would stay open until they exit.
+        with (tmp_path / "queue.log").open("w") as log:
+            env = tool_env(MLFLOW_TRACKING_URI=url, OMP_NUM_THREADS="1")
+            start = ["dvc", "queue", "start", "-j", "2"]
+            subprocess.run(start, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=120, check=True)
         status = wait_for_queue(repo)
     finally:
         subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=repo, env=tool_env(), capture_output=True, timeout=60)
