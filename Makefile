@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup lock ui-deps repro pull push test test-fast lint bench ablation ui serve clean
+.PHONY: setup lock ui-deps repro pull push test test-fast lint bench ablation ui serve loadtest clean
 
 setup: $(STAMP)
 
@@ -86,9 +86,19 @@ ui: setup
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1 --port 5000
 
 # The registry's champion behind MLflow's REST scoring server (/invocations), loopback only.
+# SERVE_WORKERS uvicorn processes (one per core), each with ONE torch thread: N workers with torch's
+# default of one thread per core would oversubscribe the cores. No access-log line per request
+# (UVICORN_ACCESS_LOG=true brings it back). docs/serving.md has the measurements.
+SERVE_WORKERS ?= 2
 serve: setup
 	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db} \
-	mlflow models serve -m models:/mnist-cnn@champion --env-manager local -h 127.0.0.1 -p 5001
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} UVICORN_ACCESS_LOG=$${UVICORN_ACCESS_LOG:-false} \
+	mlflow models serve -m models:/mnist-cnn@champion --env-manager local -h 127.0.0.1 -p 5001 \
+		--workers $(SERVE_WORKERS)
+
+# Bounded load on `make serve` from another shell (loopback only), e.g. LOADTEST_ARGS="-c 50 -d 20".
+loadtest: setup
+	python -m mnist_cnn.loadtest $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache tests/ui/node_modules

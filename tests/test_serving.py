@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from helpers import VENV_BIN, free_port, http_server
-from mnist_cnn import refusal
+from mnist_cnn import loadtest, refusal
 from mnist_cnn.data import load_tensors
 from mnist_cnn.model import normalize
 
@@ -72,3 +72,13 @@ def test_malformed_payload_is_a_4xx_and_server_keeps_serving(server: str) -> Non
     good = torch.zeros(1, 1, 28, 28).numpy().tolist()
     status, body = post(f"{server}/invocations", json.dumps({"inputs": good}).encode())
     assert status == 200 and len(body["predictions"]) == 1
+
+
+def test_load_script_against_the_served_model(
+    pipeline: Path, server: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(pipeline)  # the load script posts the test digits of data/processed
+    loadtest.main(["--url", f"{server}/invocations", "--clients", "4", "--duration", "2", "--batch", "1,16"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["errors"] == 0, result
+    assert result["ok"] == result["requests"] > 0
