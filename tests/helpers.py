@@ -3,7 +3,9 @@ data, the tools' environment, real servers on free ports, throw-away pipeline re
 
 from __future__ import annotations
 
+import copy
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -19,6 +21,7 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw, ImageFont
 
+from mnist_cnn.config import Params, validate
 from mnist_cnn.data import write_idx
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,15 +99,30 @@ def run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[st
     return result
 
 
+def overridden(raw: dict | None = None, **overrides: object) -> dict:
+    """The one way tests override params: a deep copy of raw (default: the repo's params.yaml, parsed
+    but not validated) with each `section__key=value` (or top-level `key=value`) set."""
+    params = copy.deepcopy(raw) if raw is not None else yaml.safe_load((REPO / "params.yaml").read_text())
+    for dotted, value in overrides.items():
+        *sections, key = re.split(r"__|\.", dotted)
+        node = params
+        for section in sections:
+            node = node[section]
+        node[key] = value
+    return params
+
+
+def make_params(**overrides: object) -> Params:
+    """The repo's params, validated, with `section__key=value` overrides (see `overridden`)."""
+    return validate(overridden(**overrides))
+
+
 def write_params(directory: Path, data_dir: Path, **overrides: object) -> None:
     """The repo's params.yaml made offline and fed from data_dir (synthetic data: no checksums),
     2 epochs; overrides as `section__key=value` or `key=value`."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update(mirrors=[], npm_package="", source_dir=str(data_dir), verify_sha256=False)
-    params["train"].update(epochs=2, eval_batch_size=500)
-    for dotted, value in overrides.items():
-        section, _, key = dotted.rpartition("__")
-        (params[section] if section else params)[key] = value
+    offline = {"data__mirrors": [], "data__npm_package": "", "data__source_dir": str(data_dir)}
+    defaults = {**offline, "data__verify_sha256": False, "train__epochs": 2, "train__eval_batch_size": 500}
+    params = overridden(**{**defaults, **overrides})
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
