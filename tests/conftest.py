@@ -2,15 +2,51 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
 from helpers import REPO, make_pipeline_repo, run, tool_env, write_synthetic_mnist
+
+# Fixtures that make a test need the network (npm) or run the real pipeline (DVC subprocesses):
+# their tests get the marker here, so `make test-fast` (-m "not slow and not network") skips them
+# whoever writes the test.
+NETWORK_FIXTURES = {"real_mnist"}
+PIPELINE_FIXTURES = {"pipeline"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & NETWORK_FIXTURES:
+            item.add_marker(pytest.mark.network)
+        if used & PIPELINE_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def in_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """For a stage's main() called in this process (helpers.stage_error), as `python -m` runs it:
+    no MLflow or DVC variables from the test process, a fresh MLflow tracking URI; afterwards the
+    environment, MLflow's process-wide URI (set_tracking_uri also exports it as MLFLOW_TRACKING_URI)
+    and the SIGTERM handler (run_stage installs one) are as they were."""
+    from mlflow.tracking._tracking_service import utils as mlflow_uri
+
+    environ, sigterm = dict(os.environ), signal.getsignal(signal.SIGTERM)
+    for name in [name for name in os.environ if name.startswith(("MLFLOW_", "DVC_"))]:
+        del os.environ[name]
+    monkeypatch.setattr(mlflow_uri, "_tracking_uri", None)
+    yield
+    os.environ.clear()
+    os.environ.update(environ)
+    signal.signal(signal.SIGTERM, sigterm)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw, ImageFont
 
-from mnist_cnn.config import Params, validate
+from mnist_cnn.config import Params, run_stage, validate
 from mnist_cnn.data import write_idx
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,6 +91,19 @@ def http_server(
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def stage_error(main: Callable[[], None], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run a stage's main() in this process as `python -m mnist_cnn.<stage>` does (config.run_stage;
+    use the `in_process` fixture and monkeypatch.chdir): it must exit 2 with exactly one `error:`
+    line on stderr, which is returned. (test_config proves the real process prints no traceback.)"""
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(main)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    return errors[0]
 
 
 def run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
