@@ -14,7 +14,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import overridden
+from helpers import overridden, stage_error, tool_env
+from mnist_cnn import preprocess
 from mnist_cnn.config import Params, UserError, flat, load_params, run_stage, validate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -286,25 +287,39 @@ def test_run_stage_success_returns_normally() -> None:
     ],
     ids=["out-of-range", "wrong-type", "yaml-syntax"],
 )
-def test_stage_subprocess_prints_one_line_and_exits_2(tmp_path: Path, edit: Any, names: str) -> None:
+def test_a_stage_prints_one_line_and_exits_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], edit: Any, names: str
+) -> None:
     original = PARAMS_YAML.read_text()
     broken = edit(original)
     assert broken != original, "the edit must change params.yaml"
     (tmp_path / "params.yaml").write_text(broken)
+    monkeypatch.chdir(tmp_path)
+    line = stage_error(preprocess.main, capsys)
+    assert line.startswith("error: params.yaml: "), line
+    assert names in line
+    # Validation happens before any work: nothing was written.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_a_stage_process_prints_one_line_without_traceback_and_exits_2(tmp_path: Path) -> None:
+    """The one real process: `python -m mnist_cnn.<stage>` on a bad params.yaml (the in-process
+    tests of every stage's errors rely on run_stage behaving so in a real process)."""
+    (tmp_path / "params.yaml").write_text(PARAMS_YAML.read_text().replace("lr: 0.001", "lr: -1"))
     result = subprocess.run(
         [sys.executable, "-m", "mnist_cnn.preprocess"],
         cwd=tmp_path,
+        env=tool_env(),
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: params.yaml: "), lines[0]
-    assert names in lines[0]
-    assert "Traceback" not in result.stderr
-    # Validation happens before any work: nothing was written.
+    assert lines[0].startswith("error: params.yaml: ") and "'train.lr'" in lines[0], lines[0]
+    assert result.stdout == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 

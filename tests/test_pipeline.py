@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import time
 from pathlib import Path
 
 import mlflow
@@ -108,26 +107,13 @@ def test_repro_again_does_nothing(pipeline: Path) -> None:
     assert "didn't change, skipping" in out or "up to date" in out
 
 
-def test_experiments_run_the_code_of_their_snapshot(tmp_path: Path, synthetic_mnist: Path) -> None:
+def test_experiments_run_the_code_of_their_snapshot(queued_pipeline: dict) -> None:
     """A queued experiment runs the code it was queued with, even if the workspace is edited
-    before the queue starts (the stages put the copy's src/ first on PYTHONPATH)."""
-    repo = make_pipeline_repo(tmp_path / "repo", synthetic_mnist, data__subset=200, train__epochs=1)
-    train = repo / "src/mnist_cnn/train.py"
-    train.write_text(train.read_text() + '\nprint("code: as committed")\n')
-    run(["git", "commit", "-qam", "mark the committed code"], repo)
-    assert "code: as committed" in run(["dvc", "exp", "run", "--temp", "-n", "temp-run"], repo).stdout
-
-    run(["dvc", "exp", "run", "--queue", "-n", "queued", "-S", "seed=3"], repo)
-    train.write_text(train.read_text().replace("as committed", "edited after queueing"))
-    run(["dvc", "queue", "start", "-j", "1"], repo)
-    deadline = time.monotonic() + 600
-    while "Success" not in run(["dvc", "queue", "status"], repo).stdout:
-        assert "Failed" not in run(["dvc", "queue", "status"], repo).stdout
-        assert time.monotonic() < deadline, "the queued experiment did not finish"
-        time.sleep(2)
-    logs = run(["dvc", "queue", "logs", "queued"], repo).stdout
-    assert "code: as committed" in logs
-    assert "edited after queueing" not in logs
+    before the queue starts (the stages put the copy's src/ first on PYTHONPATH; conftest's
+    queued_pipeline queues two, edits train.py, then runs the queue)."""
+    for logs in queued_pipeline["queue_logs"]:
+        assert "code: as committed" in logs
+        assert "edited after queueing" not in logs
 
 
 def test_an_identical_experiment_is_restored_from_the_run_cache(pipeline: Path, client: MlflowClient) -> None:

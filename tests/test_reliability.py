@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 from PIL import Image, ImageDraw
 
-from helpers import REPO, make_pipeline_repo, run, stage_error, tool_env, write_params, write_synthetic_mnist
+from helpers import REPO, run, stage_error, tool_env, write_params, write_synthetic_mnist
 from mnist_cnn import download, evaluate, predict, preprocess, registry, train
 from mnist_cnn.config import run_stage, validate
 from mnist_cnn.model import Net
@@ -101,21 +100,6 @@ def wait_for(condition: Callable[[], bool], process: subprocess.Popen, log: Path
         time.sleep(0.2)
 
 
-@contextmanager
-def started(cmd: list[str], cwd: Path, log: Path, **env: str) -> Iterator[subprocess.Popen]:
-    """Popen in its own process group (so nothing it starts outlives a failed test), output to `log`."""
-    with log.open("w") as sink:
-        process = subprocess.Popen(
-            cmd, cwd=cwd, env=tool_env(**env), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
 def no_temp_files(root: Path) -> list[Path]:
     return [p for p in root.rglob("*.tmp") if ".dvc" not in p.parts and "mlruns" not in p.parts]
 
@@ -123,37 +107,26 @@ def no_temp_files(root: Path) -> list[Path]:
 # --- 1. parallel experiments share one sqlite store ----------------------------
 
 
-@pytest.mark.slow
-def test_parallel_queued_experiments_all_land_in_the_store(tmp_path: Path, small_mnist: Path) -> None:
-    repo = make_pipeline_repo(tmp_path / "repo", small_mnist)
-    run(["dvc", "repro"], repo)  # creates the store
-    for seed in (1, 2, 3, 4):
-        run(["dvc", "exp", "run", "--queue", "-S", f"seed={seed}"], repo)
-    try:
-        # --run-all starts 4 workers and follows every experiment's log until all have ended.
-        # One thread per process: 4 trainings on 2 cores would otherwise oversubscribe them.
-        result = run(["dvc", "exp", "run", "--run-all", "-j", "4"], repo, OMP_NUM_THREADS="1")
-    finally:
-        subprocess.run(["dvc", "queue", "stop"], cwd=repo, env=tool_env(), capture_output=True, timeout=60)
-    output = result.stdout + result.stderr
+def test_parallel_queued_experiments_all_land_in_the_store(queued_pipeline: dict) -> None:
+    """Two queued experiments run by 2 parallel workers, beside the recovered `dvc repro` (conftest)."""
+    repo, output = queued_pipeline["repo"], queued_pipeline["run_all_output"]
     assert "Failed to reproduce" not in output, output
     assert "database is locked" not in output, output
-    status = run(["dvc", "queue", "status"], repo).stdout
-    assert status.count("Success") == 4, status
+    assert queued_pipeline["queue_status"].count("Success") == 2, queued_pipeline["queue_status"]
 
     client = store(repo)
-    runs = all_runs(client)
-    assert len(runs) == 5, [(r.info.run_id, r.info.status) for r in runs]
-    assert sorted(int(r.data.params["seed"]) for r in runs) == [1, 2, 3, 4, 42]
+    runs = [r for r in all_runs(client) if r.info.run_id != queued_pipeline["killed_id"]]
+    assert len(runs) == 3, [(r.info.run_id, r.info.status) for r in runs]
+    assert sorted(int(r.data.params["seed"]) for r in runs) == [1, 2, 42]
     for r in runs:
         assert r.info.status == "FINISHED", r.info
         for key in ("train_loss", "test_loss", "test_accuracy"):
             assert [m.step for m in client.get_metric_history(r.info.run_id, key)] == [1, 2], (r.info.run_id, key)
         assert "eval_accuracy" in r.data.metrics
     versions = client.search_model_versions("name='mnist-cnn'")
-    assert len(versions) == 5
+    assert len(versions) == 3
     assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in runs)
-    assert sorted(int(v.version) for v in versions) == [1, 2, 3, 4, 5]
+    assert sorted(int(v.version) for v in versions) == [1, 2, 3]
     # Promotions that overlapped still leave the best model as champion (all trained on full data).
     champion = client.get_model_version_by_alias("mnist-cnn", "champion")
     best = max(float(v.tags["test_accuracy"]) for v in versions)
@@ -210,29 +183,17 @@ def test_overlapping_promotions_leave_the_best_model_champion(tmp_path: Path) ->
 # --- 2. kill -9 in the middle of training ---------------------------------------
 
 
-@pytest.mark.slow
-def test_kill_9_during_training_then_repro_recovers(tmp_path: Path, small_mnist: Path) -> None:
-    repo = make_pipeline_repo(tmp_path / "repo", small_mnist, train__epochs=1000)
-    run_file = repo / "models" / "mlflow_run.json"
-    log = tmp_path / "repro.log"
-    with started(["dvc", "repro"], repo, log) as dvc:
-        wait_for(run_file.exists, dvc, log)  # the train stage has created its run
-        killed_id = run_id_of(repo)
-        client = store(repo)
-        pid = int(client.get_run(killed_id).data.tags["pid"])
-        assert b"mnist_cnn.train" in Path(f"/proc/{pid}/cmdline").read_bytes()  # our own grandchild
-        os.kill(pid, signal.SIGKILL)
-        assert dvc.wait(timeout=120) != 0
-    assert "failed to reproduce 'train'" in log.read_text(), log.read_text()
+def test_kill_9_during_training_then_repro_recovers(queued_pipeline: dict) -> None:
+    """`dvc repro` whose train stage got SIGKILL, then `dvc repro` again (conftest's queued_pipeline)."""
+    repo, killed_id = queued_pipeline["repo"], queued_pipeline["killed_id"]
+    assert b"mnist_cnn.train" in queued_pipeline["killed_cmdline"]  # the run's pid tag named our own grandchild
+    assert queued_pipeline["killed_repro_exit"] != 0
+    assert "failed to reproduce 'train'" in queued_pipeline["killed_repro_log"], queued_pipeline["killed_repro_log"]
     # What kill -9 leaves: no model, and a run still RUNNING (its process had no chance to end it).
-    assert not (repo / "models" / "model.pt").exists()
-    assert client.get_run(killed_id).info.status == "RUNNING"
+    assert not queued_pipeline["model_after_kill"]
+    assert queued_pipeline["status_after_kill"] == "RUNNING"
 
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train"]["epochs"] = 2
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["dvc", "repro"], repo)
-
+    client = store(repo)
     killed = client.get_run(killed_id)
     assert killed.info.status == "FAILED"
     assert "ended_by" in killed.data.tags
