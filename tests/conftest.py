@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -83,13 +85,21 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, synthetic_mnist: Path) ->
     return repo
 
 
+def readme_preset_command() -> list[str]:
+    """The `dvc exp run -n improved ...` line exactly as README.md gives it."""
+    match = re.search(r"^dvc exp run -n improved (?:.*\\\n)*.*$", (REPO / "README.md").read_text(), re.MULTILINE)
+    assert match, "README.md has no `dvc exp run -n improved` line"
+    return shlex.split(match.group(0).replace("\\\n", " "))
+
+
 @pytest.fixture(scope="session")
 def queued_pipeline(tmp_path_factory: pytest.TempPathFactory, synthetic_mnist: Path) -> dict:
     """A second repository for what must not disturb `pipeline`, one pipeline run serving several tests:
     1. `dvc repro` with the train stage killed by SIGKILL mid-training (what it leaves is recorded),
     2. `dvc repro` again (recovers; creates the store),
     3. two experiments queued with a committed `print("code: as committed")` in train.py, the
-       workspace's train.py then edited, and the queue run with 2 parallel workers (one sqlite store).
+       workspace's train.py then edited, and the queue run with 2 parallel workers (one sqlite store),
+    4. the README's `dvc exp run -n improved ...` preset in the workspace.
     Returns the repository and what was seen on the way (tests/test_reliability.py, test_pipeline.py)."""
     from mlflow import MlflowClient
 
@@ -143,4 +153,8 @@ def queued_pipeline(tmp_path_factory: pytest.TempPathFactory, synthetic_mnist: P
     seen["run_all_output"] = result.stdout + result.stderr
     seen["queue_status"] = run(["dvc", "queue", "status"], repo).stdout
     seen["queue_logs"] = [run(["dvc", "queue", "logs", f"queued-{seed}"], repo).stdout for seed in (1, 2)]
+
+    # 4. The README's preset, exactly as README.md gives it, in the workspace (its data stages are cached).
+    seen["preset_command"] = readme_preset_command()
+    seen["preset_output"] = run(seen["preset_command"], repo).stdout
     return seen

@@ -7,8 +7,6 @@ MLflow sqlite store are the real ones.
 from __future__ import annotations
 
 import json
-import re
-import shlex
 from pathlib import Path
 
 import mlflow
@@ -17,7 +15,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from helpers import REPO, make_pipeline_repo, run
+from helpers import run
 
 pytestmark = pytest.mark.slow
 
@@ -127,20 +125,13 @@ def test_an_identical_experiment_is_restored_from_the_run_cache(pipeline: Path, 
     assert {r.info.run_id for r in client.search_runs([experiment_id])} == before
 
 
-def readme_preset_command() -> list[str]:
-    """The `dvc exp run -n improved ...` line exactly as README.md gives it."""
-    match = re.search(r"^dvc exp run -n improved (?:.*\\\n)*.*$", (REPO / "README.md").read_text(), re.MULTILINE)
-    assert match, "README.md has no `dvc exp run -n improved` line"
-    return shlex.split(match.group(0).replace("\\\n", " "))
-
-
-def test_the_readme_preset_runs_the_whole_pipeline(tmp_path: Path, synthetic_mnist: Path) -> None:
-    """The preset, run as the README says: every later stage loads the improved network from the
-    architecture saved with its weights, and evaluates exactly what training measured."""
-    command = readme_preset_command()
-    assert "-S" in command
-    repo = make_pipeline_repo(tmp_path / "repo", synthetic_mnist)
-    run(command, repo)
+def test_the_readme_preset_runs_the_whole_pipeline(queued_pipeline: dict) -> None:
+    """The preset, run as the README says (conftest's queued_pipeline): every later stage loads the
+    improved network from the architecture saved with its weights, and evaluates exactly what
+    training measured."""
+    repo = queued_pipeline["repo"]
+    assert "-S" in queued_pipeline["preset_command"]
+    assert "Running stage 'train'" in queued_pipeline["preset_output"]
     checkpoint = torch.load(repo / "models/model.pt", weights_only=True)
     assert checkpoint["arch"] == {"batchnorm": True, "dropout": 0.1, "depth": 3}
     assert "block3.1.running_mean" in checkpoint["state_dict"]  # the third block, with its BatchNorm
