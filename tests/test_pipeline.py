@@ -140,4 +140,4 @@ def test_the_readme_preset_runs_the_whole_pipeline(queued_pipeline: dict) -> Non
     assert evaluated["test_accuracy"] == pytest.approx(trained["test_accuracy"], abs=1e-6)
     assert evaluated["test_loss"] == pytest.approx(trained["test_loss"], rel=1e-5)
     assert (repo / "reports/confusion_matrix.png").stat().st_size > 0
-    assert "improved" in run(["dvc", "exp", "list", "--name-only"], repo).stdout.split()
+    assert "improved" in run(["dvc", "exp", "list", "--all-commits", "--name-only"], repo).stdout.split()
