@@ -20,7 +20,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     cmd = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--backend-store-uri", f"sqlite:///{root / 'team.db'}", "--artifacts-destination", str(root / "artifacts")]
     cmd += ["--workers", "1"]
-    with http_server(cmd, root, "/health", port) as base:
+    with http_server(cmd, root, "/health", port, timeout=300) as base:  # migrations of a new store take a while
         yield base, root
 
 
