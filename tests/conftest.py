@@ -2,15 +2,55 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
 from helpers import REPO, make_pipeline_repo, run, tool_env, write_synthetic_mnist
+
+# Fixtures that make a test need the network (npm) or run the real pipeline (DVC subprocesses):
+# their tests get the marker here, so `make test-fast` (-m "not slow and not network") skips them
+# whoever writes the test.
+NETWORK_FIXTURES = {"real_mnist"}
+PIPELINE_FIXTURES = {"pipeline", "queued_pipeline"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & NETWORK_FIXTURES:
+            item.add_marker(pytest.mark.network)
+        if used & PIPELINE_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def in_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """For a stage's main() called in this process (helpers.stage_error), as `python -m` runs it:
+    no MLflow or DVC variables from the test process, a fresh MLflow tracking URI; afterwards the
+    environment, MLflow's process-wide URI (set_tracking_uri also exports it as MLFLOW_TRACKING_URI)
+    and the SIGTERM handler (run_stage installs one) are as they were."""
+    from mlflow.tracking._tracking_service import utils as mlflow_uri
+
+    environ, sigterm = dict(os.environ), signal.getsignal(signal.SIGTERM)
+    for name in [name for name in os.environ if name.startswith(("MLFLOW_", "DVC_"))]:
+        del os.environ[name]
+    monkeypatch.setattr(mlflow_uri, "_tracking_uri", None)
+    yield
+    os.environ.clear()
+    os.environ.update(environ)
+    signal.signal(signal.SIGTERM, sigterm)
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +83,78 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, synthetic_mnist: Path) ->
     # --temp runs in a copy under .dvc/tmp/exps/: it must still log into the repo's store.
     run(["dvc", "exp", "run", "--temp", "-S", "augment=true", "-S", "seed=7"], repo)
     return repo
+
+
+def readme_preset_command() -> list[str]:
+    """The `dvc exp run -n improved ...` line exactly as README.md gives it."""
+    match = re.search(r"^dvc exp run -n improved (?:.*\\\n)*.*$", (REPO / "README.md").read_text(), re.MULTILINE)
+    assert match, "README.md has no `dvc exp run -n improved` line"
+    return shlex.split(match.group(0).replace("\\\n", " "))
+
+
+@pytest.fixture(scope="session")
+def queued_pipeline(tmp_path_factory: pytest.TempPathFactory, synthetic_mnist: Path) -> dict:
+    """A second repository for what must not disturb `pipeline`, one pipeline run serving several tests:
+    1. `dvc repro` with the train stage killed by SIGKILL mid-training (what it leaves is recorded),
+    2. `dvc repro` again (recovers; creates the store),
+    3. two experiments queued with a committed `print("code: as committed")` in train.py, the
+       workspace's train.py then edited, and the queue run with 2 parallel workers (one sqlite store),
+    4. the README's `dvc exp run -n improved ...` preset in the workspace.
+    Returns the repository and what was seen on the way (tests/test_reliability.py, test_pipeline.py)."""
+    from mlflow import MlflowClient
+
+    repo = make_pipeline_repo(tmp_path_factory.mktemp("queued"), synthetic_mnist, train__epochs=1000)
+    train = repo / "src" / "mnist_cnn" / "train.py"
+    committed = train.read_text() + '\nprint("code: as committed")\n'
+    train.write_text(committed)
+    run(["git", "commit", "-qam", "mark the committed code"], repo)
+    seen: dict = {"repo": repo}
+
+    run_file, log = repo / "models" / "mlflow_run.json", repo.parent / "killed-repro.log"
+    with log.open("w") as sink:
+        dvc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=tool_env(), stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 600
+        while not run_file.exists():  # the train stage has created its run
+            assert dvc.poll() is None, f"dvc repro ended before training:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"training did not start:\n{log.read_text()}"
+            time.sleep(0.2)
+        time.sleep(0.5)  # the run file is written after the run has its tags
+        seen["killed_id"] = json.loads(run_file.read_text())["run_id"]
+        client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+        pid = int(client.get_run(seen["killed_id"]).data.tags["pid"])
+        seen["killed_cmdline"] = Path(f"/proc/{pid}/cmdline").read_bytes()
+        os.kill(pid, signal.SIGKILL)
+        seen["killed_repro_exit"] = dvc.wait(timeout=120)
+    finally:
+        if dvc.poll() is None:
+            dvc.kill()
+            dvc.wait()
+    seen["killed_repro_log"] = log.read_text()
+    seen["model_after_kill"] = (repo / "models" / "model.pt").exists()
+    seen["status_after_kill"] = client.get_run(seen["killed_id"]).info.status
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["epochs"] = 2
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "commit", "-qam", "2 epochs"], repo)
+    run(["dvc", "repro"], repo)
+
+    for seed in (1, 2):
+        run(["dvc", "exp", "run", "--queue", "-n", f"queued-{seed}", "-S", f"seed={seed}"], repo)
+    train.write_text(committed.replace("as committed", "edited after queueing"))
+    try:
+        # --run-all starts 2 workers and follows every experiment's log until all have ended.
+        # One thread per process: 2 trainings on 2 cores would otherwise oversubscribe them.
+        result = run(["dvc", "exp", "run", "--run-all", "-j", "2"], repo, OMP_NUM_THREADS="1")
+    finally:
+        subprocess.run(["dvc", "queue", "stop"], cwd=repo, env=tool_env(), capture_output=True, timeout=60)
+        train.write_text(committed)
+    seen["run_all_output"] = result.stdout + result.stderr
+    seen["queue_status"] = run(["dvc", "queue", "status"], repo).stdout
+    seen["queue_logs"] = [run(["dvc", "queue", "logs", f"queued-{seed}"], repo).stdout for seed in (1, 2)]
+
+    # 4. The README's preset, exactly as README.md gives it, in the workspace (its data stages are cached).
+    seen["preset_command"] = readme_preset_command()
+    seen["preset_output"] = run(seen["preset_command"], repo).stdout
+    return seen

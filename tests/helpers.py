@@ -3,14 +3,16 @@ data, the tools' environment, real servers on free ports, throw-away pipeline re
 
 from __future__ import annotations
 
+import copy
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw, ImageFont
 
+from mnist_cnn.config import Params, run_stage, validate
 from mnist_cnn.data import write_idx
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,21 +93,49 @@ def http_server(
         process.wait(timeout=30)
 
 
+def stage_error(main: Callable[[], None], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run a stage's main() in this process as `python -m mnist_cnn.<stage>` does (config.run_stage;
+    use the `in_process` fixture and monkeypatch.chdir): it must exit 2 with exactly one `error:`
+    line on stderr, which is returned. (test_config proves the real process prints no traceback.)"""
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(main)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
 def run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(cmd, cwd=cwd, env=tool_env(**env), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
     return result
 
 
+def overridden(raw: dict | None = None, **overrides: object) -> dict:
+    """The one way tests override params: a deep copy of raw (default: the repo's params.yaml, parsed
+    but not validated) with each `section__key=value` (or top-level `key=value`) set."""
+    params = copy.deepcopy(raw) if raw is not None else yaml.safe_load((REPO / "params.yaml").read_text())
+    for dotted, value in overrides.items():
+        *sections, key = re.split(r"__|\.", dotted)
+        node = params
+        for section in sections:
+            node = node[section]
+        node[key] = value
+    return params
+
+
+def make_params(**overrides: object) -> Params:
+    """The repo's params, validated, with `section__key=value` overrides (see `overridden`)."""
+    return validate(overridden(**overrides))
+
+
 def write_params(directory: Path, data_dir: Path, **overrides: object) -> None:
     """The repo's params.yaml made offline and fed from data_dir (synthetic data: no checksums),
     2 epochs; overrides as `section__key=value` or `key=value`."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update(mirrors=[], npm_package="", source_dir=str(data_dir), verify_sha256=False)
-    params["train"].update(epochs=2, eval_batch_size=500)
-    for dotted, value in overrides.items():
-        section, _, key = dotted.rpartition("__")
-        (params[section] if section else params)[key] = value
+    offline = {"data__mirrors": [], "data__npm_package": "", "data__source_dir": str(data_dir)}
+    defaults = {**offline, "data__verify_sha256": False, "train__epochs": 2, "train__eval_batch_size": 500}
+    params = overridden(**{**defaults, **overrides})
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 

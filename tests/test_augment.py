@@ -1,4 +1,4 @@
-"""On-device augmentation (src/mnist_cnn/augment.py) against torchvision, on real MNIST digits.
+"""On-device augmentation (src/mnist_cnn/augment.py) against torchvision, on drawn MNIST-shaped digits.
 
 Convention: augment.py promises torchvision's RandomRotation(10) then RandomAffine(0, translate=(0.1, 0.1)),
 so a positive angle turns the digit counter-clockwise, like torchvision's `rotate`. torchvision's `affine`
@@ -8,14 +8,13 @@ torchvision's rotate), so one `affine` call equal to "rotate by a, then shift" i
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from helpers import render_digits
 from mnist_cnn.augment import affine_theta, random_affine
 
 NEAREST = InterpolationMode.NEAREST
@@ -26,12 +25,10 @@ SHIFTS = [(0, 0), (3, -2), (-3, 3), (1, 0), (0, -1), (-2, -3), (3, 3)]
 
 
 @pytest.fixture(scope="module")
-def digits(real_mnist: Path) -> torch.Tensor:
-    """32 real MNIST test digits as floats in [0, 1], shape (32, 1, 28, 28)."""
-    images = torch.load(real_mnist / "test.pt", map_location="cpu", weights_only=True)["images"]
-    assert images.dtype == torch.uint8 and images.shape[1:] == (28, 28)
-    # Every 300th digit: a spread of writers and classes, not only the first few.
-    return images[::300][:32].unsqueeze(1).float().div(255.0)
+def digits() -> torch.Tensor:
+    """32 drawn MNIST-shaped digits (shifted, noised; offline) as floats in [0, 1], shape (32, 1, 28, 28)."""
+    images, _ = render_digits(32, seed=3)
+    return torch.from_numpy(images).unsqueeze(1).float().div(255.0)
 
 
 def ours(images: torch.Tensor, angle: float, shift: tuple[int, int]) -> torch.Tensor:

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from helpers import REPO, tool_env, write_synthetic_mnist
+from helpers import REPO, stage_error, tool_env, write_params, write_synthetic_mnist
+from mnist_cnn import bench, download, preprocess
 
 BENCH_ARGS = ["--device", "cpu", "--subset", "2048", "--workers", "1", "--repeats", "2"]
 
@@ -18,26 +18,28 @@ BENCH_ARGS = ["--device", "cpu", "--subset", "2048", "--workers", "1", "--repeat
 # The README's preset, with fewer epochs than the bench runs passes (a one-cycle schedule
 # refuses steps beyond its plan, so the bench must plan for its own passes).
 PRESET = {
-    "model": {"batchnorm": True, "dropout": 0.1, "depth": 3},
-    "train": {"lr_schedule": "onecycle", "lr": 0.01, "epochs": 1},
+    "model__batchnorm": True,
+    "model__dropout": 0.1,
+    "model__depth": 3,
+    "train__lr_schedule": "onecycle",
+    "train__lr": 0.01,
+    "train__epochs": 1,
 }
 
 
+# A real process: the reference loop's DataLoader workers and the bench's thread and allocator
+# settings must not be left in the test process.
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [{}, PRESET], ids=["defaults", "preset"])
-def test_bench_prints_table_and_json(tmp_path: Path, overrides: dict) -> None:
+def test_bench_prints_table_and_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: dict) -> None:
     data = write_synthetic_mnist(tmp_path / "src", n_train=2200, n_test=100)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update(mirrors=[], npm_package="", source_dir=str(data), verify_sha256=False)
-    for section, values in overrides.items():
-        params[section].update(values)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    env = tool_env()
-    for stage in ("download", "preprocess"):
-        subprocess.run([sys.executable, "-m", f"mnist_cnn.{stage}"], cwd=tmp_path, env=env, check=True)
+    write_params(tmp_path, data, **overrides)
+    monkeypatch.chdir(tmp_path)
+    download.main()
+    preprocess.main()
     result = subprocess.run(
         [sys.executable, "-m", "mnist_cnn.bench", *BENCH_ARGS],
-        cwd=tmp_path,
-        env=env,
+        env=tool_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -56,14 +58,9 @@ def test_bench_prints_table_and_json(tmp_path: Path, overrides: dict) -> None:
 
 
 @pytest.mark.parametrize(("args", "option"), [(["--subset", "10"], "--subset"), (["--repeats", "0"], "--repeats")])
-def test_bench_rejects_a_tiny_run(tmp_path: Path, args: list[str], option: str) -> None:
+def test_bench_rejects_a_tiny_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], args: list[str], option: str
+) -> None:
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    result = subprocess.run(
-        [sys.executable, "-m", "mnist_cnn.bench", *args],
-        cwd=tmp_path,
-        env=tool_env(),
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().startswith(f"error: {option} ")
+    monkeypatch.chdir(tmp_path)
+    assert stage_error(lambda: bench.main(args), capsys).startswith(f"error: {option} ")

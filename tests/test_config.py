@@ -14,6 +14,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import overridden, stage_error, tool_env
+from mnist_cnn import preprocess
 from mnist_cnn.config import Params, UserError, flat, load_params, run_stage, validate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,17 +26,6 @@ PARAMS_YAML = REPO / "params.yaml"
 def raw_params() -> dict[str, Any]:
     """The repo's params.yaml, parsed but not validated (tests deep-copy before mutating)."""
     return yaml.safe_load(PARAMS_YAML.read_text())
-
-
-def mutated(raw: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
-    """A deep copy of raw with the dotted key set to value."""
-    out = copy.deepcopy(raw)
-    *parents, leaf = path.split(".")
-    node = out
-    for part in parents:
-        node = node[part]
-    node[leaf] = value
-    return out
 
 
 def without(raw: dict[str, Any], path: str) -> dict[str, Any]:
@@ -87,14 +78,14 @@ def test_params_are_frozen(raw_params: dict[str, Any]) -> None:
 
 
 def test_empty_sources_mean_skip(raw_params: dict[str, Any]) -> None:
-    params = validate(mutated(mutated(raw_params, "data.npm_package", ""), "data.mirrors", []))
+    params = validate(overridden(raw_params, data__npm_package="", data__mirrors=[]))
     assert params.data.npm_package == ""
     assert params.data.mirrors == []
 
 
 def test_int_lr_is_accepted_as_float(raw_params: dict[str, Any]) -> None:
     # YAML reads `lr: 1` as an int; it is a valid learning rate.
-    params = validate(mutated(raw_params, "train.lr", 1))
+    params = validate(overridden(raw_params, train__lr=1))
     assert params.train.lr == 1.0
     assert isinstance(params.train.lr, float)
 
@@ -103,19 +94,19 @@ def test_int_lr_is_accepted_as_float(raw_params: dict[str, Any]) -> None:
 
 
 def test_extra_key_beside_the_right_one_gets_did_you_mean(raw_params: dict[str, Any]) -> None:
-    message = user_error(mutated(raw_params, "train.epoch", 5))
+    message = user_error(overridden(raw_params, train__epoch=5))
     assert "unknown key 'train.epoch'" in message
     assert "did you mean 'epochs'?" in message
 
 
 def test_unknown_top_level_key_gets_did_you_mean(raw_params: dict[str, Any]) -> None:
-    message = user_error(mutated(raw_params, "augmnet", True))
+    message = user_error(overridden(raw_params, augmnet=True))
     assert "unknown key 'augmnet'" in message
     assert "did you mean 'augment'?" in message
 
 
 def test_unknown_key_with_nothing_close_has_no_suggestion(raw_params: dict[str, Any]) -> None:
-    message = user_error(mutated(raw_params, "data.zzzzzz", 1))
+    message = user_error(overridden(raw_params, data__zzzzzz=1))
     assert "unknown key 'data.zzzzzz'" in message
     assert "did you mean" not in message
 
@@ -156,7 +147,7 @@ def test_missing_key_is_named(raw_params: dict[str, Any], key: str) -> None:
     ],
 )
 def test_wrong_type_is_named(raw_params: dict[str, Any], key: str, value: Any) -> None:
-    message = user_error(mutated(raw_params, key, value))
+    message = user_error(overridden(raw_params, **{key: value}))
     assert message.startswith(f"params: '{key}")
     assert repr(value) in message or key in ("data.mirrors", "data")
 
@@ -179,7 +170,7 @@ def test_wrong_type_is_named(raw_params: dict[str, Any], key: str, value: Any) -
     ],
 )
 def test_out_of_range_is_named(raw_params: dict[str, Any], key: str, value: Any, words: str) -> None:
-    message = user_error(mutated(raw_params, key, value))
+    message = user_error(overridden(raw_params, **{key: value}))
     assert message.startswith(f"params: '{key}': ")
     assert words in message, message
 
@@ -194,7 +185,7 @@ def test_nan_from_yaml_file_is_rejected(tmp_path: Path) -> None:
 
 def test_int_too_big_for_a_float_is_a_user_error(raw_params: dict[str, Any]) -> None:
     with pytest.raises(UserError, match=r"train\.lr"):
-        validate(mutated(raw_params, "train.lr", 10**400))
+        validate(overridden(raw_params, train__lr=10**400))
 
 
 # --- file-level problems ------------------------------------------------------
@@ -296,25 +287,39 @@ def test_run_stage_success_returns_normally() -> None:
     ],
     ids=["out-of-range", "wrong-type", "yaml-syntax"],
 )
-def test_stage_subprocess_prints_one_line_and_exits_2(tmp_path: Path, edit: Any, names: str) -> None:
+def test_a_stage_prints_one_line_and_exits_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], edit: Any, names: str
+) -> None:
     original = PARAMS_YAML.read_text()
     broken = edit(original)
     assert broken != original, "the edit must change params.yaml"
     (tmp_path / "params.yaml").write_text(broken)
+    monkeypatch.chdir(tmp_path)
+    line = stage_error(preprocess.main, capsys)
+    assert line.startswith("error: params.yaml: "), line
+    assert names in line
+    # Validation happens before any work: nothing was written.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_a_stage_process_prints_one_line_without_traceback_and_exits_2(tmp_path: Path) -> None:
+    """The one real process: `python -m mnist_cnn.<stage>` on a bad params.yaml (the in-process
+    tests of every stage's errors rely on run_stage behaving so in a real process)."""
+    (tmp_path / "params.yaml").write_text(PARAMS_YAML.read_text().replace("lr: 0.001", "lr: -1"))
     result = subprocess.run(
         [sys.executable, "-m", "mnist_cnn.preprocess"],
         cwd=tmp_path,
+        env=tool_env(),
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: params.yaml: "), lines[0]
-    assert names in lines[0]
-    assert "Traceback" not in result.stderr
-    # Validation happens before any work: nothing was written.
+    assert lines[0].startswith("error: params.yaml: ") and "'train.lr'" in lines[0], lines[0]
+    assert result.stdout == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
@@ -357,7 +362,7 @@ def expect_params_or_user_error(raw: Any) -> Params | None:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(key=st.sampled_from(LEAVES), value=values)
 def test_mutating_one_leaf_gives_params_or_user_error(raw_params: dict[str, Any], key: str, value: Any) -> None:
-    params = expect_params_or_user_error(mutated(raw_params, key, value))
+    params = expect_params_or_user_error(overridden(raw_params, **{key: value}))
     if params is not None and "." in key:
         # Accepted: the stored value is the one given (ints widened to float for float fields).
         stored = flat(params)[key]
@@ -416,5 +421,5 @@ def test_non_utf8_file_is_a_user_error(tmp_path: Path) -> None:
 
 
 def test_error_message_is_one_line_even_for_odd_keys(raw_params: dict[str, Any]) -> None:
-    message = user_error(mutated(raw_params, "train.epochs\nx", 5))
+    message = user_error(overridden(raw_params, **{"train.epochs\nx": 5}))
     assert "\n" not in message

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import mlflow
@@ -11,7 +10,8 @@ import pytest
 import torch
 import yaml
 
-from helpers import REPO, make_pipeline_repo, run, tool_env
+from helpers import REPO, make_pipeline_repo, run, stage_error, write_params
+from mnist_cnn import distributed, train
 from mnist_cnn.config import UserError, validate
 from mnist_cnn.distributed import shard
 from mnist_cnn.train import check_parallel, steps_per_epoch
@@ -70,13 +70,15 @@ def test_nproc_must_be_positive() -> None:
         validate(raw_params(nproc=0))
 
 
-def test_a_bad_nproc_stops_the_stage_before_torchrun(tmp_path: Path, synthetic_mnist: Path) -> None:
-    repo = make_pipeline_repo(tmp_path / "repo", synthetic_mnist, train__nproc=5)
-    cmd = ["python", "-m", "mnist_cnn.train"]
-    result = subprocess.run(cmd, cwd=repo, env=tool_env(), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    assert result.stderr.strip() == "error: params.yaml: train.batch_size (64) must be divisible by train.nproc (5)"
-    assert "torch.distributed.run" not in result.stdout
+def test_a_bad_nproc_stops_the_stage_before_torchrun(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], in_process: None
+) -> None:
+    write_params(tmp_path, tmp_path / "no-data", train__nproc=5)
+    monkeypatch.setattr(distributed, "relaunch", lambda nproc: pytest.fail(f"torchrun started with {nproc}"))
+    monkeypatch.chdir(tmp_path)
+    line = stage_error(train.main, capsys)
+    assert line == "error: params.yaml: train.batch_size (64) must be divisible by train.nproc (5)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
 @pytest.mark.slow

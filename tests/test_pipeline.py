@@ -7,9 +7,6 @@ MLflow sqlite store are the real ones.
 from __future__ import annotations
 
 import json
-import re
-import shlex
-import time
 from pathlib import Path
 
 import mlflow
@@ -18,7 +15,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from helpers import REPO, make_pipeline_repo, run
+from helpers import run
 
 pytestmark = pytest.mark.slow
 
@@ -109,26 +106,13 @@ def test_repro_again_does_nothing(pipeline: Path) -> None:
     assert "didn't change, skipping" in out or "up to date" in out
 
 
-def test_experiments_run_the_code_of_their_snapshot(tmp_path: Path, synthetic_mnist: Path) -> None:
+def test_experiments_run_the_code_of_their_snapshot(queued_pipeline: dict) -> None:
     """A queued experiment runs the code it was queued with, even if the workspace is edited
-    before the queue starts (the stages put the copy's src/ first on PYTHONPATH)."""
-    repo = make_pipeline_repo(tmp_path / "repo", synthetic_mnist, data__subset=200, train__epochs=1)
-    train = repo / "src/mnist_cnn/train.py"
-    train.write_text(train.read_text() + '\nprint("code: as committed")\n')
-    run(["git", "commit", "-qam", "mark the committed code"], repo)
-    assert "code: as committed" in run(["dvc", "exp", "run", "--temp", "-n", "temp-run"], repo).stdout
-
-    run(["dvc", "exp", "run", "--queue", "-n", "queued", "-S", "seed=3"], repo)
-    train.write_text(train.read_text().replace("as committed", "edited after queueing"))
-    run(["dvc", "queue", "start", "-j", "1"], repo)
-    deadline = time.monotonic() + 600
-    while "Success" not in run(["dvc", "queue", "status"], repo).stdout:
-        assert "Failed" not in run(["dvc", "queue", "status"], repo).stdout
-        assert time.monotonic() < deadline, "the queued experiment did not finish"
-        time.sleep(2)
-    logs = run(["dvc", "queue", "logs", "queued"], repo).stdout
-    assert "code: as committed" in logs
-    assert "edited after queueing" not in logs
+    before the queue starts (the stages put the copy's src/ first on PYTHONPATH; conftest's
+    queued_pipeline queues two, edits train.py, then runs the queue)."""
+    for logs in queued_pipeline["queue_logs"]:
+        assert "code: as committed" in logs
+        assert "edited after queueing" not in logs
 
 
 def test_an_identical_experiment_is_restored_from_the_run_cache(pipeline: Path, client: MlflowClient) -> None:
@@ -142,20 +126,13 @@ def test_an_identical_experiment_is_restored_from_the_run_cache(pipeline: Path, 
     assert {r.info.run_id for r in client.search_runs([experiment_id])} == before
 
 
-def readme_preset_command() -> list[str]:
-    """The `dvc exp run -n improved ...` line exactly as README.md gives it."""
-    match = re.search(r"^dvc exp run -n improved (?:.*\\\n)*.*$", (REPO / "README.md").read_text(), re.MULTILINE)
-    assert match, "README.md has no `dvc exp run -n improved` line"
-    return shlex.split(match.group(0).replace("\\\n", " "))
-
-
-def test_the_readme_preset_runs_the_whole_pipeline(tmp_path: Path, synthetic_mnist: Path) -> None:
-    """The preset, run as the README says: every later stage loads the improved network from the
-    architecture saved with its weights, and evaluates exactly what training measured."""
-    command = readme_preset_command()
-    assert "-S" in command
-    repo = make_pipeline_repo(tmp_path / "repo", synthetic_mnist)
-    run(command, repo)
+def test_the_readme_preset_runs_the_whole_pipeline(queued_pipeline: dict) -> None:
+    """The preset, run as the README says (conftest's queued_pipeline): every later stage loads the
+    improved network from the architecture saved with its weights, and evaluates exactly what
+    training measured."""
+    repo = queued_pipeline["repo"]
+    assert "-S" in queued_pipeline["preset_command"]
+    assert "Running stage 'train'" in queued_pipeline["preset_output"]
     checkpoint = torch.load(repo / "models/model.pt", weights_only=True)
     assert checkpoint["arch"] == {"batchnorm": True, "dropout": 0.1, "depth": 3}
     assert "block3.1.running_mean" in checkpoint["state_dict"]  # the third block, with its BatchNorm
@@ -164,4 +141,4 @@ def test_the_readme_preset_runs_the_whole_pipeline(tmp_path: Path, synthetic_mni
     assert evaluated["test_accuracy"] == pytest.approx(float(trained[3]), abs=1e-6)
     assert evaluated["test_loss"] == pytest.approx(float(trained[2]), rel=1e-5)
     assert (repo / "reports/confusion_matrix.png").stat().st_size > 0
-    assert "improved" in run(["dvc", "exp", "list", "--name-only"], repo).stdout.split()
+    assert "improved" in run(["dvc", "exp", "list", "--all-commits", "--name-only"], repo).stdout.split()

@@ -4,26 +4,26 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
-from helpers import REPO, tool_env, write_synthetic_mnist
+from helpers import REPO, stage_error, write_synthetic_mnist
+from mnist_cnn import preprocess
+from mnist_cnn.config import run_stage
 from mnist_cnn.data import write_idx
 
 
-def preprocess(cwd: Path) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "mnist_cnn.preprocess"]
-    return subprocess.run(cmd, cwd=cwd, env=tool_env(), capture_output=True, text=True)
-
-
-def test_writes_tensors_and_stats_and_keeps_them_on_bad_input(tmp_path: Path) -> None:
+def test_writes_tensors_and_stats_and_keeps_them_on_bad_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     raw = write_synthetic_mnist(tmp_path / "data" / "raw", n_train=120, n_test=40)
-    assert preprocess(tmp_path).returncode == 0
+    monkeypatch.chdir(tmp_path)
+    run_stage(preprocess.main)
+    assert capsys.readouterr().out.startswith("preprocess: 120 train / 40 test images")
     processed = tmp_path / "data" / "processed"
     train = torch.load(processed / "train.pt", weights_only=True)
     assert train["images"].dtype == torch.uint8 and train["images"].shape == (120, 28, 28)
@@ -36,7 +36,5 @@ def test_writes_tensors_and_stats_and_keeps_them_on_bad_input(tmp_path: Path) ->
     # New, different training images but test labels out of range: nothing may be replaced.
     write_idx(raw / "train-images-idx3-ubyte", np.zeros((120, 28, 28), dtype=np.uint8))
     write_idx(raw / "t10k-labels-idx1-ubyte", np.full(40, 11, dtype=np.uint8))
-    result = preprocess(tmp_path)
-    assert result.returncode == 2
-    assert result.stderr.strip() == "error: test labels: values must be 0-9, found 11"
+    assert stage_error(preprocess.main, capsys) == "error: test labels: values must be 0-9, found 11"
     assert {p.name: p.read_bytes() for p in processed.iterdir()} == before

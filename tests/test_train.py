@@ -7,22 +7,19 @@ import platform
 
 import pytest
 import torch
-import yaml
 
-from helpers import REPO
-from mnist_cnn.config import Params, UserError, validate
+from helpers import make_params
+from mnist_cnn.config import UserError
 from mnist_cnn.train import build, measure_test_set, pick_device, train_epoch
 
-
-def params(model: dict | None = None, **train: object) -> Params:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["train"].update(train)
-    raw["model"].update(model or {})
-    return validate(raw)
-
-
 # Every proposed improvement switched on at once.
-IMPROVED = {"model": {"batchnorm": True, "dropout": 0.3, "depth": 3}, "lr_schedule": "onecycle", "weight_decay": 0.01}
+IMPROVED = {
+    "model__batchnorm": True,
+    "model__dropout": 0.3,
+    "model__depth": 3,
+    "train__lr_schedule": "onecycle",
+    "train__weight_decay": 0.01,
+}
 
 
 @pytest.fixture
@@ -50,13 +47,13 @@ def test_pick_device() -> None:
 
 
 @pytest.mark.parametrize(
-    "options", [{}, IMPROVED, {**IMPROVED, "precision": "bf16"}], ids=["report", "improved", "bf16"]
+    "options", [{}, IMPROVED, {**IMPROVED, "train__precision": "bf16"}], ids=["report", "improved", "bf16"]
 )
 def test_same_seed_gives_bitwise_identical_training_on_cpu(options: dict) -> None:
     images, labels = toy_data(256)
     results = []
     for _ in range(2):
-        step = build(params(device="cpu", **options), images, labels)
+        step = build(make_params(train__device="cpu", **options), images, labels)
         loss = train_epoch(step, len(images), 64)
         results.append((loss, [p.detach().clone() for p in step.model.parameters()]))
     assert results[0][0] == results[1][0]
@@ -66,16 +63,15 @@ def test_same_seed_gives_bitwise_identical_training_on_cpu(options: dict) -> Non
 
 def test_different_seed_gives_different_weights() -> None:
     images, labels = toy_data(128)
-    first = build(params(device="cpu"), images, labels)
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["seed"] += 1
-    second = build(validate(raw), images, labels)
+    params = make_params(train__device="cpu")
+    first = build(params, images, labels)
+    second = build(make_params(train__device="cpu", seed=params.seed + 1), images, labels)
     assert not torch.equal(first.model.conv1.weight, second.model.conv1.weight)
 
 
 def test_last_short_batch_is_trained_not_dropped() -> None:
     images, labels = toy_data(100)  # 64 + 36
-    step = build(params(device="cpu"), images, labels)
+    step = build(make_params(train__device="cpu"), images, labels)
     train_epoch(step, len(images), 64)
     adam_steps = {int(state["step"]) for state in step.optimizer.state.values()}
     assert adam_steps == {2}
@@ -83,10 +79,10 @@ def test_last_short_batch_is_trained_not_dropped() -> None:
 
 def test_bf16_is_the_fast_path_and_fp32_the_reports() -> None:
     images, labels = toy_data(64)
-    fast = build(params(device="cpu", precision="bf16"), images, labels)
+    fast = build(make_params(train__device="cpu", train__precision="bf16"), images, labels)
     assert fast.channels_last and fast.net.conv2.weight.is_contiguous(memory_format=torch.channels_last)
     assert fast.optimizer.defaults["fused"]
-    exact = build(params(device="cpu", precision="fp32"), images, labels)
+    exact = build(make_params(train__device="cpu", train__precision="fp32"), images, labels)
     assert not exact.channels_last and exact.net.conv2.weight.is_contiguous()
     assert not exact.optimizer.defaults["fused"]  # the report's multi-tensor Adam, bit for bit
 
@@ -94,7 +90,7 @@ def test_bf16_is_the_fast_path_and_fp32_the_reports() -> None:
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_training_learns(precision: str) -> None:
     images, labels = toy_data(640)
-    step = build(params(device="cpu", precision=precision, lr=0.003), images, labels)
+    step = build(make_params(train__device="cpu", train__precision=precision, train__lr=0.003), images, labels)
     losses = [train_epoch(step, len(images), 64) for _ in range(3)]
     _, accuracy = measure_test_set(step.model, images, labels, 256)
     assert losses[-1] < losses[0]
@@ -108,7 +104,11 @@ def test_cuda_graph_step_trains_like_eager(precision: str) -> None:
     images, labels = toy_data(1000, "cuda")  # 15 full batches + a short one
     final = {}
     for graph in (False, True):
-        step = build(params(device="cuda", precision=precision, cuda_graph=graph, lr=0.003), images, labels)
+        step = build(
+            make_params(train__device="cuda", train__precision=precision, train__cuda_graph=graph, train__lr=0.003),
+            images,
+            labels,
+        )
         losses = [train_epoch(step, len(images), 64) for _ in range(3)]
         assert (step.graph is not None) == graph
         final[graph] = (losses[-1], measure_test_set(step.model, images, labels, 500)[1])
@@ -122,7 +122,11 @@ def test_cuda_graph_step_trains_like_eager(precision: str) -> None:
 def test_a_graphed_step_reads_the_scheduled_rate_from_a_tensor() -> None:
     # A captured graph bakes in Python floats; the schedule must reach Adam through a tensor.
     images, labels = toy_data(640, "cuda")  # 10 steps per epoch
-    step = build(params(device="cuda", cuda_graph=True, lr_schedule="step", lr=0.01), images, labels)
+    step = build(
+        make_params(train__device="cuda", train__cuda_graph=True, train__lr_schedule="step", train__lr=0.01),
+        images,
+        labels,
+    )
     rate = step.optimizer.param_groups[0]["lr"]
     assert isinstance(rate, torch.Tensor) and rate.device.type == "cuda" and rate.dtype == torch.float32
     train_epoch(step, len(images), 64)
@@ -139,14 +143,14 @@ def test_bf16_warns_on_an_x86_cpu_without_native_bfloat16(
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     for native, precision in [(True, "bf16"), (False, "bf16"), (False, "fp32")]:
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
-        build(params(device="cpu", precision=precision), images, labels)
+        build(make_params(train__device="cpu", train__precision=precision), images, labels)
         warned = "warning: train.precision bf16: this CPU has no native bfloat16" in capsys.readouterr().err
         assert warned == (precision == "bf16" and not native)
 
 
 def test_a_diverging_loss_stops_training_naming_epoch_and_step() -> None:
     images, labels = toy_data(640)
-    step = build(params(device="cpu"), images, labels)
+    step = build(make_params(train__device="cpu"), images, labels)
     with pytest.raises(UserError, match=r"epoch 3, step 1 of 10"):
         for epoch in range(1, 4):
             with torch.no_grad():
@@ -160,7 +164,17 @@ def test_a_diverging_loss_stops_training_naming_epoch_and_step() -> None:
 
 def lr_per_step(schedule: str, epochs: int = 3, n: int = 640, batch: int = 64) -> list[float]:
     images, labels = toy_data(n)
-    step = build(params(device="cpu", lr=0.01, lr_schedule=schedule, epochs=epochs, batch_size=batch), images, labels)
+    step = build(
+        make_params(
+            train__device="cpu",
+            train__lr=0.01,
+            train__lr_schedule=schedule,
+            train__epochs=epochs,
+            train__batch_size=batch,
+        ),
+        images,
+        labels,
+    )
     rates = []
     for _ in range(epochs):
         for start in range(0, n, batch):
@@ -198,8 +212,8 @@ def test_onecycle_warms_up_to_lr_then_anneals() -> None:
 
 def test_weight_decay_uses_adamw_and_changes_training() -> None:
     images, labels = toy_data(256)
-    plain = build(params(device="cpu"), images, labels)
-    decayed = build(params(device="cpu", weight_decay=0.5), images, labels)
+    plain = build(make_params(train__device="cpu"), images, labels)
+    decayed = build(make_params(train__device="cpu", train__weight_decay=0.5), images, labels)
     assert type(plain.optimizer) is torch.optim.Adam
     assert type(decayed.optimizer) is torch.optim.AdamW
     assert decayed.optimizer.param_groups[0]["weight_decay"] == 0.5
@@ -210,7 +224,7 @@ def test_weight_decay_uses_adamw_and_changes_training() -> None:
 
 def test_improvements_learn() -> None:
     images, labels = toy_data(640)
-    step = build(params(device="cpu", lr=0.003, **IMPROVED), images, labels)
+    step = build(make_params(train__device="cpu", train__lr=0.003, **IMPROVED), images, labels)
     losses = [train_epoch(step, len(images), 64) for _ in range(3)]
     assert losses[-1] < losses[0]
     assert measure_test_set(step.model, images, labels, 256)[1] > 0.5
@@ -219,11 +233,11 @@ def test_improvements_learn() -> None:
 def test_deterministic_mode_gives_the_same_training(deterministic_mode_restored: None) -> None:
     # The deterministic loss (a gather instead of nll_loss) is the same mean: same learning, same runs.
     images, labels = toy_data(256)
-    default = build(params(device="cpu"), images, labels)
+    default = build(make_params(train__device="cpu"), images, labels)
     default_loss = train_epoch(default, len(images), 64)
     losses = []
     for _ in range(2):
-        step = build(params(device="cpu", deterministic=True), images, labels)
+        step = build(make_params(train__device="cpu", train__deterministic=True), images, labels)
         losses.append(train_epoch(step, len(images), 64))
     assert torch.are_deterministic_algorithms_enabled()
     assert losses[0] == losses[1]
@@ -241,7 +255,11 @@ def test_deterministic_cuda_runs_are_bitwise_identical(graph: bool, deterministi
     images, labels = toy_data(1000, "cuda")
     weights, test_losses = [], []
     for _ in range(2):
-        step = build(params(device="cuda", deterministic=True, cuda_graph=graph, **IMPROVED), images, labels)
+        step = build(
+            make_params(train__device="cuda", train__deterministic=True, train__cuda_graph=graph, **IMPROVED),
+            images,
+            labels,
+        )
         for _ in range(2):
             train_epoch(step, len(images), 64)
         weights.append([p.detach().clone() for p in step.model.parameters()])
