@@ -19,4 +19,12 @@ TRAIN_HISTORY = Path("plots/train_history.csv")  # one row per epoch
 EVAL_METRICS = Path("metrics/eval.json")  # evaluate
 CONFUSION_CSV = Path("plots/confusion.csv")  # one row per test image (DVC's confusion template)
 
+ROBUST_METRICS = Path("metrics/robustness.json")  # robustness: flat robust_* accuracies
+ROBUST_CURVES = {  # one CSV per curve, for `dvc plots`
+    "rotation": Path("plots/robustness_rotation.csv"),
+    "shift": Path("plots/robustness_shift.csv"),
+    "scale": Path("plots/robustness_scale.csv"),
+}
+ROBUST_DIR = Path("robustness")  # the example grid, the curves figure, the per-corruption table
+
 REPORTS_DIR = Path("reports")  # confusion-analysis: figures and tables
