@@ -134,8 +134,9 @@ def paired_difference(on: list[float], off: list[float]) -> dict[str, float] | N
     if len(on) < 2:
         return None
     diffs = np.subtract(on, off)
-    if np.all(diffs == diffs[0]):  # no spread: the t-test is undefined
-        return {"pairs": len(on), "mean": float(diffs[0]), "low": float(diffs[0]), "high": float(diffs[0]), "p": 0.0}
+    if np.all(diffs == diffs[0]):  # no spread: the t-test is undefined; the difference is exact
+        d = float(diffs[0])
+        return {"pairs": len(on), "mean": d, "low": d, "high": d, "p": 1.0 if d == 0 else 0.0}
     test = stats.ttest_rel(on, off)
     ci = test.confidence_interval(0.95)
     return {"pairs": len(on), "mean": float(diffs.mean()), "low": float(ci.low), "high": float(ci.high),
