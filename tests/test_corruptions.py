@@ -42,10 +42,17 @@ def test_size_zero_is_the_identity(digits: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("angle", [10.0, 25.0])
 def test_rotating_there_and_back_comes_back_close(digits: torch.Tensor, angle: float) -> None:
-    back = corruptions.rotate(corruptions.rotate(digits, angle), -angle).float()
-    # Two bilinear resamplings blur a little; the digit itself must come back.
-    assert (back - digits.float()).abs().mean() < 0.1 * digits.float().mean()
-    assert (back - corruptions.rotate(digits, angle).float()).abs().mean() > (back - digits.float()).abs().mean()
+    turned = corruptions.rotate(digits, angle)
+    back = corruptions.rotate(turned, -angle)
+
+    def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # cosine, per image
+        a, b = a.float(), b.float()
+        return (a * b).sum((1, 2)) / (a.norm(dim=(1, 2)) * b.norm(dim=(1, 2)))
+
+    # Two bilinear resamplings blur a little (0.95-0.97 measured); the digit itself comes back,
+    # far closer to the original than the rotated one is (0.23-0.67).
+    assert similarity(back, digits).min() > 0.9
+    assert (similarity(back, digits) > similarity(turned, digits) + 0.2).all()
 
 
 @pytest.mark.parametrize("name", sorted(corruptions.MNIST_C))
