@@ -192,7 +192,7 @@ def main() -> None:
 
     with tracking.reopen_run():
         mlflow.log_metrics(metrics | curve_metrics(rows))
-        mlflow.log_param("robustness.bf16", bf16)
+        mlflow.set_tag("robustness.bf16", str(bf16))  # a tag: a rerun of this stage alone may change it
         mlflow.log_artifact(str(ROBUST_METRICS), artifact_path="metrics")
         for path in ROBUST_CURVES.values():
             mlflow.log_artifact(str(path), artifact_path="plots")
