@@ -49,10 +49,11 @@ def test_rotating_there_and_back_comes_back_close(digits: torch.Tensor, angle: f
         a, b = a.float(), b.float()
         return (a * b).sum((1, 2)) / (a.norm(dim=(1, 2)) * b.norm(dim=(1, 2)))
 
-    # Two bilinear resamplings blur a little (0.95-0.97 measured); the digit itself comes back,
-    # far closer to the original than the rotated one is (0.23-0.67).
+    # Two bilinear resamplings blur a little (0.95-0.98 measured); the digit itself comes back,
+    # closer to the original than the rotated one is (0.69-0.94 at 10 degrees, less at 25).
     assert similarity(back, digits).min() > 0.9
-    assert (similarity(back, digits) > similarity(turned, digits) + 0.2).all()
+    assert (similarity(back, digits) > similarity(turned, digits)).all()
+    assert similarity(back, digits).mean() > similarity(turned, digits).mean() + 0.1
 
 
 @pytest.mark.parametrize("name", sorted(corruptions.MNIST_C))
