@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from skimage.feature import canny
 
 SIZE = 28
+CHUNK = 2000  # images corrupted at once
 CENTER = (SIZE - 1) / 2  # 13.5: MNIST-C's affine corruptions keep this point fixed
 
 
@@ -354,7 +355,9 @@ def corrupt(name: str, images: torch.Tensor) -> torch.Tensor:
     """The MNIST-C corruption `name` of uint8 images (N, 28, 28), same bytes on every call."""
     generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))  # its own fixed seed
     x = images.to(torch.float32) / 255
-    return to_uint8(MNIST_C[name](x, generator))
+    # Fixed-size chunks bound the memory (zigzag's line masks are ~50 kB an image); one
+    # generator runs through them in order, so the bytes still depend on nothing else.
+    return torch.cat([to_uint8(MNIST_C[name](x[i : i + CHUNK], generator)) for i in range(0, len(x), CHUNK)])
 
 
 # ---------------------------------------------------------------- curves
