@@ -228,7 +228,7 @@ def fog(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     strength, decay = 3.0, 1.4  # [5]
     top = x.amax(dim=(1, 2), keepdim=True)
     # A 256x256 map (of which the paper uses a 28x28 corner) costs 65k random numbers: images
-    # share a fixed pool of FOG_MAPS maps, image i the map i % FOG_MAPS, instead of one each.
+    # share a pool of FOG_MAPS maps (per chunk), image i the map i % FOG_MAPS, instead of one each.
     maps = plasma_fractal(min(FOG_MAPS, len(x)), g, x.device, decay)[:, :SIZE, :SIZE]
     x = x + strength * maps[torch.arange(len(x), device=x.device) % len(maps)]
     return x * top / (top + strength)
