@@ -8,7 +8,11 @@ that differ between them (the seed excepted), and writes DIR/ablation.md and
 DIR/ablation.png: per group and epoch the mean +- std of test accuracy, test
 loss and training loss (the last shows overfitting); the paired difference
 augment on - off over the seeds both settings ran, with a 95% confidence
-interval (Student's t); and how often 4 and 9 were confused. The summary is logged as its own MLflow run, tagged
+interval and p-value (scipy's paired t-test), for the clean accuracy and for every
+robust_* metric of the robustness stage (each corruption, each curve point); the
+worst augmented run against the best non-augmented one at 20 degrees and 4 pixels;
+DIR/ablation_robustness.png, the curves of both settings with +-1 std bands; and
+how often 4 and 9 were confused. The summary is logged as its own MLflow run, tagged
 `mnist_cnn.kind=ablation-summary`.
 """
 
@@ -46,6 +50,7 @@ class RunSummary:
     params: dict[str, str]
     history: dict[str, list[float]]  # metric -> value per epoch (index 0 = epoch 1)
     confusions_4_9: int | None = None
+    robust: dict[str, float] = field(default_factory=dict)  # the robustness stage's robust_* metrics
 
 
 @dataclass
@@ -78,7 +83,8 @@ def summarise(run: Run, client: mlflow.MlflowClient) -> RunSummary:
     for metric in METRICS:
         points = sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step)
         history[metric] = [m.value for m in points]
-    return RunSummary(run.info.run_id, dict(run.data.params), history, confusions_4_9(run.info.run_id))
+    robust = {k: v for k, v in run.data.metrics.items() if k.startswith("robust_")}
+    return RunSummary(run.info.run_id, dict(run.data.params), history, confusions_4_9(run.info.run_id), robust)
 
 
 def confusions_4_9(run_id: str) -> int | None:
@@ -111,22 +117,117 @@ def per_epoch(group: Group, metric: str) -> tuple[np.ndarray, np.ndarray]:
     return values.mean(axis=0), std
 
 
-def paired_augment_difference(runs: list[RunSummary]) -> dict[str, float] | None:
-    """Final test accuracy, augment on minus off, paired by seed (and every other param)."""
+def by_augment(runs: list[RunSummary], value) -> tuple[list[float], list[float]]:
+    """value(run) for augment on and off, paired by seed (and every other param); None = skip."""
     by_setting: dict[tuple, dict[str, float]] = defaultdict(dict)
     for r in runs:
-        others = tuple(sorted((k, v) for k, v in r.params.items() if k != "augment"))
-        by_setting[others][r.params.get("augment", "")] = r.history["test_accuracy"][-1]
-    pairs = [v["True"] - v["False"] for v in by_setting.values() if {"True", "False"} <= set(v)]
-    if len(pairs) < 2:
+        v = value(r)
+        if v is not None:
+            others = tuple(sorted((k, v) for k, v in r.params.items() if k != "augment"))
+            by_setting[others][r.params.get("augment", "")] = v
+    pairs = [(v["True"], v["False"]) for v in by_setting.values() if {"True", "False"} <= set(v)]
+    return [on for on, _ in pairs], [off for _, off in pairs]
+
+
+def paired_difference(on: list[float], off: list[float]) -> dict[str, float] | None:
+    """Mean of on - off with the paired t-test's 95% CI and p-value; None under 2 pairs."""
+    if len(on) < 2:
         return None
-    diffs = np.array(pairs)
-    mean, sem = diffs.mean(), diffs.std(ddof=1) / np.sqrt(len(diffs))
-    half = stats.t.ppf(0.975, len(diffs) - 1) * sem
-    return {"pairs": len(diffs), "mean": float(mean), "low": float(mean - half), "high": float(mean + half)}
+    diffs = np.subtract(on, off)
+    if np.all(diffs == diffs[0]):  # no spread: the t-test is undefined; the difference is exact
+        d = float(diffs[0])
+        return {"pairs": len(on), "mean": d, "low": d, "high": d, "p": 1.0 if d == 0 else 0.0}
+    test = stats.ttest_rel(on, off)
+    ci = test.confidence_interval(0.95)
+    return {"pairs": len(on), "mean": float(diffs.mean()), "low": float(ci.low), "high": float(ci.high),
+            "p": float(test.pvalue)}  # fmt: skip
 
 
-def markdown(groups: list[Group], paired: dict[str, float] | None) -> str:
+def paired_augment_difference(runs: list[RunSummary]) -> dict[str, float] | None:
+    """Final test accuracy, augment on minus off, paired by seed (and every other param)."""
+    return paired_difference(*by_augment(runs, lambda r: r.history["test_accuracy"][-1]))
+
+
+def robustness_section(runs: list[RunSummary]) -> list[str]:
+    names = sorted({k for r in runs for k in r.robust}, key=_robust_order)
+    if not names:
+        return []
+    lines = ["## Robustness: augment on - off, paired by seed", ""]
+    lines += [
+        "| metric | on (%) mean ± std | off (%) mean ± std | on - off (points) | 95% CI | p |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        on, off = by_augment(runs, lambda r, name=name: r.robust.get(name))
+        d = paired_difference(on, off)
+        if d is None:
+            continue
+        lines.append(
+            f"| {name} | {100 * np.mean(on):.2f} ± {100 * np.std(on, ddof=1):.2f} | "
+            f"{100 * np.mean(off):.2f} ± {100 * np.std(off, ddof=1):.2f} | {100 * d['mean']:+.2f} | "
+            f"[{100 * d['low']:+.2f}, {100 * d['high']:+.2f}] | {d['p']:.2g} |"
+        )
+    lines += ["", "### Worst augmented run vs best non-augmented run", ""]
+    lines += ["| point | worst augmented (%) | best non-augmented (%) | worst on > best off |", "|---|---|---|---|"]
+    for name, label in (("robust_rotation_20", "rotation ±20 degrees"), ("robust_shift_4", "shift 4 pixels")):
+        on = [r.robust[name] for r in runs if name in r.robust and r.params.get("augment") == "True"]
+        off = [r.robust[name] for r in runs if name in r.robust and r.params.get("augment") == "False"]
+        if on and off:
+            lines.append(f"| {label} | {100 * min(on):.2f} (n={len(on)}) | {100 * max(off):.2f} (n={len(off)}) | "
+                         f"{'yes' if min(on) > max(off) else 'no'} |")  # fmt: skip
+    return [*lines, ""]
+
+
+def _robust_order(name: str) -> tuple[int, float, str]:
+    """Corruptions and summaries first, then each curve by size."""
+    curve = next((c for c in CURVES if name.startswith(f"robust_{c}_")), None)
+    if curve is None:
+        return (0, 0.0, name)
+    return (1 + CURVES.index(curve), _curve_size(name, curve), name)
+
+
+CURVES = ("rotation", "shift_x", "shift_y", "shift_diagonal", "scale")
+
+
+def _curve_size(name: str, curve: str) -> float:
+    tail = name.removeprefix(f"robust_{curve}_")
+    if curve == "rotation":  # ccw20 -> +20, cw20 -> -20; the headline "20" (both senses) sorts after
+        sign = -1 if tail.startswith("cw") else 1
+        return sign * float(tail.removeprefix("ccw").removeprefix("cw"))
+    return float(tail)
+
+
+def plot_robustness(runs: list[RunSummary], path: Path) -> bool:
+    """Each curve for augment on and off, mean ± 1 std over the runs."""
+    if not any(r.robust for r in runs):
+        return False
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.6), sharey=True)
+    for ax, curve in zip(axes, CURVES, strict=True):
+        for setting, colour in (("True", "tab:blue"), ("False", "tab:orange")):
+            group = [r for r in runs if r.params.get("augment") == setting]
+            # (the rotation curve's points are cwN/ccwN; robust_rotation_20 is their mean)
+            points = {k for r in group for k in r.robust if k.startswith(f"robust_{curve}_")}
+            names = sorted(
+                (k for k in points if curve != "rotation" or "cw" in k), key=lambda k, c=curve: _curve_size(k, c)
+            )
+            if not names:
+                continue
+            x = [_curve_size(k, curve) for k in names]
+            values = np.array([[r.robust.get(k, np.nan) for k in names] for r in group]) * 100
+            mean, std = np.nanmean(values, 0), np.nanstd(values, 0, ddof=1) if len(group) > 1 else np.zeros(len(x))
+            ax.plot(x, mean, marker="o", ms=3, color=colour, label=f"augment={setting} (n={len(group)})")
+            ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.25)
+        ax.set(title=curve, xlabel="degrees" if curve == "rotation" else "factor" if curve == "scale" else "pixels")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (%), mean ± std")
+    axes[0].legend(fontsize=8)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def markdown(groups: list[Group], paired: dict[str, float] | None, robust: list[str] | None = None) -> str:
     lines = ["# Ablation summary", ""]
     for g in groups:
         acc_mean, acc_std = per_epoch(g, "test_accuracy")
@@ -148,10 +249,12 @@ def markdown(groups: list[Group], paired: dict[str, float] | None) -> str:
     if paired:
         lines.append(
             f"**Augment on - off**, final test accuracy, paired over {paired['pairs']} seeds: "
-            f"{100 * paired['mean']:+.3f} points, 95% CI [{100 * paired['low']:+.3f}, {100 * paired['high']:+.3f}]."
+            f"{100 * paired['mean']:+.3f} points, 95% CI [{100 * paired['low']:+.3f}, {100 * paired['high']:+.3f}]"
+            f" (paired t-test, p = {paired['p']:.2g})."
         )
     else:
         lines.append("No paired augment on/off comparison: needs at least 2 seeds run both ways.")
+    lines += ["", *(robust or [])]
     return "\n".join(lines) + "\n"
 
 
@@ -185,17 +288,22 @@ def main(argv: list[str] | None = None) -> None:
     summaries = [summarise(r, client) for r in runs if r.data.metrics.get("test_accuracy") is not None]
     groups = group_runs(summaries)
     paired = paired_augment_difference(summaries)
-    text = markdown(groups, paired)
+    text = markdown(groups, paired, robustness_section(summaries))
     args.out.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.out / "ablation.md") as tmp:
         tmp.write_text(text)
     plot(groups, args.out / "ablation.png")
+    plot_robustness(summaries, args.out / "ablation_robustness.png")
     with mlflow.start_run(
         experiment_id=tracking.setup(), run_name="ablation-summary", tags={KIND_TAG: "ablation-summary"}
     ):
         mlflow.log_param("runs", len(summaries))
         if paired:
             mlflow.log_metrics({f"augment_diff_{k}": v for k, v in paired.items() if k != "pairs"})
+        for name in ("robust_mean_accuracy", "robust_rotation_20", "robust_shift_4"):
+            d = paired_difference(*by_augment(summaries, lambda r, name=name: r.robust.get(name)))
+            if d:
+                mlflow.log_metrics({f"augment_diff_{name}_{k}": v for k, v in d.items() if k != "pairs"})
         mlflow.log_artifacts(str(args.out), artifact_path="ablation")
     print(text)
 

@@ -80,6 +80,47 @@ class TrainParams(_Section):
         return self
 
 
+# The MNIST-C corruptions (mnist_cnn.corruptions.MNIST_C), listed here so params validate without torch.
+CORRUPTIONS = (
+    "shot_noise", "impulse_noise", "glass_blur", "motion_blur", "shear", "scale", "rotate", "brightness",
+    "translate", "stripe", "fog", "spatter", "dotted_line", "zigzag", "canny_edges",
+)  # fmt: skip
+
+
+class RobustnessParams(_Section):
+    angles: list[float] = Field(min_length=1, description="rotation curve, degrees; each applied both ways")
+    shifts: list[int] = Field(min_length=1, description="shift curves (x, y, diagonal), whole pixels, >= 0")
+    scales: list[float] = Field(min_length=1, description="scale curve, zoom factors (< 1 shrinks)")
+    curve_samples: int = Field(ge=1, description="test images per curve point (a fixed random subset)")
+    corruption_samples: int = Field(ge=1, description="test images per MNIST-C corruption (all 10,000 by default)")
+    corruptions: list[str] = Field(description="MNIST-C corruptions to score; their mean is robust_mean_accuracy")
+    precision: Literal["fp32", "bf16"] = Field(description="inference; bf16 only where the CPU/GPU has it natively")
+
+    @field_validator("corruptions")
+    @classmethod
+    def _known(cls, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in CORRUPTIONS]
+        if unknown:
+            raise ValueError(f"unknown corruption {unknown[0]!r}; valid: {', '.join(CORRUPTIONS)}")
+        if not names:
+            raise ValueError("needs at least one corruption")
+        return names
+
+    @field_validator("angles", "scales")
+    @classmethod
+    def _positive(cls, values: list[float], info: ValidationInfo) -> list[float]:
+        if any(v < 0 or (info.field_name == "scales" and v <= 0) or not math.isfinite(v) for v in values):
+            raise ValueError("must be finite and >= 0 (scales > 0)")
+        return values
+
+    @field_validator("shifts")
+    @classmethod
+    def _non_negative(cls, values: list[int]) -> list[int]:
+        if any(v < 0 for v in values):
+            raise ValueError("must be >= 0")
+        return values
+
+
 class Params(_Section):
     seed: int = Field(ge=0)
     augment: bool
@@ -89,6 +130,7 @@ class Params(_Section):
     data: DataParams
     model: ModelParams
     train: TrainParams
+    robustness: RobustnessParams
 
     @model_validator(mode="after")
     def _extras_need_augment(self) -> Params:

@@ -20,6 +20,14 @@ EVAL_METRICS = Path("metrics/eval.json")  # evaluate
 CONFUSION_CSV = Path("plots/confusion.csv")  # one row per test image (DVC's confusion template)
 REFUSAL_STATS = Path("models/refusal.pt")  # evaluate: the "not a digit" statistics (mnist_cnn.refusal)
 
+ROBUST_METRICS = Path("metrics/robustness.json")  # robustness: flat robust_* accuracies
+ROBUST_CURVES = {  # one CSV per curve, for `dvc plots`
+    "rotation": Path("plots/robustness_rotation.csv"),
+    "shift": Path("plots/robustness_shift.csv"),
+    "scale": Path("plots/robustness_scale.csv"),
+}
+ROBUST_DIR = Path("robustness")  # the example grid, the curves figure, the per-corruption table
+
 REPORTS_DIR = Path("reports")  # confusion-analysis: figures and tables
 CLASSIFICATION_REPORT = REPORTS_DIR / "classification_report.json"  # per-class precision/recall/F1
 
