@@ -15,27 +15,18 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-import yaml
 from mlflow import MlflowClient
 from PIL import Image, ImageDraw
 
-from helpers import REPO, VENV_BIN, free_port, http_server
+from helpers import VENV_BIN, free_port, http_server, make_params
 from mnist_cnn import predict, refusal, registry
-from mnist_cnn.config import Params, run_stage, validate
+from mnist_cnn.config import run_stage
 from mnist_cnn.data import save_tensors
 from mnist_cnn.model import Net
 
 CLEAN, OOD, ROBUST = registry.GATE_METRICS
 EXPERIMENT = "registry-tests"
 M = registry.MARGINS  # tests step in multiples of the margins, so they hold whatever the margins are
-
-
-def make_params(**train_or_data: object) -> Params:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    for key, value in train_or_data.items():
-        section, _, field = key.rpartition("__")
-        (raw[section] if section else raw)[field] = value
-    return validate(raw)
 
 
 def metrics(clean: float, ood: float | None = None, robust: float | None = None) -> dict[str, float]:

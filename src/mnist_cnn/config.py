@@ -13,10 +13,10 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 
@@ -88,9 +88,9 @@ CORRUPTIONS = (
 
 
 class RobustnessParams(_Section):
-    angles: list[float] = Field(min_length=1, description="rotation curve, degrees; each applied both ways")
-    shifts: list[int] = Field(min_length=1, description="shift curves (x, y, diagonal), whole pixels, >= 0")
-    scales: list[float] = Field(min_length=1, description="scale curve, zoom factors (< 1 shrinks)")
+    angles: list[Annotated[float, Field(ge=0)]] = Field(min_length=1, description="rotation, degrees; both ways")
+    shifts: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, description="shifts (x, y, diagonal), pixels")
+    scales: list[Annotated[float, Field(gt=0)]] = Field(min_length=1, description="zoom factors (< 1 shrinks)")
     curve_samples: int = Field(ge=1, description="test images per curve point (a fixed random subset)")
     corruption_samples: int = Field(ge=1, description="test images per MNIST-C corruption (all 10,000 by default)")
     corruptions: list[str] = Field(description="MNIST-C corruptions to score; their mean is robust_mean_accuracy")
@@ -105,20 +105,6 @@ class RobustnessParams(_Section):
         if not names:
             raise ValueError("needs at least one corruption")
         return names
-
-    @field_validator("angles", "scales")
-    @classmethod
-    def _positive(cls, values: list[float], info: ValidationInfo) -> list[float]:
-        if any(v < 0 or (info.field_name == "scales" and v <= 0) or not math.isfinite(v) for v in values):
-            raise ValueError("must be finite and >= 0 (scales > 0)")
-        return values
-
-    @field_validator("shifts")
-    @classmethod
-    def _non_negative(cls, values: list[int]) -> list[int]:
-        if any(v < 0 for v in values):
-            raise ValueError("must be >= 0")
-        return values
 
 
 class Params(_Section):

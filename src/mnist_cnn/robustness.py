@@ -6,12 +6,16 @@ robust_shift_4); plots/robustness_{rotation,shift,scale}.csv (accuracy per size,
 binomial standard error); robustness/ (a grid of one digit under every corruption, the
 curves figure, and corruptions.csv: accuracy, standard error and images per corruption).
 Everything is logged to the pipeline's MLflow run. See docs/robustness.md.
+
+Then the champion gate runs (registry.promote): its three numbers (clean and out-of-distribution
+accuracy from evaluate, the MNIST-C mean from here) are all known only now.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import time
 from contextlib import nullcontext
@@ -23,11 +27,11 @@ import matplotlib.pyplot as plt
 import mlflow
 import torch
 
-from mnist_cnn import corruptions, tracking
-from mnist_cnn.config import load_params, run_stage
+from mnist_cnn import corruptions, lineage, registry, tracking
+from mnist_cnn.config import Params, UserError, load_params, run_stage
 from mnist_cnn.data import atomic_path, load_processed, write_json
 from mnist_cnn.model import load_checkpoint, normalize
-from mnist_cnn.paths import MODEL_PATH, ROBUST_CURVES, ROBUST_DIR, ROBUST_METRICS
+from mnist_cnn.paths import EVAL_METRICS, MODEL_PATH, ROBUST_CURVES, ROBUST_DIR, ROBUST_METRICS
 
 BATCH = 1000
 
@@ -154,6 +158,21 @@ def plot_curves(rows: dict[str, list[dict[str, float]]], path) -> None:
     save_figure(fig, path)
 
 
+def promote(run_id: str, robust_mean: float, params: Params) -> registry.Promotion:
+    """Run the champion gate for the version evaluate registered from this run."""
+    client = mlflow.MlflowClient()
+    versions = client.search_model_versions(f"name='{tracking.REGISTERED_MODEL}' and run_id='{run_id}'")
+    if not versions:
+        raise UserError(f"no version of '{tracking.REGISTERED_MODEL}' registered from run {run_id} (run evaluate)")
+    try:
+        evaluated = json.loads(EVAL_METRICS.read_text())
+        gate = {key: float(evaluated[key]) for key in ("test_accuracy", "ood_accuracy")}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{EVAL_METRICS}: missing or unreadable (run evaluate)") from None
+    gate["robust_mean_accuracy"] = robust_mean
+    return registry.promote(client, versions[0].version, gate, params, data_digest=lineage.data_digest())
+
+
 def main() -> None:
     start = time.perf_counter()
     params = load_params()
@@ -190,18 +209,20 @@ def main() -> None:
     plot_examples(images[0], r.corruptions, ROBUST_DIR / "examples.png")
     plot_curves(rows, ROBUST_DIR / "curves.png")
 
-    with tracking.reopen_run():
+    with tracking.reopen_run() as run:
         mlflow.log_metrics(metrics | curve_metrics(rows))
         mlflow.set_tag("robustness.bf16", str(bf16))  # a tag: a rerun of this stage alone may change it
         mlflow.log_artifact(str(ROBUST_METRICS), artifact_path="metrics")
         for path in ROBUST_CURVES.values():
             mlflow.log_artifact(str(path), artifact_path="plots")
         mlflow.log_artifacts(str(ROBUST_DIR), artifact_path="robustness")
+        promotion = promote(run.info.run_id, mean, params)
     print(
         f"robustness: clean {clean:.2%}, MNIST-C mean {mean:.2%} over {len(scores)} corruptions "
         f"({n} images each, SE <= {standard_error(0.5, n):.2%}), {'bf16' if bf16 else 'fp32'}, "
         f"{time.perf_counter() - start:.1f} s"
     )
+    print(promotion.message())
 
 
 if __name__ == "__main__":
