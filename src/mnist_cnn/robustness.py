@@ -42,13 +42,16 @@ def bf16_native(device: torch.device) -> bool:
     return torch.backends.mkldnn.is_available() and torch.cpu._is_avx512_bf16_supported()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, bf16: bool) -> float:
     """Top-1 accuracy on uint8 images (N, 28, 28), in batches."""
     device = next(model.parameters()).device
+    # bf16 convolutions (oneDNN, AMX) run about twice as fast on channels_last feature maps.
+    layout = torch.channels_last if bf16 else torch.contiguous_format
+    model = model.to(memory_format=layout)
     correct = 0
     for i in range(0, len(images), BATCH):
-        x = normalize(images[i : i + BATCH].to(device)).unsqueeze(1)
+        x = normalize(images[i : i + BATCH].to(device)).unsqueeze(1).contiguous(memory_format=layout)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         with autocast:
             correct += int((model(x).argmax(1) == labels[i : i + BATCH].to(device)).sum())
