@@ -16,7 +16,11 @@ training augmentation (a fixed seed): clean training images are the network's ea
 so a threshold or a temperature fitted on them would refuse, and over-trust, unseen digits.
 The refusal threshold is the DISTANCE_QUANTILE of those images' distances.
 
-A picture with (almost) no ink is refused before the network sees it: "blank".
+A picture with (almost) no ink is refused before the network sees it: "blank". So is one whose
+ink covers more, or less, of the 28x28 field than INK_QUANTILES of those training images allow:
+predict's preprocessing turns noise and solid shapes into filled blobs, and on the report's
+network their features are no farther from the digits than real digits are, so the distance
+alone does not refuse them.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from mnist_cnn.augment import random_affine
 from mnist_cnn.model import MNIST_MEAN, MNIST_STD, Net, normalize
 
 DISTANCE_QUANTILE = 0.995  # of the augmented training images' distances: they are refused at this rate
+INK_QUANTILES = (0.001, 0.999)  # of the augmented training images' ink coverage: the range that is answered
 CALIBRATION_IMAGES = 20_000  # augmented training images for the temperature and the threshold
 MIN_CONTRAST = 32 / 255  # an input whose pixels span less than this is blank (predict.MIN_CONTRAST)
 ECE_BINS = 15
@@ -84,8 +89,14 @@ def fit(net: Net, images: torch.Tensor, labels: torch.Tensor, seed: int) -> dict
     seen_features, seen_log_probs = features_and_log_probs(net, (seen - MNIST_MEAN) / MNIST_STD)
     stats = {"means": means, "precision": precision}
     threshold = torch.quantile(distances(seen_features, stats), DISTANCE_QUANTILE)
+    ink_range = torch.quantile(ink_coverage(seen), torch.tensor(INK_QUANTILES))
     temperature = fit_temperature(seen_log_probs, labels[pick])
-    return {**stats, "threshold": threshold, "temperature": torch.tensor(temperature)}
+    return {**stats, "threshold": threshold, "ink_range": ink_range, "temperature": torch.tensor(temperature)}
+
+
+def ink_coverage(pixels: torch.Tensor) -> torch.Tensor:
+    """The fraction of each (N, 1, 28, 28) picture's pixels brighter than half the ink, pixels in [0, 1]."""
+    return (pixels > 0.5).flatten(1).float().mean(1)
 
 
 def answer(net: Net, stats: dict[str, torch.Tensor], x: torch.Tensor) -> Answers:
@@ -100,10 +111,14 @@ def decide(stats: dict[str, torch.Tensor], x: torch.Tensor, features: torch.Tens
     probabilities, digits = torch.softmax(log_probs / stats["temperature"], dim=1).max(dim=1)
     distance = distances(features, stats)
     span = (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3))) * MNIST_STD
+    coverage = ink_coverage(x * MNIST_STD + MNIST_MEAN)
+    low, high = stats["ink_range"].tolist() if "ink_range" in stats else (0.0, 1.0)
     reasons: list[str | None] = []
-    for s, d in zip(span.tolist(), distance.tolist(), strict=True):
+    for s, c, d in zip(span.tolist(), coverage.tolist(), distance.tolist(), strict=True):
         if s < MIN_CONTRAST:
             reasons.append(BLANK)
+        elif not low <= c <= high:
+            reasons.append(f"not a digit (ink covers {c:.0%} of the field; training digits {low:.0%}-{high:.0%})")
         elif d > stats["threshold"]:
             reasons.append(f"not a digit (unlike every training digit: distance {d:.0f} > {stats['threshold']:.0f})")
         else:
