@@ -40,7 +40,7 @@ def test_stage_outputs(pipeline: Path) -> None:
     assert len(history) == 3  # header + 2 epochs
     evaluation = json.loads((pipeline / "metrics/eval.json").read_text())
     assert evaluation["test_accuracy"] > 0.5  # synthetic digits are easy; chance is 0.1
-    assert set(evaluation) == {"test_accuracy", "test_loss", "macro_f1"}
+    assert set(evaluation) == {"test_accuracy", "test_loss", "macro_f1", "ood_accuracy", "ece", "test_refused"}
     assert len((pipeline / "plots/confusion.csv").read_text().splitlines()) == 301
     reports = {p.name for p in (pipeline / "reports").iterdir()}
     assert reports == {
@@ -96,9 +96,11 @@ def test_registry_has_a_version_per_model_that_predicts(pipeline: Path, client: 
     assert str(aliases["champion"]) in {"1", "2", "3"}
     model = mlflow.pyfunc.load_model("models:/mnist-cnn@champion")
     batch = np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)
-    out = np.asarray(model.predict(batch))
-    assert out.shape == (3, 10)
-    np.testing.assert_allclose(np.exp(out).sum(axis=1), 1.0, rtol=1e-4)
+    out = model.predict(batch)  # the served python model: one record per image, refusals included
+    assert list(out.columns) == ["digit", "probability", "reason"] and len(out) == 3
+    answered = out["digit"] >= 0
+    assert out["digit"].between(-1, 9).all() and out["probability"][answered].between(0, 1).all()
+    assert out["reason"][~answered].notna().all() and out["reason"][answered].isna().all()
 
 
 def test_repro_again_does_nothing(pipeline: Path) -> None:

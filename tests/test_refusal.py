@@ -18,7 +18,7 @@ from mnist_cnn.config import validate
 from mnist_cnn.data import save_tensors
 from mnist_cnn.model import Net
 from mnist_cnn.paths import REFUSAL_STATS
-from mnist_cnn.predict import main
+from mnist_cnn.predict import main, to_mnist
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,11 @@ def model_dir(trained: tuple[Net, torch.Tensor, torch.Tensor], tmp_path_factory:
     net, images, labels = trained
     folder = tmp_path_factory.mktemp("models")
     save_tensors(folder / "model.pt", {"state_dict": net.state_dict(), "arch": net.arch})
-    save_tensors(folder / REFUSAL_STATS.name, refusal.fit(net, images, labels, seed=42))
+    # MNIST is already what predict's preprocessing makes of a picture (the ink's box fitted into 20x20,
+    # centred); these font digits are not, so they are fitted as predict would prepare them.
+    prepared = np.stack([to_mnist(Image.fromarray(image.squeeze(0).numpy())) for image in images])
+    stats = refusal.fit(net, torch.from_numpy(prepared).unsqueeze(1), labels, seed=42)
+    save_tensors(folder / REFUSAL_STATS.name, stats)
     return folder
 
 
@@ -114,7 +118,7 @@ def test_refusal_statistics_are_deterministic(trained: tuple[Net, torch.Tensor, 
     net, images, labels = trained
     first = refusal.fit(net, images[:600], labels[:600], seed=3)
     again = refusal.fit(net, images[:600], labels[:600], seed=3)
-    assert set(first) == {"means", "precision", "threshold", "temperature"}
+    assert set(first) == {"means", "precision", "threshold", "ink_range", "temperature"}
     for key in first:
         assert torch.equal(first[key], again[key]), key
     assert first["means"].shape == (10, 128) and first["precision"].shape == (128, 128)
@@ -141,3 +145,19 @@ def test_ece_of_known_cases() -> None:
     stated = np.full((4, 10), 0.05)
     stated[[0, 1, 2, 3], [0, 0, 0, 1]] = 0.55  # 55% sure each time, right 3 times out of 4
     assert refusal.expected_calibration_error(stated, labels) == pytest.approx(0.20)
+
+
+def test_answers_are_right_when_threads_share_the_net() -> None:
+    """The scoring server answers concurrent requests in threads that share one net."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    images = torch.randint(0, 256, (200, 1, 28, 28), dtype=torch.uint8)
+    stats = refusal.fit(net, images, torch.arange(200) % 10, seed=0)
+    batches = [torch.randn(n, 1, 28, 28) for n in (1, 16, 3, 8) * 5]
+    alone = [refusal.answer(net, stats, x)[0] for x in batches]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = list(pool.map(lambda x: refusal.answer(net, stats, x)[0], batches))
+    for a, b in zip(alone, together, strict=True):
+        np.testing.assert_array_equal(a, b)

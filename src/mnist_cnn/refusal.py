@@ -25,6 +25,8 @@ alone does not refuse them.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
@@ -48,8 +50,15 @@ def features_and_log_probs(net: Net, x: torch.Tensor, batch_size: int = 1000) ->
     """(penultimate features (N, 128), log-probabilities (N, 10)) of normalised images, one pass each batch."""
     net.eval()
     captured: list[torch.Tensor] = []
+    caller = threading.get_ident()
+
+    def capture(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        # The scoring server answers requests in threads that share the net: keep only this call's.
+        if threading.get_ident() == caller:
+            captured.append(args[0])
+
     # fc2's input is the penultimate layer (after ReLU and the eval-mode identity dropout).
-    handle = net.fc2.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+    handle = net.fc2.register_forward_pre_hook(capture)
     try:
         log_probs = torch.cat([net(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
     finally:
