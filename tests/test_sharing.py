@@ -64,7 +64,8 @@ def test_a_fresh_clone_restores_with_dvc_pull_instead_of_retraining(published: d
     assert "Data and pipelines are up to date" in run(["dvc", "status"], bob).stdout
     repro = run(["dvc", "repro"], bob).stdout
     assert "Running stage" not in repro
-    assert repro.count("didn't change, skipping") == 5
+    stages = yaml.safe_load((bob / "dvc.yaml").read_text())["stages"]
+    assert repro.count("didn't change, skipping") == len(stages)
     for output in CACHED_OUTPUTS:
         assert (bob / output).exists(), output
     assert (bob / "models/model.pt").read_bytes() == (alice / "models/model.pt").read_bytes()
