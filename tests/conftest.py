@@ -158,3 +158,14 @@ def queued_pipeline(tmp_path_factory: pytest.TempPathFactory, synthetic_mnist: P
     seen["preset_command"] = readme_preset_command()
     seen["preset_output"] = run(seen["preset_command"], repo).stdout
     return seen
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh sqlite MLflow store under tmp_path (the working directory), with no outside store set."""
+    from mnist_cnn import tracking
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("DVC_ROOT", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+    return tracking.setup()

@@ -7,7 +7,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from mnist_cnn import ablation, tracking
+from mnist_cnn import ablation
 from mnist_cnn.config import UserError
 
 
@@ -24,20 +24,12 @@ def log_run(experiment_id: str, augment: bool, seed: int, accuracies: list[float
         return run.info.run_id
 
 
-@pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.chdir(tmp_path)
-    for name in ("DVC_ROOT", "MLFLOW_TRACKING_URI"):
-        monkeypatch.delenv(name, raising=False)
-    return tracking.setup()
-
-
-def test_groups_means_and_paired_difference(store: str, tmp_path: Path) -> None:
+def test_groups_means_and_paired_difference(mlflow_store: str, tmp_path: Path) -> None:
     # Final accuracies: on = 0.99, 0.99, 0.99; off = 0.98, 0.97, 0.96 -> differences 0.01, 0.02, 0.03.
     for seed, off in enumerate([0.98, 0.97, 0.96]):
-        log_run(store, True, seed, [0.97, 0.99], confused_4_9=2)
-        log_run(store, False, seed, [0.97, off], confused_4_9=5)
-    with mlflow.start_run(experiment_id=store) as failed:
+        log_run(mlflow_store, True, seed, [0.97, 0.99], confused_4_9=2)
+        log_run(mlflow_store, False, seed, [0.97, off], confused_4_9=5)
+    with mlflow.start_run(experiment_id=mlflow_store) as failed:
         mlflow.log_param("augment", True)
     mlflow.MlflowClient().set_terminated(failed.info.run_id, "FAILED")  # not FINISHED: ignored
 
@@ -51,7 +43,7 @@ def test_groups_means_and_paired_difference(store: str, tmp_path: Path) -> None:
     assert "runs [6, 6, 6]" in text and "runs [3, 3, 3]" in text  # 4<->9 confusions, both directions
     assert (tmp_path / "out" / "ablation.png").read_bytes().startswith(b"\x89PNG")
 
-    summary = mlflow.search_runs([store], "tags.`mnist_cnn.kind` = 'ablation-summary'", output_format="list")
+    summary = mlflow.search_runs([mlflow_store], "tags.`mnist_cnn.kind` = 'ablation-summary'", output_format="list")
     assert len(summary) == 1
     assert summary[0].data.metrics["augment_diff_mean"] == pytest.approx(0.02)
 
@@ -60,6 +52,6 @@ def test_groups_means_and_paired_difference(store: str, tmp_path: Path) -> None:
     assert "## augment=False (3 runs)" in (tmp_path / "out2" / "ablation.md").read_text()
 
 
-def test_no_runs_is_a_user_error(store: str) -> None:
+def test_no_runs_is_a_user_error(mlflow_store: str) -> None:
     with pytest.raises(UserError, match="no finished runs"):
         ablation.main([])

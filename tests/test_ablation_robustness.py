@@ -5,25 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
-import pytest
 from scipy import stats
 
-from mnist_cnn import ablation, tracking
+from mnist_cnn import ablation
 
 
-@pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.chdir(tmp_path)
-    for name in ("DVC_ROOT", "MLFLOW_TRACKING_URI"):
-        monkeypatch.delenv(name, raising=False)
-    return tracking.setup()
-
-
-def test_paired_robustness_differences_and_the_worst_vs_best_table(store: str, tmp_path: Path) -> None:
+def test_paired_robustness_differences_and_the_worst_vs_best_table(mlflow_store: str, tmp_path: Path) -> None:
     on_rot, off_rot = [0.90, 0.92, 0.91], [0.60, 0.65, 0.55]
     for seed in range(3):
         for augment, rot in ((True, on_rot[seed]), (False, off_rot[seed])):
-            with mlflow.start_run(experiment_id=store):
+            with mlflow.start_run(experiment_id=mlflow_store):
                 mlflow.log_params({"augment": augment, "seed": seed})
                 mlflow.log_metrics({"test_accuracy": 0.99, "test_loss": 0.03, "train_loss": 0.02}, step=1)
                 mlflow.log_metrics({
