@@ -50,13 +50,18 @@ push: setup
 	python -m mnist_cnn.remote
 	dvc push
 
+# Two pytest-xdist workers (TEST_WORKERS=0: all in this process); the tests that share a session
+# fixture run in one worker (tests/conftest.py).
+TEST_WORKERS ?= 2
+PYTEST := pytest -q -n $(TEST_WORKERS) --dist loadgroup
+
 test: setup ui-deps
 	ruff check src tests dev
 	ruff format --check src tests dev
-	pytest -q
+	$(PYTEST)
 
 test-fast: setup
-	pytest -q -m "not slow and not network"
+	$(PYTEST) -m "not slow and not network"
 
 lint: setup
 	ruff check src tests dev && ruff format --check src tests dev

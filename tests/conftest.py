@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+
+# `make test` runs two pytest-xdist workers on two cores: one thread per process (set before torch
+# is imported, and inherited by the stage subprocesses) keeps them from oversubscribing the cores.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 import re
 import shlex
 import shutil
@@ -17,22 +22,29 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import REPO, make_pipeline_repo, run, tool_env, write_synthetic_mnist
+from helpers import REPO, TeamServer, make_pipeline_repo, run, team_server, tool_env, write_synthetic_mnist
 
-# Fixtures that make a test need the network (npm) or run the real pipeline (DVC subprocesses):
+# Fixtures that make a test need the network (npm) or run the real pipeline (DVC subprocesses) or a server:
 # their tests get the marker here, so `make test-fast` (-m "not slow and not network") skips them
 # whoever writes the test.
 NETWORK_FIXTURES = {"real_mnist"}
-PIPELINE_FIXTURES = {"pipeline", "queued_pipeline"}
+SLOW_FIXTURES = {"pipeline", "queued_pipeline", "server"}
+# Under `pytest -n 2 --dist loadgroup` (make test), the tests that share one of these session
+# fixtures run in one worker, so it is built once; every other test stays with its module, so
+# module fixtures (servers, trained models) are built once too.
+SHARED_FIXTURES = ("queued_pipeline", "pipeline", "real_mnist", "server")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
         if used & NETWORK_FIXTURES:
             item.add_marker(pytest.mark.network)
-        if used & PIPELINE_FIXTURES:
+        if used & SLOW_FIXTURES:
             item.add_marker(pytest.mark.slow)
+        group = next((name for name in SHARED_FIXTURES if name in used), item.module.__name__)
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture
@@ -76,12 +88,11 @@ def synthetic_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory: pytest.TempPathFactory, synthetic_mnist: Path) -> Path:
-    """A repository after `dvc repro`, the ablation, and a `--temp` experiment (three runs)."""
+    """A repository after `dvc repro` and one ablation experiment, `--temp` (two runs)."""
     repo = make_pipeline_repo(tmp_path_factory.mktemp("pipeline"), synthetic_mnist)
     run(["dvc", "repro"], repo)
-    run(["dvc", "exp", "run", "-S", "augment=false"], repo)
     # --temp runs in a copy under .dvc/tmp/exps/: it must still log into the repo's store.
-    run(["dvc", "exp", "run", "--temp", "-S", "augment=true", "-S", "seed=7"], repo)
+    run(["dvc", "exp", "run", "--temp", "-S", "augment=false", "-S", "seed=7"], repo)
     return repo
 
 
@@ -158,6 +169,13 @@ def queued_pipeline(tmp_path_factory: pytest.TempPathFactory, synthetic_mnist: P
     seen["preset_command"] = readme_preset_command()
     seen["preset_output"] = run(seen["preset_command"], repo).stdout
     return seen
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TeamServer]:
+    """One team tracking server for the session (helpers.team_server: PostgreSQL where it exists)."""
+    with team_server(tmp_path_factory.mktemp("team-server")) as started:
+        yield started
 
 
 @pytest.fixture

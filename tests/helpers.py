@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import copy
 import os
+import pwd
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psycopg
 import pytest
 import yaml
 from PIL import Image, ImageDraw, ImageFont
@@ -132,9 +136,13 @@ def make_params(**overrides: object) -> Params:
 
 def write_params(directory: Path, data_dir: Path, **overrides: object) -> None:
     """The repo's params.yaml made offline and fed from data_dir (synthetic data: no checksums),
-    2 epochs; overrides as `section__key=value` or `key=value`."""
+    2 epochs, a few robustness points (every corruption and curve point is tested in-process, in
+    test_corruptions.py); overrides as `section__key=value` or `key=value`."""
     offline = {"data__mirrors": [], "data__npm_package": "", "data__source_dir": str(data_dir)}
-    defaults = {**offline, "data__verify_sha256": False, "train__epochs": 2, "train__eval_batch_size": 500}
+    robustness = {"robustness__angles": [0, 20], "robustness__shifts": [0, 4], "robustness__scales": [0.8, 1.0],
+                  "robustness__corruptions": ["shot_noise", "rotate", "translate", "fog"]}  # fmt: skip
+    small = {**robustness, "data__verify_sha256": False, "train__epochs": 2, "train__eval_batch_size": 500}
+    defaults = {**offline, **small}
     params = overridden(**{**defaults, **overrides})
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -154,3 +162,95 @@ def make_pipeline_repo(path: Path, data_dir: Path, **overrides: object) -> Path:
     run(["git", "add", "-A"], path)
     run(["git", "commit", "-qm", "pipeline"], path)
     return path
+
+
+def postgres_bin() -> Path | None:
+    """PostgreSQL's server binaries: on PATH, else Debian's /usr/lib/postgresql/<major>/bin (newest)."""
+    if initdb := shutil.which("initdb"):
+        return Path(initdb).resolve().parent
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    return found[-1].parent if found else None
+
+
+def as_unprivileged() -> tuple[list[str], str | None] | None:
+    """(command prefix, user) to run PostgreSQL with, which refuses to run as root: root runs it as the
+    `postgres` system user (Debian's package creates it) or else `nobody`. None: no way to drop root."""
+    if os.geteuid() != 0:
+        return [], None
+    user = next((u for u in ("postgres", "nobody") if _user_exists(u)), None)
+    if user and (runuser := shutil.which("runuser")):
+        return [runuser, "-u", user, "--"], user
+    if user and (setpriv := shutil.which("setpriv")):
+        return [setpriv, f"--reuid={user}", f"--regid={pwd.getpwnam(user).pw_gid}", "--init-groups"], user
+    return None
+
+
+def _user_exists(user: str) -> bool:
+    try:
+        pwd.getpwnam(user)
+        return True
+    except KeyError:
+        return False
+
+
+@contextmanager
+def postgres_cluster(bin_dir: Path, prefix: list[str], user: str | None) -> Iterator[str]:
+    """A throwaway PostgreSQL cluster (initdb in a temp dir), listening on 127.0.0.1:<free port> only
+    (password auth), with an empty `mlflow` database; yields its SQLAlchemy URI. Stopped and removed
+    afterwards."""
+    password = "throwaway"
+    base = Path(tempfile.mkdtemp(prefix="pg-"))  # not under pytest's root-only temp dirs: the user must reach it
+    if user:
+        os.chown(base, pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid)
+    (base / "password").write_text(password)
+    data, port = base / "data", free_port()
+
+    def pg(tool: str, *args: str) -> None:
+        result = subprocess.run(
+            [*prefix, str(bin_dir / tool), *args], cwd=base, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, f"{tool} failed:\n{result.stdout}\n{result.stderr}"
+
+    try:
+        pg("initdb", "-D", str(data), "-U", "mlflow", f"--pwfile={base / 'password'}", "--auth=scram-sha-256")
+        options = f"-h 127.0.0.1 -p {port} -k {base}"  # TCP on loopback only; the socket in the temp dir
+        pg("pg_ctl", "start", "-D", str(data), "-o", options, "-l", str(base / "server.log"), "-w", "-t", "60")
+        try:
+            dsn = f"postgresql://mlflow:{password}@127.0.0.1:{port}/postgres"
+            with psycopg.connect(dsn, autocommit=True) as connection:
+                connection.execute("CREATE DATABASE mlflow")
+            yield f"postgresql+psycopg://mlflow:{password}@127.0.0.1:{port}/mlflow"
+        finally:
+            pg("pg_ctl", "stop", "-D", str(data), "-m", "fast", "-w", "-t", "60")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@dataclass
+class TeamServer:
+    url: str  # the `mlflow server`
+    root: Path  # its working directory; artifacts/ is its artifact destination
+    backend: str  # its --backend-store-uri
+    why_not_postgres: str | None  # None when the backend is PostgreSQL
+
+
+@contextmanager
+def team_server(root: Path) -> Iterator[TeamServer]:
+    """`mlflow server` as a team runs it, with a proxied artifact destination: on a PostgreSQL cluster
+    of its own where the binaries exist (CI has them), else on a sqlite file, so that the server path
+    is tested either way."""
+    bin_dir, unprivileged = postgres_bin(), as_unprivileged()
+    why_not = "no PostgreSQL server binaries (initdb) on PATH or under /usr/lib/postgresql" if bin_dir is None else None
+    if bin_dir and unprivileged is None:
+        why_not = "running as root with no unprivileged user (postgres, nobody) and no runuser/setpriv"
+    with ExitStack() as stack:
+        if why_not is None:
+            backend = stack.enter_context(postgres_cluster(bin_dir, *unprivileged))
+        else:
+            backend = f"sqlite:///{root / 'team.db'}"
+        port = free_port()
+        cmd = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+        cmd += ["--backend-store-uri", backend, "--artifacts-destination", str(root / "artifacts")]
+        # A new store's migrations take a while, longer on a busy machine.
+        url = stack.enter_context(http_server(cmd, root, "/health", port, timeout=300))
+        yield TeamServer(url, root, backend, why_not)

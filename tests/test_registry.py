@@ -18,7 +18,7 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image, ImageDraw
 
-from helpers import VENV_BIN, free_port, http_server, make_params
+from helpers import TeamServer, make_params
 from mnist_cnn import predict, refusal, registry
 from mnist_cnn.config import run_stage
 from mnist_cnn.data import save_tensors
@@ -209,6 +209,7 @@ def promote_together(uri: str, name: str, version: str, values: dict[str, float]
     return promotion.decision
 
 
+@pytest.mark.slow  # two processes, each importing mlflow
 def test_two_promotions_at_once_on_the_sqlite_store(client: MlflowClient, store: str) -> None:
     """Two processes promote at the same moment, three times: the gate's choice wins every time, and
     neither fails (MLflow's sqlite store can fail one of two first-time alias settings: retried)."""
@@ -279,28 +280,24 @@ def promote_all_at_once(url: str, name: str, versions: list[registry.Candidate],
     assert not errors, errors
 
 
-def test_many_concurrent_promotions_against_a_server_end_at_the_rules_choice(tmp_path: Path) -> None:
-    """Rounds of 10 promotions, all at once, in shuffled order, through a real `mlflow server` (one
-    process; it serves requests in threads, so they reach the database concurrently): the final
+def test_many_concurrent_promotions_against_a_server_end_at_the_rules_choice(server: TeamServer) -> None:
+    """Rounds of 10 promotions, all at once, in shuffled order, through the real team `mlflow server`
+    (one process; it serves requests in threads, so they reach the database concurrently): the final
     champion and every gate tag are always the fold of the final versions."""
-    port = free_port()
-    cmd = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    cmd += ["--backend-store-uri", f"sqlite:///{tmp_path / 'team.db'}", "--artifacts-destination", str(tmp_path / "a")]
     rng = random.Random(0)
     champions, promotions = [], []
-    with http_server(cmd, tmp_path, "/health", port, timeout=300) as url:  # slow to start on a busy machine
-        client = MlflowClient(url)
-        for round_ in range(3):
-            name = f"team-{round_}"
-            client.create_registered_model(name)
-            new_versions(client, name, 10)
-            versions = random_versions(rng, 10)
-            promote_all_at_once(url, name, versions, rng)
-            expected = registry.fold(versions)
-            assert aliases(client, name)["champion"] == expected.champion, (expected, versions)
-            assert gate_tags(client, name) == expected.decisions
-            champions.append(expected.champion)
-            promotions.append(sum(decision.startswith("promoted") for decision in expected.decisions.values()))
+    client = MlflowClient(server.url)
+    for round_ in range(3):
+        name = f"team-{round_}"
+        client.create_registered_model(name)
+        new_versions(client, name, 10)
+        versions = random_versions(rng, 10)
+        promote_all_at_once(server.url, name, versions, rng)
+        expected = registry.fold(versions)
+        assert aliases(client, name)["champion"] == expected.champion, (expected, versions)
+        assert gate_tags(client, name) == expected.decisions
+        champions.append(expected.champion)
+        promotions.append(sum(decision.startswith("promoted") for decision in expected.decisions.values()))
     # The draws make the champion move past the first version in every round, and end at different versions.
     assert min(promotions) >= 2 and len(set(champions)) > 1, (promotions, champions)
 

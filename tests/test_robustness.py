@@ -41,10 +41,10 @@ def test_the_stage_runs_in_the_pipeline_and_reaches_mlflow_and_dvc(pipeline: Pat
         assert (pipeline / "plots" / f"robustness_{curve}.csv").read_text().count("\n") > 2
     assert (pipeline / "robustness" / "examples.png").stat().st_size > 0
 
-    # Every pipeline run (repro, augment=false, the --temp one) logged its robust_ metrics.
+    # Every pipeline run (repro and the --temp augment=false one) logged its robust_ metrics.
     mlflow.set_tracking_uri(f"sqlite:///{pipeline / 'mlruns' / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["mnist-cnn"], output_format="list")
-    assert len(runs) >= 3 and all("robust_mean_accuracy" in r.data.metrics for r in runs)
+    assert len(runs) >= 2 and all("robust_mean_accuracy" in r.data.metrics for r in runs)
     assert all("robust_rotation_ccw20" in r.data.metrics and "robust_shift_x_4" in r.data.metrics for r in runs)
 
     shown = json.loads(run(["dvc", "exp", "show", "--json"], pipeline).stdout)

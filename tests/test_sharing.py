@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -84,25 +85,26 @@ def exp_show(repo: Path) -> dict[str, dict[str, str]]:
 
 def test_experiments_travel_with_exp_push_and_pull(published: dict[str, Path]) -> None:
     alice = published["alice"]
-    # --temp: Alice's workspace keeps the committed results the other tests compare against.
-    run(["dvc", "exp", "run", "--temp", "-n", "no-augment", "-S", "augment=false"], alice)
-    run(["dvc", "exp", "push", "origin", "no-augment"], alice)  # git refs to origin, outputs to the remote
+    # --temp: Alice's workspace keeps the committed results the other tests compare against. One more
+    # rotation angle: only the robustness stage runs, the others are restored from the run cache.
+    run(["dvc", "exp", "run", "--temp", "-n", "more-angles", "-S", "robustness.angles=[0,10,20]"], alice)
+    run(["dvc", "exp", "push", "origin", "more-angles"], alice)  # git refs to origin, outputs to the remote
     carol = clone(published, "carol")
-    assert "no-augment" not in exp_show(carol)
+    assert "more-angles" not in exp_show(carol)
 
-    run(["dvc", "exp", "pull", "origin", "no-augment"], carol)
-    row = exp_show(carol)["no-augment"]
-    accuracy_columns = [k for k in row if k.endswith("test_accuracy") and row[k]]
-    assert accuracy_columns
-    alice_row = exp_show(alice)["no-augment"]
-    assert {k: row[k] for k in accuracy_columns} == {k: alice_row[k] for k in accuracy_columns}
-    assert row["augment"] == "False"
+    run(["dvc", "exp", "pull", "origin", "more-angles"], carol)
+    row = exp_show(carol)["more-angles"]
+    columns = [k for k in row if k.endswith(("test_accuracy", "robust_rotation_ccw10", "robust_mean_accuracy")) and row[k]]
+    assert len(columns) == 3, row
+    alice_row = exp_show(alice)["more-angles"]
+    assert {k: row[k] for k in columns} == {k: alice_row[k] for k in columns}
 
-    # The experiment's model came along too: applying it needs no training.
-    run(["dvc", "exp", "apply", "no-augment"], carol)
+    # The experiment's outputs came along too: applying it runs nothing.
+    run(["dvc", "exp", "apply", "more-angles"], carol)
     run(["dvc", "checkout"], carol)
     assert "Data and pipelines are up to date" in run(["dvc", "status"], carol).stdout
-    assert yaml.safe_load((carol / "params.yaml").read_text())["augment"] is False
+    assert yaml.safe_load((carol / "params.yaml").read_text())["robustness"]["angles"] == [0, 10, 20]
+    assert "robust_rotation_ccw10" in json.loads((carol / "metrics/robustness.json").read_text())
 
 
 def failed_pull(repo: Path) -> subprocess.CompletedProcess[str]:
