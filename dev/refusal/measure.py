@@ -1,6 +1,7 @@
 """Measure the "not a digit" refusal of a checkpoint on the real data (slow: minutes on 2 cores).
 
-    PYTHONPATH=src python dev/refusal/measure.py --model models/model.pt --data data/processed [--fit]
+    PYTHONPATH=src python dev/refusal/measure.py --model models/model.pt --data data/processed \
+        [--fit [--refused-training 0.01]]
 
 Fits the refusal statistics from the training set (or, without --fit, reads models/refusal.pt
 beside the checkpoint), then prints: ECE before/after the temperature on the MNIST test set, the
@@ -50,17 +51,25 @@ def main() -> None:
     parser.add_argument("--data", default="data/processed", type=Path)
     parser.add_argument("--fit", action="store_true", help="fit the statistics instead of reading refusal.pt")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--refused-training",
+        type=float,
+        default=refusal.REFUSED_TRAINING,
+        help="with --fit: another operating point (the fraction of augmented training digits refused)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     net = load_checkpoint(args.model)
     train, test = load_tensors(args.data / "train.pt"), load_tensors(args.data / "test.pt")
     started = time.perf_counter()
     if args.fit:
+        refusal.REFUSED_TRAINING = args.refused_training
         stats = refusal.fit(net, train["images"].unsqueeze(1), train["labels"], args.seed)
     else:
         stats = load_tensors(Path(args.model).parent / REFUSAL_STATS.name)
     fitted = time.perf_counter() - started
     result = {"fit_seconds": round(fitted, 1), "temperature": stats["temperature"].item()}
+    result["refused_training"] = args.refused_training if args.fit else None
     result |= {f"{k}_threshold": stats[f"{k}_threshold"].item() for k in refusal.LAYERS}
     result.update(refusal.report(net, stats, test["images"].unsqueeze(1), test["labels"]))
     fields, source = ood_set()
