@@ -118,11 +118,49 @@ def test_refusal_statistics_are_deterministic(trained: tuple[Net, torch.Tensor, 
     net, images, labels = trained
     first = refusal.fit(net, images[:600], labels[:600], seed=3)
     again = refusal.fit(net, images[:600], labels[:600], seed=3)
-    assert set(first) == {"means", "precision", "threshold", "ink_range", "temperature"}
+    layers = {f"{k}_{part}" for k in ("conv", "logits") for part in ("means", "precision", "threshold")}
+    assert set(first) == layers | {"ink_range", "temperature"} and refusal.is_current(first)
     for key in first:
         assert torch.equal(first[key], again[key]), key
-    assert first["means"].shape == (10, 128) and first["precision"].shape == (128, 128)
-    assert first["threshold"] > 0 and first["temperature"] > 0
+    assert first["conv_means"].shape == (10, 64) and first["conv_precision"].shape == (64, 64)
+    assert first["logits_means"].shape == (10, 10) and first["logits_precision"].shape == (10, 10)
+    assert first["conv_threshold"] > 0 and first["logits_threshold"] > 0 and first["temperature"] > 0
+
+
+def test_the_thresholds_cut_the_same_tail_of_each_score_and_refuse_the_rate_together() -> None:
+    generator = torch.Generator().manual_seed(0)
+    near, far = torch.rand(10_000, generator=generator), 1000 * torch.rand(10_000, generator=generator)
+    small, large = refusal.union_thresholds([near, far], 0.02)
+    # Two independent scores: each cuts about 1% (1 - 0.99^2 = 0.02), whatever its scale.
+    assert (near > small).float().mean().item() == pytest.approx(0.01, abs=0.001)
+    assert (far > large).float().mean().item() == pytest.approx(0.01, abs=0.001)
+    assert ((near > small) | (far > large)).float().mean().item() == pytest.approx(0.02, abs=0.0002)
+    # The same score twice: the union is the score, so each threshold cuts the full 2%.
+    same = refusal.union_thresholds([near, near.clone()], 0.02)
+    assert (near > same[0]).float().mean().item() == pytest.approx(0.02, abs=0.0002)
+
+
+def test_a_solid_shape_is_refused(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    square, disc = Image.new("L", (100, 100), 255), Image.new("L", (120, 90), 230)
+    ImageDraw.Draw(square).rectangle((20, 25, 80, 85), fill=0)
+    ImageDraw.Draw(disc).ellipse((15, 10, 100, 80), fill=40)
+    square.save(tmp_path / "square.png")
+    disc.save(tmp_path / "disc.png")
+    main(["--model", str(model_dir / "model.pt"), "--json", str(tmp_path / "square.png"), str(tmp_path / "disc.png")])
+    for line in capsys.readouterr().out.splitlines():
+        answer = json.loads(line)
+        assert answer["digit"] is None and answer["reason"].startswith("not a digit"), answer
+
+
+def test_statistics_of_an_older_version_are_not_used(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A refusal.pt from before the current statistics: a warning, and the digits still answered."""
+    (tmp_path / "model.pt").write_bytes((model_dir / "model.pt").read_bytes())
+    save_tensors(tmp_path / REFUSAL_STATS.name, {"means": torch.zeros(10, 128), "threshold": torch.tensor(1.0)})
+    main(["--model", str(tmp_path / "model.pt"), str(typed_digit(7, tmp_path))])
+    out, err = capsys.readouterr()
+    assert "is from an older version (run evaluate)" in err and ": 7 (" in out
 
 
 def test_temperature_undoes_overconfidence() -> None:

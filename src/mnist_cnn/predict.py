@@ -158,10 +158,11 @@ def checkpoint_predictor(path: str) -> Predictor:
     from beside it; without them (a checkpoint not yet evaluated) answers are not checked."""
     net = load_checkpoint(path)
     stats_path = Path(path).parent / REFUSAL_STATS.name
-    if stats_path.is_file():
-        stats = load_tensors(stats_path)
+    stats = load_tensors(stats_path) if stats_path.is_file() else None
+    if stats is not None and refusal.is_current(stats):
         return lambda batch: refusal.answer(net, stats, batch)
-    print(f"warning: no {stats_path} (run evaluate): pictures that are not digits are not refused", file=sys.stderr)
+    problem = f"no {stats_path}" if stats is None else f"{stats_path} is from an older version"
+    print(f"warning: {problem} (run evaluate): pictures that are not digits are not refused", file=sys.stderr)
 
     def predict(batch: torch.Tensor) -> refusal.Answers:
         _, log_probs = refusal.features_and_log_probs(net, batch)

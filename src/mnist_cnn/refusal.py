@@ -1,26 +1,35 @@
 """Not a digit: calibrated probabilities, and a refusal for pictures unlike any training digit.
 
-Two statistics are fitted on the TRAINING set (never the test set) after training:
+Statistics fitted on the TRAINING set (never the test set) after training:
 
-- a temperature T: the network's probabilities are over-confident; softmax(logits / T), with T
-  fitted by minimising the NLL, makes a stated 90% right about 90% of the time (ECE);
-- a feature-space distance: the penultimate layer's 128 features of the training images give
-  one mean per class and a shared covariance (Ledoit-Wolf shrinkage: ReLU features are often
-  exactly 0, so the plain covariance is near singular). A picture whose features are far, in
-  Mahalanobis distance, from every class mean is refused. Softmax confidence cannot do this: a
-  picture of noise lies far from all the training data, where the logits grow without bound
-  and the softmax is most confident (a 64x64 noise picture read as a 0 at 97.7%).
+- a temperature T: softmax(logits / T), with T fitted by minimising the NLL, makes a stated 90%
+  right about 90% of the time (ECE);
+- two feature-space distances (Mahalanobis, one mean per class and a covariance shared by the
+  classes, Ledoit-Wolf shrinkage because ReLU features are often exactly 0; Lee et al. 2018 use
+  several layers for the same reason as here):
+  - "conv": the last convolutional block's 64 feature maps, each averaged over the picture: which
+    strokes, edges and blobs are present, wherever they are. On the report's network this one
+    refuses solid shapes and noise (docs/refusal.md);
+  - "logits": the 10 scores. A letter is often mapped near some digit's features, but with a
+    mixture of scores unlike that digit's; with the conv distance it refuses more of the rendered
+    letters than either does alone.
+  A picture far, in either distance, from every class mean is refused. Softmax confidence cannot
+  do this: a picture of noise lies far from all the training data, where a ReLU network's logits
+  grow without bound and the softmax is most confident (a 64x64 noise picture read as a 0 at 97.7%).
+  The penultimate layer's 128 features, tried first, separate nothing on the report's network:
+  the fully connected layer maps every centred blob into some digit's cluster.
 
-Both are fitted on the training images as they were seen in training, rotated and shifted by the
-training augmentation (a fixed seed): clean training images are the network's easiest pictures,
-so a threshold or a temperature fitted on them would refuse, and over-trust, unseen digits.
-The refusal threshold is the DISTANCE_QUANTILE of those images' distances.
+The means and covariances come from CALIBRATION_IMAGES clean training images; the thresholds and
+T from the same images as they were seen in training, rotated and shifted by the training
+augmentation (a fixed seed): clean training images are the network's easiest pictures, so
+thresholds or a temperature fitted on them would refuse, and over-trust, unseen digits. The two
+thresholds cut the same tail fraction of each distance, chosen so that together they refuse
+REFUSED_TRAINING of those images (a union of two tests at one shared p-value, so neither
+distance's scale matters).
 
 A picture with (almost) no ink is refused before the network sees it: "blank". So is one whose
 ink covers more, or less, of the 28x28 field than INK_QUANTILES of those training images allow:
-predict's preprocessing turns noise and solid shapes into filled blobs, and on the report's
-network their features are no farther from the digits than real digits are, so the distance
-alone does not refuse them.
+a few specks of dust, which predict's preprocessing enlarges into a blob.
 """
 
 from __future__ import annotations
@@ -35,42 +44,78 @@ from sklearn.covariance import LedoitWolf
 from mnist_cnn.augment import random_affine
 from mnist_cnn.model import MNIST_MEAN, MNIST_STD, Net, normalize
 
-DISTANCE_QUANTILE = 0.995  # of the augmented training images' distances: they are refused at this rate
+REFUSED_TRAINING = 0.01  # of the augmented training images, refused by the two distances together
 INK_QUANTILES = (0.001, 0.999)  # of the augmented training images' ink coverage: the range that is answered
-CALIBRATION_IMAGES = 20_000  # augmented training images for the temperature and the threshold
+CALIBRATION_IMAGES = 20_000  # augmented training images for the temperature and the thresholds
 MIN_CONTRAST = 32 / 255  # an input whose pixels span less than this is blank (predict.MIN_CONTRAST)
 ECE_BINS = 15
+LAYERS = ("conv", "logits")  # the distances, in the order their reasons are given
 # Per image: digit (-1 when refused), calibrated probability (0 when refused), reason (None when answered).
 Answers = tuple[np.ndarray, np.ndarray, list[str | None]]
 BLANK = "blank (no ink found: the picture is nearly uniform)"
 
 
 @torch.no_grad()
-def features_and_log_probs(net: Net, x: torch.Tensor, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-    """(penultimate features (N, 128), log-probabilities (N, 10)) of normalised images, one pass each batch."""
+def features_and_log_probs(
+    net: Net, x: torch.Tensor, batch_size: int = 1000
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """({"conv": (N, 64) averaged feature maps, "logits": (N, 10)}, log-probabilities (N, 10)) of
+    normalised images, from one forward pass per batch."""
     net.eval()
-    captured: list[torch.Tensor] = []
+    conv: list[torch.Tensor] = []
+    logits: list[torch.Tensor] = []
     caller = threading.get_ident()
 
-    def capture(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        # The scoring server answers requests in threads that share the net: keep only this call's.
-        if threading.get_ident() == caller:
-            captured.append(args[0])
+    # The scoring server answers requests in threads that share the net: keep only this call's.
+    def keep_conv(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if threading.get_ident() == caller:  # fc1's input: the flattened (N, 64 * H * W) feature maps
+            conv.append(args[0].reshape(len(args[0]), 64, -1).mean(2))
 
-    # fc2's input is the penultimate layer (after ReLU and the eval-mode identity dropout).
-    handle = net.fc2.register_forward_pre_hook(capture)
+    def keep_logits(_module: torch.nn.Module, _args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if threading.get_ident() == caller:
+            logits.append(output)
+
+    handles = [net.fc1.register_forward_pre_hook(keep_conv), net.fc2.register_forward_hook(keep_logits)]
     try:
         log_probs = torch.cat([net(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
     finally:
-        handle.remove()
-    return torch.cat(captured).float(), log_probs.float()
+        for handle in handles:
+            handle.remove()
+    return {"conv": torch.cat(conv).float(), "logits": torch.cat(logits).float()}, log_probs.float()
 
 
-def distances(features: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+def distances(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
     """Mahalanobis distance (N,) of each feature vector to its nearest class mean."""
-    diff = features[:, None, :] - stats["means"][None]  # (N, 10, 128)
-    squared = torch.einsum("ncd,de,nce->nc", diff, stats["precision"], diff)
+    diff = features[:, None, :] - means[None]  # (N, 10, D)
+    squared = torch.einsum("ncd,de,nce->nc", diff, precision, diff)
     return squared.min(dim=1).values.clamp_min(0).sqrt()
+
+
+def is_current(stats: dict[str, torch.Tensor]) -> bool:
+    """Whether statistics were fitted by this version of fit() (an older refusal.pt lacks some)."""
+    return {f"{k}_{part}" for k in LAYERS for part in ("means", "precision", "threshold")} <= set(stats)
+
+
+def all_distances(features: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: distances(features[k], stats[f"{k}_means"], stats[f"{k}_precision"]) for k in LAYERS}
+
+
+def class_statistics(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(one mean per class (10, D), the shrunk precision of the features about their class mean (D, D))."""
+    means = torch.stack([features[labels == c].mean(0) for c in range(10)])
+    centred = (features - means[labels]).double().numpy()
+    return means, torch.from_numpy(LedoitWolf().fit(centred).precision_).float()
+
+
+def union_thresholds(scores: list[torch.Tensor], rate: float) -> list[torch.Tensor]:
+    """One threshold per score, each above the same fraction p of its scores, with p chosen (by
+    bisection) so that an image above any threshold is one of `rate` of the images."""
+    low, high = 0.0, rate  # p = rate refuses at least `rate`; p = 0 refuses none
+    for _ in range(30):
+        p = (low + high) / 2
+        refused = torch.stack([s > torch.quantile(s, 1 - p) for s in scores]).any(0)
+        low, high = (p, high) if refused.float().mean() <= rate else (low, p)
+    return [torch.quantile(s, 1 - low) for s in scores]
 
 
 def fit_temperature(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -85,22 +130,23 @@ def fit_temperature(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
 
 def fit(net: Net, images: torch.Tensor, labels: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
     """The refusal statistics of `net` from the training set: uint8 images (N, 1, 28, 28), labels (N,)."""
-    x = normalize(images)
-    features, _ = features_and_log_probs(net, x)
-    means = torch.stack([features[labels == c].mean(0) for c in range(10)])
-    centred = (features - means[labels]).double().numpy()
-    precision = torch.from_numpy(LedoitWolf().fit(centred).precision_).float()
-
     generator = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(images), generator=generator)[:CALIBRATION_IMAGES]
+    # 20,000 images pin down 10 means and a 64x64 covariance; all 60,000 would triple the fit time.
+    features, _ = features_and_log_probs(net, normalize(images[pick]))
+    stats: dict[str, torch.Tensor] = {}
+    for layer in LAYERS:
+        stats[f"{layer}_means"], stats[f"{layer}_precision"] = class_statistics(features[layer], labels[pick])
+
     # The training augmentation works on [0, 1] pixels with zero fill, as train_step applies it.
     seen = random_affine(images[pick].float() / 255.0, generator)
     seen_features, seen_log_probs = features_and_log_probs(net, (seen - MNIST_MEAN) / MNIST_STD)
-    stats = {"means": means, "precision": precision}
-    threshold = torch.quantile(distances(seen_features, stats), DISTANCE_QUANTILE)
-    ink_range = torch.quantile(ink_coverage(seen), torch.tensor(INK_QUANTILES))
-    temperature = fit_temperature(seen_log_probs, labels[pick])
-    return {**stats, "threshold": threshold, "ink_range": ink_range, "temperature": torch.tensor(temperature)}
+    seen_distances = all_distances(seen_features, stats)
+    thresholds = union_thresholds([seen_distances[k] for k in LAYERS], REFUSED_TRAINING)
+    stats |= {f"{k}_threshold": t for k, t in zip(LAYERS, thresholds, strict=True)}
+    stats["ink_range"] = torch.quantile(ink_coverage(seen), torch.tensor(INK_QUANTILES))
+    stats["temperature"] = torch.tensor(fit_temperature(seen_log_probs, labels[pick]))
+    return stats
 
 
 def ink_coverage(pixels: torch.Tensor) -> torch.Tensor:
@@ -115,21 +161,25 @@ def answer(net: Net, stats: dict[str, torch.Tensor], x: torch.Tensor) -> Answers
     return decide(stats, x, features, log_probs)
 
 
-def decide(stats: dict[str, torch.Tensor], x: torch.Tensor, features: torch.Tensor, log_probs: torch.Tensor) -> Answers:
+def decide(
+    stats: dict[str, torch.Tensor], x: torch.Tensor, features: dict[str, torch.Tensor], log_probs: torch.Tensor
+) -> Answers:
     """answer() for a forward pass already made."""
     probabilities, digits = torch.softmax(log_probs / stats["temperature"], dim=1).max(dim=1)
-    distance = distances(features, stats)
+    distance = torch.stack([all_distances(features, stats)[k] for k in LAYERS], 1).tolist()
+    thresholds = [stats[f"{k}_threshold"].item() for k in LAYERS]
     span = (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3))) * MNIST_STD
     coverage = ink_coverage(x * MNIST_STD + MNIST_MEAN)
-    low, high = stats["ink_range"].tolist() if "ink_range" in stats else (0.0, 1.0)
+    low, high = stats["ink_range"].tolist()
     reasons: list[str | None] = []
-    for s, c, d in zip(span.tolist(), coverage.tolist(), distance.tolist(), strict=True):
+    for s, c, d in zip(span.tolist(), coverage.tolist(), distance, strict=True):
+        far = [f"{k} distance {v:.0f} > {t:.0f}" for k, v, t in zip(LAYERS, d, thresholds, strict=True) if v > t]
         if s < MIN_CONTRAST:
             reasons.append(BLANK)
         elif not low <= c <= high:
             reasons.append(f"not a digit (ink covers {c:.0%} of the field; training digits {low:.0%}-{high:.0%})")
-        elif d > stats["threshold"]:
-            reasons.append(f"not a digit (unlike every training digit: distance {d:.0f} > {stats['threshold']:.0f})")
+        elif far:
+            reasons.append(f"not a digit (unlike every training digit: {', '.join(far)})")
         else:
             reasons.append(None)
     refused = torch.tensor([r is not None for r in reasons], dtype=torch.bool)
