@@ -63,6 +63,8 @@ def test_forward_is_the_reports_order(net: Net) -> None:
     expected = F.log_softmax(F.linear(h, net.fc2.weight, net.fc2.bias), dim=1)
     with torch.no_grad():
         torch.testing.assert_close(net(x), expected)
+        torch.testing.assert_close(net.penultimate(x), h)  # the refusal's features
+        torch.testing.assert_close(net.head(net.penultimate(x)), expected)
 
 
 def test_output_is_log_probabilities(net: Net) -> None:

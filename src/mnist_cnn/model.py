@@ -54,6 +54,10 @@ class Net(nn.Module):
         self.fc2 = nn.Linear(128, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.penultimate(x))
+
+    def penultimate(self, x: torch.Tensor) -> torch.Tensor:
+        """The 128 hidden features (N, 128) that fc2 reads: after fc1's ReLU and the hidden dropout."""
         x = torch.relu(self.norm1(self.conv1(x)))
         x = self.pool(torch.relu(self.norm2(self.conv2(x))))
         if self.block3 is not None:
@@ -62,7 +66,11 @@ class Net(nn.Module):
         if x.requires_grad and x.is_contiguous(memory_format=torch.channels_last):
             x.register_hook(_channels_last_grad)
         x = torch.relu(self.fc1(torch.flatten(x, 1)))
-        return torch.log_softmax(self.fc2(self.drop_hidden(x)), dim=1)
+        return self.drop_hidden(x)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities (N, 10) from penultimate() features."""
+        return torch.log_softmax(self.fc2(features), dim=1)
 
 
 def _channels_last_grad(grad: torch.Tensor) -> torch.Tensor:

@@ -25,8 +25,6 @@ alone does not refuse them.
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
@@ -45,25 +43,17 @@ Answers = tuple[np.ndarray, np.ndarray, list[str | None]]
 BLANK = "blank (no ink found: the picture is nearly uniform)"
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def features_and_log_probs(net: Net, x: torch.Tensor, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-    """(penultimate features (N, 128), log-probabilities (N, 10)) of normalised images, one pass each batch."""
+    """(penultimate features (N, 128), log-probabilities (N, 10)) of normalised images, one pass each batch.
+    No hooks or other state on the net: the scoring server calls this from concurrent threads on one net."""
     net.eval()
-    captured: list[torch.Tensor] = []
-    caller = threading.get_ident()
-
-    def capture(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        # The scoring server answers requests in threads that share the net: keep only this call's.
-        if threading.get_ident() == caller:
-            captured.append(args[0])
-
-    # fc2's input is the penultimate layer (after ReLU and the eval-mode identity dropout).
-    handle = net.fc2.register_forward_pre_hook(capture)
-    try:
-        log_probs = torch.cat([net(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
-    finally:
-        handle.remove()
-    return torch.cat(captured).float(), log_probs.float()
+    features, log_probs = [], []
+    for i in range(0, len(x), batch_size):
+        hidden = net.penultimate(x[i : i + batch_size])
+        features.append(hidden)
+        log_probs.append(net.head(hidden))
+    return torch.cat(features).float(), torch.cat(log_probs).float()
 
 
 def distances(features: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
