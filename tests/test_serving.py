@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -13,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import VENV_BIN, free_port, http_server
+from helpers import REPO, VENV_BIN, free_port, http_server
 from mnist_cnn import loadtest, refusal
 from mnist_cnn.data import load_tensors
 
@@ -65,6 +68,15 @@ def test_noise_and_a_blank_input_are_refused(server: str) -> None:
     noise_answer, blank_answer = body["predictions"]
     assert noise_answer["digit"] == -1 and noise_answer["reason"].startswith("not a digit"), noise_answer
     assert blank_answer == {"digit": -1, "probability": 0.0, "reason": refusal.BLANK}
+
+
+def test_the_readme_example_is_answered_as_a_blank(server: str) -> None:
+    """The request README.md's serve section builds, run as it is written there."""
+    line = re.search(r"^python3 -c '(.*)' \|$", (REPO / "README.md").read_text(), re.MULTILINE)
+    assert line, "README.md has no `python3 -c '...' |` serve example"
+    body = subprocess.run([sys.executable, "-c", line.group(1)], capture_output=True, check=True).stdout
+    status, answer = post(f"{server}/invocations", body)
+    assert status == 200 and answer == {"predictions": [{"digit": -1, "probability": 0.0, "reason": refusal.BLANK}]}
 
 
 def test_malformed_payload_is_a_4xx_and_server_keeps_serving(server: str) -> None:
