@@ -93,7 +93,8 @@ ui: setup
 # The registry's champion behind MLflow's REST scoring server (/invocations), loopback only.
 # SERVE_WORKERS uvicorn processes (one per core), each with ONE torch thread: N workers with torch's
 # default of one thread per core would oversubscribe the cores. No access-log line per request
-# (UVICORN_ACCESS_LOG=true brings it back). docs/serving.md has the measurements.
+# (UVICORN_ACCESS_LOG=true brings it back). uvicorn picks httptools and uvloop (dependencies of
+# this package) over h11 and asyncio's loop by itself. docs/serving.md has the measurements.
 SERVE_WORKERS ?= 2
 serve: setup
 	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db} \

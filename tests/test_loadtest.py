@@ -64,8 +64,10 @@ def test_counts_requests_and_errors_as_the_server_saw_them(server: str, capsys: 
 
 def test_payloads_cycle_the_batch_sizes() -> None:
     bodies = loadtest.payloads([1, 16], variants=2)
-    shapes = [(len(x), len(x[0]), len(x[0][0]), len(x[0][0][0])) for x in (json.loads(b)["inputs"] for b in bodies)]
-    assert shapes == [(1, 1, 28, 28), (16, 1, 28, 28)] * 2
+    inputs = [json.loads(b)["inputs"] for b in bodies]
+    assert [(len(x), len(x[0]), len(x[0][0])) for x in inputs] == [(1, 28, 28), (16, 28, 28)] * 2
+    pixels = {p for x in inputs for image in x for row in image for p in row}
+    assert all(isinstance(p, int) and 0 <= p <= 255 for p in pixels) and len(pixels) > 2  # uint8 pixels
 
 
 @pytest.mark.parametrize(

@@ -63,6 +63,9 @@ def test_forward_is_the_reports_order(net: Net) -> None:
     expected = F.log_softmax(F.linear(h, net.fc2.weight, net.fc2.bias), dim=1)
     with torch.no_grad():
         torch.testing.assert_close(net(x), expected)
+        maps = net.feature_maps(x)  # the refusal's features
+        assert maps.shape == (5, 64, 14, 14)
+        torch.testing.assert_close(torch.log_softmax(net.classify(maps), dim=1), expected)
 
 
 def test_output_is_log_probabilities(net: Net) -> None:

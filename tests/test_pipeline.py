@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -96,8 +97,8 @@ def test_registry_has_a_version_per_model_that_predicts(pipeline: Path, client: 
     assert str(aliases["challenger"]) == "2"  # always the newest
     assert str(aliases["champion"]) in {"1", "2"}
     model = mlflow.pyfunc.load_model("models:/mnist-cnn@champion")
-    batch = np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)
-    out = model.predict(batch)  # the served python model: one record per image, refusals included
+    batch = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    out = pd.DataFrame(model.predict(batch))  # the served python model: one record per image, refusals included
     assert list(out.columns) == ["digit", "probability", "reason"] and len(out) == 3
     answered = out["digit"] >= 0
     assert out["digit"].between(-1, 9).all() and out["probability"][answered].between(0, 1).all()

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.models import infer_signature
 from PIL import Image, ImageDraw
 
 from helpers import TeamServer, make_params
@@ -302,10 +304,20 @@ def test_many_concurrent_promotions_against_a_server_end_at_the_rules_choice(ser
     assert min(promotions) >= 2 and len(set(champions)) > 1, (promotions, champions)
 
 
+class FloatInputModel(mlflow.pyfunc.PythonModel):
+    def __init__(self, net: Net, stats: dict[str, torch.Tensor]) -> None:
+        self.net, self.stats = net, stats
+
+    def predict(self, context: object, model_input: np.ndarray, params: dict | None = None) -> pd.DataFrame:
+        digits, probabilities, reasons = refusal.answer(self.net, self.stats, torch.as_tensor(model_input))
+        return pd.DataFrame({"digit": digits, "probability": probabilities, "reason": reasons})
+
+
 def test_predict_loads_the_champion_evaluate_registered(
     client: MlflowClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """evaluate's real log_model + promote, then predict through models:/mnist-cnn@champion."""
+    """evaluate's real log_model + promote, then predict through models:/mnist-cnn@champion; and through a
+    version of the earlier kind (normalised floats in, a table out), whose signature predict reads."""
     from mnist_cnn.evaluate import register_model
 
     torch.manual_seed(0)
@@ -314,9 +326,14 @@ def test_predict_loads_the_champion_evaluate_registered(
     torch.save({"state_dict": net.state_dict()}, checkpoint)
     stats = refusal.fit(net, torch.randint(0, 256, (100, 1, 28, 28), dtype=torch.uint8), torch.arange(100) % 10, 0)
     save_tensors(tmp_path / "refusal.pt", stats)  # beside the checkpoint, as evaluate leaves it
-    example = np.zeros((2, 1, 28, 28), dtype=np.float32)
+    example = np.zeros((2, 28, 28), dtype=np.uint8)
     with mlflow.start_run(experiment_id=client.get_experiment_by_name(EXPERIMENT).experiment_id) as run:
         version, _ = register_model(net, stats, example, run.info.run_id)
+        # A version as registered before the served model took pixels: normalised floats in, a table out.
+        floats = np.zeros((2, 1, 28, 28), dtype=np.float32)
+        old = FloatInputModel(net, stats)
+        signature = infer_signature(floats, old.predict(None, floats))
+        mlflow.pyfunc.log_model(name="old", python_model=old, signature=signature, registered_model_name="mnist-cnn")
     promotion = registry.promote(client, version, metrics(0.5), make_params())  # the default name: mnist-cnn
     assert promotion.champion_moved and aliases(client, "mnist-cnn") == {"champion": "1", "challenger": "1"}
 
@@ -325,11 +342,12 @@ def test_predict_loads_the_champion_evaluate_registered(
     image = tmp_path / "one.png"
     picture.save(image)
     answers = []
-    for model in ("models:/mnist-cnn@champion", str(checkpoint)):
+    for model in ("models:/mnist-cnn@champion", str(checkpoint), "models:/mnist-cnn/2"):
         predict.main(["--model", model, "--json", str(image)])
         answers.append(json.loads(capsys.readouterr().out))
-    assert answers[0]["digit"] == answers[1]["digit"]
-    assert answers[0]["probability"] == pytest.approx(answers[1]["probability"], abs=1e-5)
+    for other in answers[1:]:
+        assert answers[0]["digit"] == other["digit"]
+        assert answers[0]["probability"] == pytest.approx(other["probability"], abs=1e-5)
 
     with pytest.raises(SystemExit) as exit_info:
         run_stage(lambda: predict.main(["--model", "models:/mnist-cnn@nonesuch", str(image)]))

@@ -27,10 +27,10 @@ from mlflow.models import infer_signature
 from sklearn.metrics import accuracy_score, f1_score
 
 import mnist_cnn
-from mnist_cnn import lineage, nondigits, refusal, tracking
+from mnist_cnn import lineage, nondigits, refusal, served, tracking
 from mnist_cnn.config import load_params, run_stage
 from mnist_cnn.data import atomic_path, load_processed, save_tensors, write_json
-from mnist_cnn.model import load_checkpoint, normalize, predict_log_probs
+from mnist_cnn.model import load_checkpoint, predict_log_probs
 from mnist_cnn.ood import ood_accuracy
 from mnist_cnn.paths import CONFUSION_CSV, DVC_LOCK, EVAL_METRICS, MODEL_PATH, REFUSAL_STATS
 from mnist_cnn.served import ServedModel
@@ -59,8 +59,7 @@ def register_model(
         outputs = client.get_run(run_id).outputs
         return existing[0].version, next((o.model_id for o in outputs.model_outputs), None) if outputs else None
     model = model.cpu()
-    digits, probabilities, reasons = refusal.answer(model, stats, torch.from_numpy(example))
-    output = pd.DataFrame({"digit": digits, "probability": probabilities, "reason": reasons})
+    output = pd.DataFrame(served.answers(model, stats, example))  # the records' columns, for the signature
     # The python model's artifacts: the weights and the statistics, as files MLflow copies into the model.
     with tempfile.TemporaryDirectory(prefix="mnist-cnn-model-") as folder:
         checkpoint, statistics = Path(folder) / MODEL_PATH.name, Path(folder) / REFUSAL_STATS.name
@@ -120,7 +119,7 @@ def main() -> None:
         mlflow.log_artifact(str(EVAL_METRICS), artifact_path="metrics")
         if DVC_LOCK.exists():  # the hashes of the data, code and params this run was made from
             mlflow.log_artifact(str(DVC_LOCK))
-        example = normalize(images[:4]).numpy()
+        example = images[:4, 0].numpy()  # uint8 pixels (4, 28, 28): what the served model takes
         version, model_id = register_model(model, stats, example, run.info.run_id)
         eval_metrics = {"eval_accuracy": metrics["test_accuracy"], "eval_loss": metrics["test_loss"]}
         eval_metrics["eval_macro_f1"] = metrics["macro_f1"]

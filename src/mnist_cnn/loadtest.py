@@ -4,8 +4,8 @@
                                  [--batch 1,16] [--timeout 30]
 
 Each client holds one keep-alive connection and posts, back to back, requests of 1 or 16
-digits (cycling through --batch) in MLflow's tensor format {"inputs": [[[[...]]]]}, the
-normalised images the model was trained on: real MNIST test digits from data/processed/test.pt
+digits (cycling through --batch) in MLflow's tensor format {"inputs": [[[...]]]}, uint8 pixels
+(N, 28, 28) as the served model takes them: real MNIST test digits from data/processed/test.pt
 when the working directory has them, else random pixels. The payloads are encoded once, before
 the clock starts, so the client spends its CPU on the connection only: it shares the cores
 with the server it measures, and it reports its own CPU time for that reason.
@@ -28,7 +28,6 @@ import aiohttp
 import numpy as np
 
 from mnist_cnn.config import UserError, run_stage
-from mnist_cnn.model import MNIST_MEAN, MNIST_STD
 from mnist_cnn.paths import PROCESSED_DIR
 
 DEFAULT_URL = "http://127.0.0.1:5001/invocations"
@@ -66,11 +65,10 @@ def digits(count: int) -> np.ndarray:
 def payloads(sizes: list[int], variants: int = 8) -> list[bytes]:
     """Request bodies, encoded once: `variants` distinct bodies per batch size, cycled in order of sizes."""
     images = digits(variants * sum(sizes))
-    x = ((images.astype(np.float32) / 255.0 - MNIST_MEAN) / MNIST_STD)[:, None]  # (N, 1, 28, 28)
     bodies, start = [], 0
     for _ in range(variants):
         for size in sizes:
-            bodies.append(json.dumps({"inputs": np.round(x[start : start + size], 4).tolist()}).encode())
+            bodies.append(json.dumps({"inputs": images[start : start + size].tolist()}).encode())
             start += size
     return bodies
 

@@ -54,6 +54,11 @@ class Net(nn.Module):
         self.fc2 = nn.Linear(128, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.classify(self.feature_maps(x)), dim=1)
+
+    def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The last conv block's feature maps (N, 64, H, W), as fc1 reads them (the refusal's
+        features: a method, not a hook, so concurrent server threads can share one net)."""
         x = torch.relu(self.norm1(self.conv1(x)))
         x = self.pool(torch.relu(self.norm2(self.conv2(x))))
         if self.block3 is not None:
@@ -61,8 +66,12 @@ class Net(nn.Module):
         x = self.drop_features(x)
         if x.requires_grad and x.is_contiguous(memory_format=torch.channels_last):
             x.register_hook(_channels_last_grad)
-        x = torch.relu(self.fc1(torch.flatten(x, 1)))
-        return torch.log_softmax(self.fc2(self.drop_hidden(x)), dim=1)
+        return x
+
+    def classify(self, maps: torch.Tensor) -> torch.Tensor:
+        """Logits (N, 10) from feature_maps()."""
+        x = torch.relu(self.fc1(torch.flatten(maps, 1)))
+        return self.fc2(self.drop_hidden(x))
 
 
 def _channels_last_grad(grad: torch.Tensor) -> torch.Tensor:

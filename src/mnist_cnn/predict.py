@@ -44,7 +44,7 @@ MIN_CONTRAST = 32  # ink must differ from the background by this many grey level
 MIN_STROKE = 2.5  # px at the 20 px scale; most MNIST strokes are 2.5-4 px wide
 SHOW_SCALE = 10
 
-Predictor = Callable[[torch.Tensor], refusal.Answers]  # normalised (N, 1, 28, 28) -> per-image answers
+Predictor = Callable[[np.ndarray], refusal.Answers]  # uint8 fields (N, 28, 28) -> per-image answers
 
 
 class NoInk(UserError):
@@ -139,12 +139,28 @@ def registry_predictor(uri: str) -> Predictor:
         raise UserError(f"{uri}: {error.message.splitlines()[0]}") from None
     except OSError as error:
         raise UserError(f"{uri}: cannot load ({error})") from None
-    return lambda batch: from_served(model.predict(batch.numpy()))
+    if takes_pixels(model.metadata.get_input_schema()):
+        return lambda fields: from_served(model.predict(fields))
+    # Versions registered before the served model took pixels: normalised floats (N, 1, 28, 28).
+    return lambda fields: from_served(model.predict(normalize(torch.from_numpy(fields).unsqueeze(1)).numpy()))
+
+
+def takes_pixels(schema: object) -> bool:
+    """Whether a registered version's input signature is uint8 pixels (N, 28, 28) (mnist_cnn.served)."""
+    if schema is None or not schema.is_tensor_spec():
+        return False
+    spec = schema.inputs[0]
+    return spec.type == np.dtype(np.uint8) and tuple(spec.shape) == (-1, SIZE, SIZE)
 
 
 def from_served(output: object) -> refusal.Answers:
-    """The served model's table (digit, probability, reason); a version logged before refusals
-    existed (the pytorch flavour) gives log-probabilities: its answers are not checked."""
+    """The served model's records (digit, probability, reason); an older version answers a table of
+    the same columns, and one logged before refusals existed (the pytorch flavour) log-probabilities:
+    its answers are not checked."""
+    if isinstance(output, list):
+        reasons = [record["reason"] for record in output]
+        digits = np.array([record["digit"] for record in output], dtype=np.int64)
+        return digits, np.array([record["probability"] for record in output], dtype=np.float32), reasons
     columns = getattr(output, "columns", ())
     if "reason" in columns:
         reasons = [r if isinstance(r, str) else None for r in output["reason"]]
@@ -160,12 +176,12 @@ def checkpoint_predictor(path: str) -> Predictor:
     stats_path = Path(path).parent / REFUSAL_STATS.name
     stats = load_tensors(stats_path) if stats_path.is_file() else None
     if stats is not None and refusal.is_current(stats):
-        return lambda batch: refusal.answer(net, stats, batch)
+        return lambda fields: refusal.answer(net, stats, normalize(torch.from_numpy(fields).unsqueeze(1)))
     problem = f"no {stats_path}" if stats is None else f"{stats_path} is from an older version"
     print(f"warning: {problem} (run evaluate): pictures that are not digits are not refused", file=sys.stderr)
 
-    def predict(batch: torch.Tensor) -> refusal.Answers:
-        _, log_probs = refusal.features_and_log_probs(net, batch)
+    def predict(fields: np.ndarray) -> refusal.Answers:
+        _, log_probs = refusal.features_and_log_probs(net, normalize(torch.from_numpy(fields).unsqueeze(1)))
         probabilities, digits = log_probs.exp().max(dim=1)
         return digits.numpy(), probabilities.numpy(), [None] * len(digits)
 
@@ -223,8 +239,7 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--show-input {args.show_input}: cannot write ({error.strerror})") from None
     if fields:
         predictor = load_predictor(args.model)
-        batch = normalize(torch.from_numpy(np.stack(list(fields.values()))).unsqueeze(1))
-        digits, probabilities, reasons = predictor(batch)
+        digits, probabilities, reasons = predictor(np.stack(list(fields.values())))
         for name, digit, probability, reason in zip(fields, digits, probabilities, reasons, strict=True):
             answers[name] = (None, None, reason) if reason else (int(digit), round(float(probability), 6), None)
     for name in args.images:

@@ -34,8 +34,6 @@ a few specks of dust, which predict's preprocessing enlarges into a blob.
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
@@ -55,33 +53,21 @@ Answers = tuple[np.ndarray, np.ndarray, list[str | None]]
 BLANK = "blank (no ink found: the picture is nearly uniform)"
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def features_and_log_probs(
     net: Net, x: torch.Tensor, batch_size: int = 1000
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """({"conv": (N, 64) averaged feature maps, "logits": (N, 10)}, log-probabilities (N, 10)) of
-    normalised images, from one forward pass per batch."""
+    normalised images, from one forward pass per batch. No hooks or other state on the net: the
+    scoring server calls this from concurrent threads on one net."""
     net.eval()
-    conv: list[torch.Tensor] = []
-    logits: list[torch.Tensor] = []
-    caller = threading.get_ident()
-
-    # The scoring server answers requests in threads that share the net: keep only this call's.
-    def keep_conv(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        if threading.get_ident() == caller:  # fc1's input: the flattened (N, 64 * H * W) feature maps
-            conv.append(args[0].reshape(len(args[0]), 64, -1).mean(2))
-
-    def keep_logits(_module: torch.nn.Module, _args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        if threading.get_ident() == caller:
-            logits.append(output)
-
-    handles = [net.fc1.register_forward_pre_hook(keep_conv), net.fc2.register_forward_hook(keep_logits)]
-    try:
-        log_probs = torch.cat([net(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {"conv": torch.cat(conv).float(), "logits": torch.cat(logits).float()}, log_probs.float()
+    conv, logits = [], []
+    for i in range(0, len(x), batch_size):
+        maps = net.feature_maps(x[i : i + batch_size])
+        conv.append(maps.mean((2, 3)))
+        logits.append(net.classify(maps))
+    all_logits = torch.cat(logits).float()
+    return {"conv": torch.cat(conv).float(), "logits": all_logits}, torch.log_softmax(all_logits, dim=1)
 
 
 def distances(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:

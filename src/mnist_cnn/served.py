@@ -1,21 +1,39 @@
 """The registered model: what `mlflow models serve` and `predict --model models:/...` run.
 
-The network and its refusal statistics (mnist_cnn.refusal) in one MLflow python model. Input:
-normalised images (N, 1, 28, 28) float32, as before. Output: one row per image, `digit` (-1 when
-refused), `probability` (temperature-calibrated; 0 when refused) and `reason` (null, or why the
-image was refused), which `mlflow models serve` answers as {"predictions": [{...}, ...]}.
-One forward pass per request: the refusal reads the same pass's penultimate features.
+The network and its refusal statistics (mnist_cnn.refusal) in one MLflow python model.
+Input: MNIST pixels, uint8 (N, 28, 28), 0-255, light ink on black (what predict's
+preprocessing makes of a picture); the model normalises them as in training. Over HTTP:
+{"inputs": [[[0, 0, ... 28 pixels], ... 28 rows], ... one per image]}. Output: one record per
+image, {"digit": 0-9 or -1 when refused, "probability": temperature-calibrated (0 when refused),
+"reason": None or why the image was refused}, which `mlflow models serve` answers as
+{"predictions": [{...}, ...]}. Plain records, not a DataFrame: the scoring server writes them as
+they are (a DataFrame costs more to build and to serialise than the network's forward pass on
+one digit). One forward pass per request: the refusal reads the same pass's feature maps and logits.
+
+Versions registered before took normalised floats (N, 1, 28, 28) and answered a DataFrame of
+the same columns; their signature says which (predict reads it).
 """
 
 from __future__ import annotations
 
 import mlflow
 import numpy as np
-import pandas as pd
 import torch
 
 from mnist_cnn import refusal
-from mnist_cnn.model import load_model
+from mnist_cnn.model import Net, load_model, normalize
+
+Record = dict[str, int | float | str | None]
+
+
+def answers(net: Net, stats: dict[str, torch.Tensor], pixels: np.ndarray) -> list[Record]:
+    """The served records for uint8 pixels (N, 28, 28)."""
+    x = normalize(torch.as_tensor(np.asarray(pixels, dtype=np.uint8)).unsqueeze(1))
+    digits, probabilities, reasons = refusal.answer(net, stats, x)
+    return [
+        {"digit": d, "probability": p, "reason": r}
+        for d, p, r in zip(digits.tolist(), probabilities.tolist(), reasons, strict=True)
+    ]
 
 
 class ServedModel(mlflow.pyfunc.PythonModel):
@@ -25,7 +43,5 @@ class ServedModel(mlflow.pyfunc.PythonModel):
 
     def predict(
         self, context: mlflow.pyfunc.PythonModelContext, model_input: np.ndarray, params: dict | None = None
-    ) -> pd.DataFrame:
-        x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
-        digits, probabilities, reasons = refusal.answer(self.net, self.stats, x)
-        return pd.DataFrame({"digit": digits, "probability": probabilities, "reason": reasons})
+    ) -> list[Record]:
+        return answers(self.net, self.stats, model_input)
