@@ -60,7 +60,7 @@ def test_dvc_sees_experiments_and_metrics(pipeline: Path) -> None:
     status = run(["dvc", "status", "--json"], pipeline).stdout
     assert json.loads(status) == {}, status
     shown = json.loads(run(["dvc", "exp", "show", "--json"], pipeline).stdout)
-    baseline = next(rev for rev in shown if rev["rev"] != "workspace")
+    baseline = next(rev for rev in shown if rev["rev"] == "workspace")  # dvc repro's results, not committed
     experiments = [exp for rev in shown for exp in (rev.get("experiments") or [])]
     revs = [baseline, *(exp["revs"][0] for exp in experiments)]
     params = [rev["data"]["params"]["params.yaml"]["data"] for rev in revs]

@@ -59,8 +59,10 @@ def test_pipeline_and_parallel_experiments_on_the_team_server(
         assert "confusion_matrix.png" in {Path(a.path).name for a in client.list_artifacts(r.info.run_id, "reports")}
     local = client.download_artifacts(runs[0].info.run_id, "reports/confusion_matrix.png", str(tmp_path))
     assert Path(local).read_bytes() == (repo / "reports/confusion_matrix.png").read_bytes()
-    assert len(list((root / "artifacts").rglob("confusion_matrix.png"))) == 3
-    assert len(list((root / "artifacts").rglob("MLmodel"))) == 3  # each run's logged model
+    # (The server is shared with the registry's promotion test, whose models are in other experiments.)
+    stored = root / "artifacts" / experiment.experiment_id
+    assert len(list(stored.rglob("confusion_matrix.png"))) == 3
+    assert len(list(stored.rglob("MLmodel"))) == 3  # each run's logged model
 
     # The registry is the server's: one version per run; both aliases name versions of this model.
     versions = client.search_model_versions("name='mnist-cnn'")
