@@ -6,6 +6,7 @@ import pickle
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -84,6 +85,12 @@ def _channels_last_grad(grad: torch.Tensor) -> torch.Tensor:
 def normalize(images_uint8: torch.Tensor) -> torch.Tensor:
     """uint8 pixels 0-255 -> floats normalised as in training."""
     return (images_uint8.float() / 255.0 - MNIST_MEAN) / MNIST_STD
+
+
+def normalize_fields(fields: np.ndarray) -> torch.Tensor:
+    """uint8 28x28 fields (N, 28, 28), as predict's preprocessing makes them and the served model
+    takes them -> the network's input (N, 1, 28, 28)."""
+    return normalize(torch.from_numpy(np.array(fields, dtype=np.uint8)).unsqueeze(1))  # a copy: fields may be read-only
 
 
 def load_model(path: str, device: torch.device | str = "cpu") -> Net:

@@ -25,7 +25,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from mnist_cnn.config import run_stage
-from mnist_cnn.model import load_checkpoint, normalize
+from mnist_cnn.model import load_checkpoint, normalize_fields
 from mnist_cnn.predict import to_mnist
 
 SEED = 20260
@@ -81,7 +81,7 @@ def ood_accuracy(predict_log_probs_fn: Callable[[torch.Tensor], torch.Tensor]) -
     """Accuracy on the set; the function maps normalised (N, 1, 28, 28) floats to (N, 10) scores."""
     images, labels = load_ood_set()
     with torch.no_grad():
-        scores = predict_log_probs_fn(normalize(torch.from_numpy(images.copy()).unsqueeze(1)))
+        scores = predict_log_probs_fn(normalize_fields(images))
     return float((scores.argmax(1).cpu().numpy() == labels).mean())
 
 

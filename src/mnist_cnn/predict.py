@@ -34,7 +34,7 @@ from scipy import ndimage
 from mnist_cnn import refusal
 from mnist_cnn.config import UserError, run_stage
 from mnist_cnn.data import load_tensors
-from mnist_cnn.model import load_checkpoint, normalize
+from mnist_cnn.model import load_checkpoint, normalize_fields
 from mnist_cnn.paths import REFUSAL_STATS
 
 DEFAULT_MODEL = "models:/mnist-cnn@champion"
@@ -142,7 +142,7 @@ def registry_predictor(uri: str) -> Predictor:
     if takes_pixels(model.metadata.get_input_schema()):
         return lambda fields: from_served(model.predict(fields))
     # Versions registered before the served model took pixels: normalised floats (N, 1, 28, 28).
-    return lambda fields: from_served(model.predict(normalize(torch.from_numpy(fields).unsqueeze(1)).numpy()))
+    return lambda fields: from_served(model.predict(normalize_fields(fields).numpy()))
 
 
 def takes_pixels(schema: object) -> bool:
@@ -176,12 +176,12 @@ def checkpoint_predictor(path: str) -> Predictor:
     stats_path = Path(path).parent / REFUSAL_STATS.name
     stats = load_tensors(stats_path) if stats_path.is_file() else None
     if stats is not None and refusal.is_current(stats):
-        return lambda fields: refusal.answer(net, stats, normalize(torch.from_numpy(fields).unsqueeze(1)))
+        return lambda fields: refusal.answer(net, stats, normalize_fields(fields))
     problem = f"no {stats_path}" if stats is None else f"{stats_path} is from an older version"
     print(f"warning: {problem} (run evaluate): pictures that are not digits are not refused", file=sys.stderr)
 
     def predict(fields: np.ndarray) -> refusal.Answers:
-        _, log_probs = refusal.features_and_log_probs(net, normalize(torch.from_numpy(fields).unsqueeze(1)))
+        _, log_probs = refusal.features_and_log_probs(net, normalize_fields(fields))
         probabilities, digits = log_probs.exp().max(dim=1)
         return digits.numpy(), probabilities.numpy(), [None] * len(digits)
 

@@ -40,7 +40,7 @@ from scipy.optimize import minimize_scalar
 from sklearn.covariance import LedoitWolf
 
 from mnist_cnn.augment import random_affine
-from mnist_cnn.model import MNIST_MEAN, MNIST_STD, Net, normalize
+from mnist_cnn.model import MNIST_MEAN, MNIST_STD, Net, normalize, normalize_fields
 
 REFUSED_TRAINING = 0.01  # of the augmented training images, refused by the two distances together
 INK_QUANTILES = (0.001, 0.999)  # of the augmented training images' ink coverage: the range that is answered
@@ -201,5 +201,5 @@ def report(net: Net, stats: dict[str, torch.Tensor], images: torch.Tensor, label
 
 def refused_fraction(net: Net, stats: dict[str, torch.Tensor], fields: np.ndarray) -> float:
     """The fraction of uint8 28x28 pictures (already through predict.to_mnist) that are refused."""
-    digits, _, _ = answer(net, stats, normalize(torch.from_numpy(fields).unsqueeze(1)))
+    digits, _, _ = answer(net, stats, normalize_fields(fields))
     return float((digits < 0).mean())
