@@ -29,10 +29,17 @@ from helpers import REPO, TeamServer, make_pipeline_repo, run, team_server, tool
 # whoever writes the test.
 NETWORK_FIXTURES = {"real_mnist"}
 SLOW_FIXTURES = {"pipeline", "queued_pipeline", "server"}
-# Under `pytest -n 2 --dist loadgroup` (make test), the tests that share one of these session
+# Under `pytest -n N --dist loadgroup` (make test), the tests that share one of these session
 # fixtures run in one worker, so it is built once; every other test stays with its module, so
 # module fixtures (servers, trained models) are built once too.
 SHARED_FIXTURES = ("queued_pipeline", "pipeline", "real_mnist", "server")
+# The groups that take longest, in the order the workers should start them (make test passes
+# --no-loadscope-reorder, so groups are handed out in collection order): a long group started
+# last would run alone at the end.
+LONGEST_FIRST = ("pipeline", "server", "queued_pipeline", "test_bench", "test_reliability",
+                 "test_refusal", "test_registry", "test_train", "test_tracking", "test_ood")  # fmt: skip
+
+GROUP = pytest.StashKey[str]()
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
@@ -45,6 +52,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
         group = next((name for name in SHARED_FIXTURES if name in used), item.module.__name__)
         item.add_marker(pytest.mark.xdist_group(group))
+        item.stash[GROUP] = group
+    order = {group: rank for rank, group in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: order.get(item.stash[GROUP], len(order)))  # stable: the rest keep their order
 
 
 @pytest.fixture
@@ -108,9 +118,10 @@ def queued_pipeline(tmp_path_factory: pytest.TempPathFactory, synthetic_mnist: P
     """A second repository for what must not disturb `pipeline`, one pipeline run serving several tests:
     1. `dvc repro` with the train stage killed by SIGKILL mid-training (what it leaves is recorded),
     2. `dvc repro` again (recovers; creates the store),
-    3. two experiments queued with a committed `print("code: as committed")` in train.py, the
-       workspace's train.py then edited, and the queue run with 2 parallel workers (one sqlite store),
-    4. the README's `dvc exp run -n improved ...` preset in the workspace.
+    3. two experiments queued with a committed `print("code: as committed")` in train.py: `queued-1`
+       (seed 1) and the README's `dvc exp run -n improved ...` preset (seed 2); the workspace's
+       train.py then edited, and the queue run with 2 parallel workers (one sqlite store),
+    4. `dvc exp apply improved`: the preset's outputs in the workspace.
     Returns the repository and what was seen on the way (tests/test_reliability.py, test_pipeline.py)."""
     from mlflow import MlflowClient
 
@@ -151,8 +162,10 @@ def queued_pipeline(tmp_path_factory: pytest.TempPathFactory, synthetic_mnist: P
     run(["git", "commit", "-qam", "2 epochs"], repo)
     run(["dvc", "repro"], repo)
 
-    for seed in (1, 2):
-        run(["dvc", "exp", "run", "--queue", "-n", f"queued-{seed}", "-S", f"seed={seed}"], repo)
+    run(["dvc", "exp", "run", "--queue", "-n", "queued-1", "-S", "seed=1"], repo)
+    seen["preset_command"] = readme_preset_command()
+    assert seen["preset_command"][:3] == ["dvc", "exp", "run"], seen["preset_command"]
+    run(["dvc", "exp", "run", "--queue", *seen["preset_command"][3:], "-S", "seed=2"], repo)
     train.write_text(committed.replace("as committed", "edited after queueing"))
     try:
         # --run-all starts 2 workers and follows every experiment's log until all have ended.
@@ -163,11 +176,8 @@ def queued_pipeline(tmp_path_factory: pytest.TempPathFactory, synthetic_mnist: P
         train.write_text(committed)
     seen["run_all_output"] = result.stdout + result.stderr
     seen["queue_status"] = run(["dvc", "queue", "status"], repo).stdout
-    seen["queue_logs"] = [run(["dvc", "queue", "logs", f"queued-{seed}"], repo).stdout for seed in (1, 2)]
-
-    # 4. The README's preset, exactly as README.md gives it, in the workspace (its data stages are cached).
-    seen["preset_command"] = readme_preset_command()
-    seen["preset_output"] = run(seen["preset_command"], repo).stdout
+    seen["queue_logs"] = {name: run(["dvc", "queue", "logs", name], repo).stdout for name in ("queued-1", "improved")}
+    run(["dvc", "exp", "apply", "improved"], repo)
     return seen
 
 

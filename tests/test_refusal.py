@@ -23,7 +23,7 @@ from mnist_cnn.predict import main, to_mnist
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Net, torch.Tensor, torch.Tensor]:
-    """A model trained for 2 epochs on 3,000 font-rendered digits, and its training set."""
+    """A model trained for 1 epoch on 3,000 font-rendered digits, and its training set."""
     from mnist_cnn.train import build, train_epoch
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -33,8 +33,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Net, torch.Tensor
     images, labels = render_digits(3000, seed=0)
     images, labels = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long()
     step = build(params, images, labels)
-    for _ in range(2):
-        train_epoch(step, len(images), params.train.batch_size)
+    train_epoch(step, len(images), params.train.batch_size)
     return step.net.eval(), images, labels
 
 
