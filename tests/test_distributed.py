@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import REPO, make_pipeline_repo, run, stage_error, write_params
+from helpers import REPO, make_pipeline_repo, overridden, run, stage_error, write_params
 from mnist_cnn import distributed, train
 from mnist_cnn.config import UserError, validate
 from mnist_cnn.data import load_processed
@@ -96,7 +96,8 @@ def test_two_cpu_processes_train_like_one(
     assert out.count("epoch 1:") == 1  # only rank 0 reports
 
     # The outputs of one process: rank 0 writes them, once.
-    params = validate(yaml.safe_load((repo / "params.yaml").read_text()))
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    params = validate(raw)
     assert json.loads((repo / "metrics/train.json").read_text()).keys() == {"train_loss", "train_seconds"}
     history = (repo / "plots/train_history.csv").read_text().splitlines()
     assert history[0] == "epoch,train_loss,test_loss,test_accuracy,seconds"
@@ -112,7 +113,7 @@ def test_two_cpu_processes_train_like_one(
 
     # One process, same seed, data and params: about the same accuracy.
     monkeypatch.chdir(repo)
-    single = params.model_copy(update={"train": params.train.model_copy(update={"nproc": 1})})
+    single = validate(overridden(raw, train__nproc=1))
     images, labels = load_processed("train")
     step = train.build(single, images, labels)
     for _ in range(single.train.epochs):

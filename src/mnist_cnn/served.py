@@ -42,11 +42,11 @@ class ServedModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.net = load_model(context.artifacts["checkpoint"])
         self.stats = torch.load(context.artifacts["refusal"], map_location="cpu", weights_only=True)
-        # Everything loaded so far (MLflow, FastAPI, torch, pandas: about 370,000 objects) is moved
-        # out of the garbage collector's reach. A full collection walks them all, about 170 ms on
-        # the 2-core Xeon, and under load each scoring worker's periodic full collections stalled
-        # every request in flight: they made the p99 latency (docs/serving.md). None of these
-        # long-lived objects is garbage; the requests' own objects are still collected.
+        # Everything loaded so far (MLflow, FastAPI, torch, pandas: some hundred thousand objects)
+        # is moved out of the garbage collector's reach. A full collection walks them all, and under
+        # load each scoring worker's periodic full collections stalled every request in flight:
+        # they made the p99 latency (docs/serving.md). None of these long-lived objects is garbage;
+        # the requests' own objects are still collected.
         gc.collect()
         gc.freeze()
 
