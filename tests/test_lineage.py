@@ -9,9 +9,11 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import yaml
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from helpers import run
 from mnist_cnn import lineage, predict
@@ -111,6 +113,39 @@ def test_digest_without_a_lock_hashes_the_files(tmp_path: Path) -> None:
     assert lineage.data_digest(lock, processed) != first
     lock.write_text(yaml.safe_dump({"stages": {"preprocess": {"outs": [{"path": str(processed), "md5": "abc.dir"}]}}}))
     assert lineage.data_digest(lock, processed) == "abc.dir"
+
+
+def test_a_dataset_insert_lost_to_a_parallel_run_is_retried(
+    in_process: None, mlflow_store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs logging the same new dataset at once: the second insert fails on the unique key, as
+    PostgreSQL words it (seen with two queued experiments on a fresh team server); log_input retries
+    once and the run names the dataset. Any other error is not retried."""
+    dataset = mlflow.data.from_numpy(np.zeros((2, 1, 28, 28), np.uint8), targets=np.zeros(2), name="mnist-test")
+    real, calls = mlflow.log_input, []
+
+    def lost_race_once(*args: object, **kwargs: object) -> None:
+        calls.append(kwargs["context"])
+        if len(calls) == 1:
+            real(*args, **kwargs)  # the other run's row, written between the lookup and the insert
+            raise MlflowException('duplicate key value violates unique constraint "dataset_pk"')
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_input", lost_race_once)
+    with mlflow.start_run(experiment_id=mlflow_store) as run:
+        lineage.log_input(dataset, context="evaluation")
+    assert calls == ["evaluation", "evaluation"]
+    (logged,) = MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
+    assert logged.dataset.name == "mnist-test" and logged.tags[0].value == "evaluation"
+
+    def server_down(*args: object, **kwargs: object) -> None:
+        calls.append("down")
+        raise MlflowException("API request failed: connection refused")
+
+    monkeypatch.setattr(mlflow, "log_input", server_down)
+    with pytest.raises(MlflowException, match="connection refused"):
+        lineage.log_input(dataset, context="training")
+    assert calls.count("down") == 1
 
 
 def test_predict_console_script_runs_the_cli(

@@ -114,7 +114,7 @@ def main() -> None:
 
     with tracking.reopen_run() as run:
         test_set = lineage.dataset(params, "test", images.numpy(), truth)
-        mlflow.log_input(test_set, context="evaluation")
+        lineage.log_input(test_set, context="evaluation")
         mlflow.log_metrics({**calibration, "temperature": stats["temperature"].item(), **refusal_rates(model, stats)})
         mlflow.log_artifact(str(EVAL_METRICS), artifact_path="metrics")
         if DVC_LOCK.exists():  # the hashes of the data, code and params this run was made from

@@ -15,6 +15,7 @@ import mlflow
 import numpy as np
 import yaml
 from mlflow.data.dataset_source import DatasetSource
+from mlflow.exceptions import MlflowException
 
 from mnist_cnn.config import Params
 from mnist_cnn.download import sources
@@ -78,3 +79,16 @@ def dataset(params: Params, split: str, images: np.ndarray, labels: np.ndarray) 
         name=name,
         digest=data_digest(),
     )
+
+
+def log_input(dataset: mlflow.data.Dataset, context: str) -> None:
+    """mlflow.log_input, again if it lost a race: MLflow's SQL store looks the dataset up and inserts it
+    when missing, so two runs logging the same new dataset at once (two experiments started together
+    against a fresh server) can both insert it, and the second fails on the unique key (experiment,
+    name, digest). The retry finds the row the first one wrote."""
+    try:
+        mlflow.log_input(dataset, context=context)
+    except MlflowException as error:
+        if not any(word in error.message.lower() for word in ("unique", "duplicate")):
+            raise
+        mlflow.log_input(dataset, context=context)

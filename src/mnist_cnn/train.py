@@ -170,7 +170,7 @@ def fit(params: Params) -> list[EpochResult]:
     train_x, train_y = load_processed("train", params.data.subset)
     test_x, test_y = load_processed("test")
     if distributed.rank() == 0:  # the run's training data, with DVC's hash as its digest
-        mlflow.log_input(lineage.dataset(params, "train", train_x.numpy(), train_y.numpy()), context="training")
+        lineage.log_input(lineage.dataset(params, "train", train_x.numpy(), train_y.numpy()), context="training")
     train_x, train_y = train_x.to(device), train_y.to(device)
     test_x, test_y = test_x.to(device), test_y.to(device)
     step = build(params, train_x, train_y)
