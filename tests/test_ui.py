@@ -1,6 +1,7 @@
 """The MLflow UI, in a real headless Chromium, shows the pipeline's runs and registered model.
 
-`mlflow ui` serves the `pipeline` fixture's store on a free loopback port; tests/ui/check_ui.mjs
+`mlflow ui` serves the `queued_pipeline` fixture's store (a `dvc repro` and two queued experiments,
+one of them the README's preset) on a free loopback port; tests/ui/check_ui.mjs
 (playwright-core driving Debian's /usr/bin/chromium) opens the champion's run page (metrics,
 dataset inputs with their digest), its model-metrics and system-metrics tabs, its logged model,
 the registered model's page and the experiment's training view, checks the texts there and saves
@@ -50,19 +51,24 @@ def node() -> str:
 
 
 @pytest.fixture(scope="module")
-def ui(pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def store(queued_pipeline: dict) -> str:
+    """The store of the queued fixture's checkout (the `pipeline` worker has enough to do)."""
+    return f"sqlite:///{queued_pipeline['repo'] / 'mlruns' / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def ui(store: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
-    uri = f"sqlite:///{pipeline / 'mlruns' / 'mlflow.db'}"
     workdir = tmp_path_factory.mktemp("mlflow-ui")  # whatever the server writes stays out of the repo
-    cmd = [str(VENV_BIN / "mlflow"), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [str(VENV_BIN / "mlflow"), "ui", "--backend-store-uri", store, "--host", "127.0.0.1", "--port", str(port)]
     with http_server(cmd, workdir, "/health", port, timeout=60) as base:
         yield base
 
 
 def test_ui_shows_run_metrics_and_registered_model(
-    pipeline: Path, node: str, ui: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    store: str, node: str, ui: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    client = MlflowClient(tracking_uri=f"sqlite:///{pipeline / 'mlruns' / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=store)
     experiment = client.get_experiment_by_name("mnist-cnn")
     assert experiment is not None
     aliases = client.get_registered_model("mnist-cnn").aliases
