@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from helpers import REPO, TeamServer, make_pipeline_repo, run, team_server, tool_env, write_synthetic_mnist
@@ -89,6 +90,23 @@ def real_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
         result = subprocess.run([sys.executable, "-m", f"mnist_cnn.{stage}"], cwd=root, env=tool_env(), text=True)
         assert result.returncode == 0, f"{stage} of the real MNIST failed"
     return root / "data" / "processed"
+
+
+@pytest.fixture(scope="session")
+def mnist_net(real_mnist: Path) -> torch.nn.Module:
+    """The train stage's model (params.yaml, on the CPU in fp32) after one epoch on 8,000 real MNIST
+    digits: for the tests that need a model that reads real handwriting (test_ood, test_predict)."""
+    from mnist_cnn.config import validate
+    from mnist_cnn.train import build, train_epoch
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["train"].update(device="cpu", precision="fp32", cuda_graph=False)
+    params = validate(raw)
+    tensors = torch.load(real_mnist / "train.pt", map_location="cpu", weights_only=True)
+    images, labels = tensors["images"][:8000].unsqueeze(1), tensors["labels"][:8000]
+    step = build(params, images, labels)
+    train_epoch(step, len(images), params.train.batch_size)
+    return step.net.eval()
 
 
 @pytest.fixture(scope="session")

@@ -4,18 +4,14 @@ predict's real preprocessing, with sklearn's labels, and readable by a model tra
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from scipy import ndimage
 from sklearn.datasets import load_digits
 
-from helpers import REPO
 from mnist_cnn import ood
-from mnist_cnn.config import validate
 from mnist_cnn.predict import to_mnist
 
 EVERY = 97  # the rows recomputed from their pictures: a spread over writers and digits
@@ -56,21 +52,6 @@ def test_set_is_mnist_shaped_but_not_trivial() -> None:
     means = np.stack([images[labels == d].mean(0) for d in range(10)]).reshape(10, -1)
     distances = np.linalg.norm(means[:, None] - means[None], axis=-1)
     assert distances[~np.eye(10, dtype=bool)].min() > 10
-
-
-@pytest.fixture(scope="module")
-def mnist_net(real_mnist: Path) -> torch.nn.Module:
-    """The train stage's model after one epoch on 8,000 real MNIST digits."""
-    from mnist_cnn.train import build, train_epoch
-
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["train"].update(device="cpu", precision="fp32", cuda_graph=False)
-    params = validate(raw)
-    tensors = torch.load(real_mnist / "train.pt", map_location="cpu", weights_only=True)
-    images, labels = tensors["images"][:8000].unsqueeze(1), tensors["labels"][:8000]
-    step = build(params, images, labels)
-    train_epoch(step, len(images), params.train.batch_size)
-    return step.net.eval()
 
 
 def test_a_model_trained_on_mnist_reads_it_well_above_chance(mnist_net: torch.nn.Module) -> None:

@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from scipy import ndimage
 
-from helpers import REPO, tool_env
-from mnist_cnn.config import UserError, run_stage, validate
+from helpers import tool_env
+from mnist_cnn.config import UserError, run_stage
 from mnist_cnn.predict import main, read_image, to_mnist
 
 CENTRE = 13.5  # centre of a 28x28 field in pixel-index coordinates
@@ -132,18 +131,10 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Captu
 
 
 @pytest.fixture(scope="module")
-def mnist_model(tmp_path_factory: pytest.TempPathFactory, real_mnist: Path) -> Path:
-    from mnist_cnn.train import build, train_epoch
-
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["train"].update(device="cpu", precision="fp32", cuda_graph=False)
-    params = validate(raw)
-    tensors = torch.load(real_mnist / "train.pt", map_location="cpu", weights_only=True)
-    images, labels = tensors["images"][:6000].unsqueeze(1), tensors["labels"][:6000]
-    step = build(params, images, labels)
-    train_epoch(step, len(images), params.train.batch_size)
+def mnist_model(tmp_path_factory: pytest.TempPathFactory, mnist_net: torch.nn.Module) -> Path:
+    """conftest's model trained briefly on real MNIST, as a checkpoint file."""
     path = tmp_path_factory.mktemp("model") / "model.pt"
-    torch.save({"state_dict": step.model.state_dict()}, path)
+    torch.save({"state_dict": mnist_net.state_dict()}, path)
     return path
 
 

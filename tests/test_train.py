@@ -149,20 +149,21 @@ def test_bf16_warns_on_an_x86_cpu_without_native_bfloat16(
 
 
 def test_a_diverging_loss_stops_training_naming_epoch_and_step() -> None:
-    images, labels = toy_data(640)
-    step = build(make_params(train__device="cpu"), images, labels)
+    images, labels = toy_data(80)
+    step = build(make_params(train__device="cpu", train__batch_size=8), images, labels)
     with pytest.raises(UserError, match=r"epoch 3, step 1 of 10"):
         for epoch in range(1, 4):
             with torch.no_grad():
                 if epoch == 3:  # poison the weights: the next loss is NaN
                     step.model.fc2.bias.fill_(float("nan"))
-            train_epoch(step, len(images), 64, epoch=epoch)
+            train_epoch(step, len(images), 8, epoch=epoch)
 
 
 # --- learning-rate schedules, weight decay, deterministic mode ------------------
 
 
-def lr_per_step(schedule: str, epochs: int = 3, n: int = 640, batch: int = 64) -> list[float]:
+def lr_per_step(schedule: str, epochs: int = 3, n: int = 80, batch: int = 8) -> list[float]:
+    """The rate of each step: 10 steps per epoch (small batches: only the schedule matters here)."""
     images, labels = toy_data(n)
     step = build(
         make_params(
