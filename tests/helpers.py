@@ -47,7 +47,7 @@ def render_digits(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def write_synthetic_mnist(directory: Path, n_train: int = 2000, n_test: int = 300) -> Path:
+def write_synthetic_mnist(directory: Path, n_train: int = 1000, n_test: int = 300) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     for prefix, count, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
         images, labels = render_digits(count, seed)

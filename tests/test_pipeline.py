@@ -37,7 +37,7 @@ def test_stage_outputs(pipeline: Path) -> None:
         "train-labels-idx1-ubyte",
     ]
     stats = json.loads((pipeline / "data/processed/stats.json").read_text())
-    assert (stats["train_count"], stats["test_count"]) == (2000, 300)
+    assert (stats["train_count"], stats["test_count"]) == (1000, 300)
     history = (pipeline / "plots/train_history.csv").read_text().splitlines()
     assert history[0] == "epoch,train_loss,test_loss,test_accuracy,seconds"
     assert len(history) == 3  # header + 2 epochs
