@@ -37,8 +37,9 @@ SHARED_FIXTURES = ("queued_pipeline", "pipeline", "real_mnist", "server")
 # The groups that take longest, in the order the workers should start them (make test passes
 # --no-loadscope-reorder, so groups are handed out in collection order): a long group started
 # last would run alone at the end.
-LONGEST_FIRST = ("pipeline", "server", "queued_pipeline", "test_bench", "test_reliability",
-                 "test_refusal", "test_registry", "test_train", "test_tracking", "test_ood")  # fmt: skip
+LONGEST_FIRST = ("pipeline", "server", "queued_pipeline", "test_bench", "test_reliability", "real_mnist",
+                 "test_distributed", "test_registry", "test_train", "test_refusal", "test_tracking",
+                 "test_ood")  # fmt: skip
 
 GROUP = pytest.StashKey[str]()
 
