@@ -14,7 +14,7 @@ import mlflow
 import pytest
 import yaml
 
-from helpers import REPO
+from helpers import REPO, tool_env
 from mnist_cnn import tracking
 from mnist_cnn.config import UserError, validate
 from mnist_cnn.paths import RUN_FILE
@@ -46,6 +46,40 @@ def test_setup_creates_the_experiment_once(in_tmp: Path) -> None:
     assert experiment.name == "mnist-cnn"
     assert experiment.artifact_location == (in_tmp / "mlruns" / "artifacts").as_uri()
     assert (in_tmp / "mlruns" / "mlflow.db").exists()
+
+
+# Each process waits, after its imports, until both have arrived, then opens the new store.
+OPEN_TOGETHER = """
+import sys, time
+from pathlib import Path
+from mnist_cnn import tracking
+Path(sys.argv[1]).touch()
+while len(list(Path.cwd().glob("arrived-*"))) < 2:
+    time.sleep(0.01)
+print(tracking.setup())
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_opening_a_new_store_at_once_both_get_the_experiment(tmp_path: Path) -> None:
+    """Queued experiments run in parallel in a fresh checkout: both stages open the new sqlite store, where
+    MLflow creates the tables on first open; without a lock one of them failed on a table the other made."""
+    env = tool_env()
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPEN_TOGETHER, f"arrived-{i}"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [process.communicate(timeout=180) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    assert outputs[0][0].strip() == outputs[1][0].strip() != ""  # one experiment, the same id
+    assert (tmp_path / "mlruns" / "mlflow.db").exists()
 
 
 def test_tracking_uri_env_overrides(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:

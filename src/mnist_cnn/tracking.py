@@ -17,6 +17,7 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 
 import mlflow
+from filelock import FileLock, Timeout
 from mlflow.exceptions import MlflowException
 
 from mnist_cnn.config import Params, UserError, flat
@@ -60,7 +61,8 @@ def setup() -> str:
     _check_sqlite(uri)
     mlflow.set_tracking_uri(uri)
     try:
-        experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+        with _one_at_a_time(uri):  # MLflow creates a new store's tables when it first opens it
+            experiment = mlflow.get_experiment_by_name(EXPERIMENT)
         if experiment is not None:
             return experiment.experiment_id
         try:
@@ -85,6 +87,22 @@ def _sqlite_file(uri: str) -> str | None:
     """The database file of a sqlite:/// URI, as MLflow reads it (absolute after a 4th '/')."""
     path = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else ""
     return path if path and path != ":memory:" else None
+
+
+@contextmanager
+def _one_at_a_time(uri: str, timeout: float = 300) -> Iterator[None]:
+    """For a sqlite store, a lock file beside the database. Two stages that open a new store at once
+    (queued experiments in parallel in a fresh checkout) would both create its tables, and one would
+    fail on a table the other had just made ("table ... already exists")."""
+    path = _sqlite_file(uri)
+    if path is None:
+        yield
+        return
+    try:
+        with FileLock(f"{path}.lock", timeout=timeout):
+            yield
+    except Timeout:
+        raise UserError(f"MLflow store {uri}: {path}.lock held by another process for {timeout:.0f} s") from None
 
 
 def _check_sqlite(uri: str) -> None:
