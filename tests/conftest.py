@@ -23,7 +23,16 @@ import pytest
 import torch
 import yaml
 
-from helpers import REPO, TeamServer, make_pipeline_repo, run, team_server, tool_env, write_synthetic_mnist
+from helpers import (
+    REPO,
+    TeamServer,
+    make_pipeline_repo,
+    run,
+    team_server,
+    tool_env,
+    trained_one_epoch,
+    write_synthetic_mnist,
+)
 
 # Fixtures that make a test need the network (npm) or run the real pipeline (DVC subprocesses) or a server:
 # their tests get the marker here, so `make test-fast` (-m "not slow and not network") skips them
@@ -103,17 +112,8 @@ def real_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def mnist_net(real_mnist: Path) -> torch.nn.Module:
     """The train stage's model (params.yaml, on the CPU in fp32) after one epoch on 8,000 real MNIST
     digits: for the tests that need a model that reads real handwriting (test_ood, test_predict)."""
-    from mnist_cnn.config import validate
-    from mnist_cnn.train import build, train_epoch
-
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["train"].update(device="cpu", precision="fp32", cuda_graph=False)
-    params = validate(raw)
     tensors = torch.load(real_mnist / "train.pt", map_location="cpu", weights_only=True)
-    images, labels = tensors["images"][:8000].unsqueeze(1), tensors["labels"][:8000]
-    step = build(params, images, labels)
-    train_epoch(step, len(images), params.train.batch_size)
-    return step.net.eval()
+    return trained_one_epoch(tensors["images"][:8000].unsqueeze(1), tensors["labels"][:8000])
 
 
 @pytest.fixture(scope="session")

@@ -22,11 +22,13 @@ from pathlib import Path
 import numpy as np
 import psycopg
 import pytest
+import torch
 import yaml
 from PIL import Image, ImageDraw, ImageFont
 
 from mnist_cnn.config import Params, run_stage, validate
 from mnist_cnn.data import write_idx
+from mnist_cnn.model import Net
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -132,6 +134,17 @@ def overridden(raw: dict | None = None, **overrides: object) -> dict:
 def make_params(**overrides: object) -> Params:
     """The repo's params, validated, with `section__key=value` overrides (see `overridden`)."""
     return validate(overridden(**overrides))
+
+
+def trained_one_epoch(images: torch.Tensor, labels: torch.Tensor) -> Net:
+    """The train stage's model (params.yaml's, on the CPU in fp32) after one epoch on uint8 images
+    (N, 1, 28, 28) and their labels, in eval mode."""
+    from mnist_cnn.train import build, train_epoch  # imports MLflow: only the tests that train pay for it
+
+    params = make_params(train__device="cpu", train__precision="fp32", train__cuda_graph=False)
+    step = build(params, images, labels)
+    train_epoch(step, len(images), params.train.batch_size)
+    return step.net.eval()
 
 
 def write_params(directory: Path, data_dir: Path, **overrides: object) -> None:

@@ -9,12 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image, ImageDraw, ImageFont
 
-from helpers import REPO, render_digits
+from helpers import render_digits, trained_one_epoch
 from mnist_cnn import refusal
-from mnist_cnn.config import validate
 from mnist_cnn.data import save_tensors
 from mnist_cnn.model import Net
 from mnist_cnn.paths import REFUSAL_STATS
@@ -24,17 +22,10 @@ from mnist_cnn.predict import main, to_mnist
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Net, torch.Tensor, torch.Tensor]:
     """A model trained for 1 epoch on 3,000 font-rendered digits, and its training set."""
-    from mnist_cnn.train import build, train_epoch
-
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["train"].update(device="cpu", precision="fp32", cuda_graph=False)
-    params = validate(raw)
     torch.manual_seed(0)
     images, labels = render_digits(3000, seed=0)
     images, labels = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long()
-    step = build(params, images, labels)
-    train_epoch(step, len(images), params.train.batch_size)
-    return step.net.eval(), images, labels
+    return trained_one_epoch(images, labels), images, labels
 
 
 @pytest.fixture(scope="module")
