@@ -43,11 +43,11 @@ repro: setup
 # Restore data, processed tensors and the model from the DVC remote instead of rebuilding them
 # (docs/operations.md, "Sharing"); the remote is checked first, so an unreachable one is named in one line.
 pull: setup
-	python -m mnist_cnn.remote
+	python -m mnist_cnn.tools.remote
 	dvc pull
 
 push: setup
-	python -m mnist_cnn.remote
+	python -m mnist_cnn.tools.remote
 	dvc push
 
 # pytest-xdist workers (0: all in this process). The tests that share a session fixture run in one
@@ -72,7 +72,7 @@ lint: setup
 # Throughput of the report's loop vs the train stage's loop (needs the data: preprocess stage).
 bench: setup
 	dvc repro preprocess
-	python -m mnist_cnn.bench $(BENCH_ARGS)
+	python -m mnist_cnn.tools.bench $(BENCH_ARGS)
 
 # The report's ablation with error bars: augment on/off x 5 seeds through DVC's queue
 # (JOBS workers, one sqlite store created first), then the summary in ablation/.
@@ -81,16 +81,16 @@ JOBS ?= 1
 ABLATION_ARGS ?=
 ablation: setup
 	dvc repro preprocess
-	python -c "from mnist_cnn import tracking; tracking.setup()"
+	python -c "from mnist_cnn.tracking import store; store.setup()"
 	dvc exp run --queue -S augment=true,false -S seed=0,1,2,3,4 $(ABLATION_ARGS)
 	dvc queue start -j $(JOBS)
 	while dvc queue status | grep -qE 'Queued|Running'; do sleep 15; done
-	python -m mnist_cnn.ablation
+	python -m mnist_cnn.tools.ablation
 
 # The MLflow UI over this checkout's store, on loopback only; it prints the experiment's URL in the
 # training view (MLflow 3 otherwise opens on its GenAI view).
 ui: setup
-	@env -u MLFLOW_TRACKING_URI python -c "from mnist_cnn import tracking; print('open', tracking.ui_url('http://127.0.0.1:5000'))"
+	@env -u MLFLOW_TRACKING_URI python -c "from mnist_cnn.tracking import store; print('open', store.ui_url('http://127.0.0.1:5000'))"
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1 --port 5000
 
 # The registry's champion behind MLflow's REST scoring server (/invocations), loopback only.
@@ -107,7 +107,7 @@ serve: setup
 
 # Bounded load on `make serve` from another shell (loopback only), e.g. LOADTEST_ARGS="-c 50 -d 20".
 loadtest: setup
-	python -m mnist_cnn.loadtest $(LOADTEST_ARGS)
+	python -m mnist_cnn.tools.loadtest $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache tests/ui/node_modules

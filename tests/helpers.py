@@ -27,11 +27,19 @@ import yaml
 from PIL import Image, ImageDraw, ImageFont
 
 from mnist_cnn.config import Params, run_stage, validate
-from mnist_cnn.data import write_idx
-from mnist_cnn.model import Net
+from mnist_cnn.core.model import Net
+from mnist_cnn.files import atomic_path
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array as an IDX file (synthetic MNIST data)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(header + array.tobytes())
 
 
 def render_digits(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -139,7 +147,7 @@ def make_params(**overrides: object) -> Params:
 def trained_one_epoch(images: torch.Tensor, labels: torch.Tensor) -> Net:
     """The train stage's model (params.yaml's, on the CPU in fp32) after one epoch on uint8 images
     (N, 1, 28, 28) and their labels, in eval mode."""
-    from mnist_cnn.train import build, train_epoch  # imports MLflow: only the tests that train pay for it
+    from mnist_cnn.core.training import build, train_epoch  # imports MLflow: only the tests that train pay for it
 
     params = make_params(train__device="cpu", train__precision="fp32", train__cuda_graph=False)
     step = build(params, images, labels)

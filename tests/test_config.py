@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import overridden, stage_error, tool_env
-from mnist_cnn import preprocess
 from mnist_cnn.config import Params, UserError, flat, load_params, run_stage, validate
+from mnist_cnn.stages import preprocess
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS_YAML = REPO / "params.yaml"
@@ -307,7 +307,7 @@ def test_a_stage_process_prints_one_line_without_traceback_and_exits_2(tmp_path:
     tests of every stage's errors rely on run_stage behaving so in a real process)."""
     (tmp_path / "params.yaml").write_text(PARAMS_YAML.read_text().replace("lr: 0.001", "lr: -1"))
     result = subprocess.run(
-        [sys.executable, "-m", "mnist_cnn.preprocess"],
+        [sys.executable, "-m", "mnist_cnn.stages.preprocess"],
         cwd=tmp_path,
         env=tool_env(),
         capture_output=True,

@@ -4,7 +4,7 @@
 
 Run from a directory with data/processed (the preprocess stage's outputs). key=value
 overrides params.yaml (dotted keys, YAML values), e.g. model.batchnorm=true augment_thickness=0.5.
-Trains exactly as the train stage does (train.build + train.train_epoch), then prints one JSON
+Trains exactly as the train stage does (core.training.build + train_epoch), then prints one JSON
 line: test accuracy, ood_accuracy and accuracy on rotated/shifted copies of the test set.
 """
 
@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from mnist_cnn.augment import affine_theta
 from mnist_cnn.config import validate
-from mnist_cnn.data import load_processed
-from mnist_cnn.model import predict_log_probs
-from mnist_cnn.ood import ood_accuracy
-from mnist_cnn.train import build, train_epoch
+from mnist_cnn.core.augment import affine_theta
+from mnist_cnn.core.model import predict_log_probs
+from mnist_cnn.core.training import build, train_epoch
+from mnist_cnn.data.mnist import load_processed
+from mnist_cnn.evalsets.ood import ood_accuracy
 
 # Rough robustness: each test image rotated, or shifted diagonally (nearest, zero fill).
 TRANSFORMS = {"rot+15": (15.0, 0), "rot-15": (-15.0, 0), "shift4": (0.0, 4)}

@@ -5,7 +5,7 @@
 
 Fits the refusal statistics from the training set (or, without --fit, reads models/refusal.pt
 beside the checkpoint), then prints: ECE before/after the temperature on the MNIST test set, the
-false-refusal rate on the test set and on the OOD handwriting set (mnist_cnn.ood when present,
+false-refusal rate on the test set and on the OOD handwriting set (mnist_cnn.evalsets.ood when present,
 else an approximation: scikit-learn's load_digits drawn dark on white at 64 px, through predict's
 preprocessing), the refusal rate on each kind of generated non-digit (mnist_cnn.nondigits), and on
 raw 28x28 uniform noise as the served model could be sent it (no preprocessing), and on each
@@ -23,18 +23,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mnist_cnn import nondigits, refusal
-from mnist_cnn.data import load_tensors
-from mnist_cnn.model import load_checkpoint, normalize
+from mnist_cnn.core.model import load_checkpoint, normalize
+from mnist_cnn.evalsets import nondigits
+from mnist_cnn.files import load_tensors
 from mnist_cnn.paths import REFUSAL_STATS
-from mnist_cnn.predict import to_mnist
+from mnist_cnn.serving import refusal
+from mnist_cnn.serving.picture import to_mnist
 
 
 def ood_set() -> tuple[np.ndarray, str]:
     try:
-        from mnist_cnn import ood
+        from mnist_cnn.evalsets import ood
 
-        return ood.load_ood_set()[0], "mnist_cnn.ood.load_ood_set()"
+        return ood.load_ood_set()[0], "mnist_cnn.evalsets.ood.load_ood_set()"
     except ImportError:
         from sklearn.datasets import load_digits
 

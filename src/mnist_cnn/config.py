@@ -66,21 +66,23 @@ class TrainParams(_Section):
     @model_validator(mode="after")
     def _combinations(self) -> TrainParams:
         # Rules across keys, reported as one line naming them (see _describe). A torchrun started
-        # by hand is checked by the train stage: it shows in the environment, not in params.
-        if self.batch_size % self.nproc:
-            raise PydanticCustomError(
-                "combination",
-                "train.batch_size ({batch_size}) must be divisible by train.nproc ({nproc})",
-                {"batch_size": self.batch_size, "nproc": self.nproc},
-            )
-        if self.cuda_graph and self.nproc > 1:
-            raise PydanticCustomError(
-                "combination", "train.cuda_graph cannot be combined with train.nproc > 1 (DDP's gradient hooks)"
-            )
+        # by hand is checked by the train stage with the same rule: it shows in the environment.
+        if problem := parallel_problem(self.batch_size, self.cuda_graph, self.nproc, f"train.nproc ({self.nproc})"):
+            raise PydanticCustomError("combination", problem)
         return self
 
 
-# The MNIST-C corruptions (mnist_cnn.corruptions.MNIST_C), listed here so params validate without torch.
+def parallel_problem(batch_size: int, cuda_graph: bool, processes: int, named: str) -> str | None:
+    """What is wrong with training on `processes` data-parallel processes (`named` so), if anything."""
+    if batch_size % processes:
+        return f"train.batch_size ({batch_size}) must be divisible by {named}"
+    if cuda_graph and processes > 1:
+        return f"train.cuda_graph cannot be combined with {named}: DDP's gradient hooks"
+    return None
+
+
+# The MNIST-C corruptions, by the names params use: the one list (mnist_cnn.evalsets.corruptions implements
+# each as the function of its name), here so that params validate without importing torch.
 CORRUPTIONS = (
     "shot_noise", "impulse_noise", "glass_blur", "motion_blur", "shear", "scale", "rotate", "brightness",
     "translate", "stripe", "fog", "spatter", "dotted_line", "zigzag", "canny_edges",
@@ -208,13 +210,6 @@ def run_stage(main: Callable[[], None]) -> None:
 def flat(params: Params) -> dict[str, Any]:
     """params as dotted keys, e.g. {'train.lr': 0.001}: for MLflow and tags."""
     out: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for key, inner in value.items():
-                walk(f"{prefix}{key}.", inner)
-        else:
-            out[prefix[:-1]] = value
-
-    walk("", params.model_dump())
+    for key, value in params.model_dump().items():  # a top-level key, or a section of them
+        out |= {f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value}
     return out

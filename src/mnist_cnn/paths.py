@@ -18,7 +18,7 @@ TRAIN_HISTORY = Path("plots/train_history.csv")  # one row per epoch
 
 EVAL_METRICS = Path("metrics/eval.json")  # evaluate
 CONFUSION_CSV = Path("plots/confusion.csv")  # one row per test image (DVC's confusion template)
-REFUSAL_STATS = Path("models/refusal.pt")  # evaluate: the "not a digit" statistics (mnist_cnn.refusal)
+REFUSAL_STATS = Path("models/refusal.pt")  # evaluate: the "not a digit" statistics (serving.refusal)
 
 ROBUST_METRICS = Path("metrics/robustness.json")  # robustness: flat robust_* accuracies
 ROBUST_CURVES = {  # one CSV per curve, for `dvc plots`
@@ -31,4 +31,6 @@ ROBUST_DIR = Path("robustness")  # the example grid, the curves figure, the per-
 REPORTS_DIR = Path("reports")  # confusion-analysis: figures and tables
 CLASSIFICATION_REPORT = REPORTS_DIR / "classification_report.json"  # per-class precision/recall/F1
 
-DVC_LOCK = Path("dvc.lock")  # DVC's record of every stage's hashes (lineage reads it; evaluate logs it)
+REGISTERED = Path("models/registered.json")  # register: the version published, and the champion after it
+
+DVC_LOCK = Path("dvc.lock")  # DVC's record of every stage's hashes (lineage reads it; register logs it)

@@ -1,0 +1,152 @@
+"""The CNN of the reference report, layer for layer."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mnist_cnn.config import UserError
+
+# The report normalises with the standard MNIST statistics; preprocess measures
+# them again on the training set and checks they agree.
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+
+
+class Net(nn.Module):
+    """Conv(1->32) ReLU, Conv(32->64) ReLU, MaxPool 2, FC 12544->128 ReLU, FC 128->10, LogSoftmax.
+
+    The report's proposed improvements are options, off by default (then the
+    layers are identities and the weights are exactly the report's model):
+    `batchnorm` puts BatchNorm2d after each conv, before its ReLU; `dropout`
+    drops that fraction of the pooled features and of the 128 hidden units;
+    `depth=3` ("try deeper models") adds a third block, Conv(64->64) [BN] ReLU
+    MaxPool 2, so the classifier sees 64x7x7 features that are invariant to
+    larger shifts (and fc1 shrinks from 12544 to 3136 inputs).
+
+    Input: normalised float images (N, 1, 28, 28). Output: log-probabilities (N, 10).
+    """
+
+    def __init__(self, batchnorm: bool = False, dropout: float = 0.0, depth: int = 2) -> None:
+        super().__init__()
+        if depth not in (2, 3):
+            raise ValueError(f"depth must be 2 or 3, not {depth}")
+        self.arch = {"batchnorm": batchnorm, "dropout": dropout, "depth": depth}  # saved with the weights
+        self.conv1 = nn.Conv2d(1, 32, kernel_size=3, padding=1)
+        self.norm1 = nn.BatchNorm2d(32) if batchnorm else nn.Identity()
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=3, padding=1)
+        self.norm2 = nn.BatchNorm2d(64) if batchnorm else nn.Identity()
+        # Created only when used: an unused layer would still draw from the RNG and
+        # change the report's initial weights. (Created here, before fc1, for the same reason.)
+        self.block3 = None
+        if depth == 3:
+            conv3 = nn.Conv2d(64, 64, kernel_size=3, padding=1)
+            norm3 = nn.BatchNorm2d(64) if batchnorm else nn.Identity()
+            self.block3 = nn.Sequential(conv3, norm3, nn.ReLU(), nn.MaxPool2d(2, 2))
+        self.pool = nn.MaxPool2d(2, 2)
+        self.drop_features = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.fc1 = nn.Linear(64 * 14 * 14 if depth == 2 else 64 * 7 * 7, 128)
+        self.drop_hidden = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.classify(self.feature_maps(x)), dim=1)
+
+    def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The last conv block's feature maps (N, 64, H, W), as fc1 reads them (the refusal's
+        features: a method, not a hook, so concurrent server threads can share one net)."""
+        x = torch.relu(self.norm1(self.conv1(x)))
+        x = self.pool(torch.relu(self.norm2(self.conv2(x))))
+        if self.block3 is not None:
+            x = self.block3(x)
+        x = self.drop_features(x)
+        if x.requires_grad and x.is_contiguous(memory_format=torch.channels_last):
+            x.register_hook(_channels_last_grad)
+        return x
+
+    def classify(self, maps: torch.Tensor) -> torch.Tensor:
+        """Logits (N, 10) from feature_maps()."""
+        x = torch.relu(self.fc1(torch.flatten(maps, 1)))
+        return self.fc2(self.drop_hidden(x))
+
+
+def _channels_last_grad(grad: torch.Tensor) -> torch.Tensor:
+    # Under bf16 the feature maps are channels_last; flatten reads them in NCHW order,
+    # so their gradient comes back NCHW, and max-pool's backward on a channels_last
+    # input with an NCHW gradient is much slower than this one copy (docs/speed.md).
+    return grad.contiguous(memory_format=torch.channels_last)
+
+
+def standardize(pixels: torch.Tensor) -> torch.Tensor:
+    """Float pixels in [0, 1] -> the network's input (the report's normalisation)."""
+    return (pixels - MNIST_MEAN) / MNIST_STD
+
+
+def unstandardize(x: torch.Tensor) -> torch.Tensor:
+    """The network's input -> float pixels in [0, 1] (standardize's inverse)."""
+    return x * MNIST_STD + MNIST_MEAN
+
+
+def normalize(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels 0-255 -> the network's input."""
+    return standardize(images_uint8.float() / 255.0)
+
+
+def normalize_fields(fields: np.ndarray) -> torch.Tensor:
+    """uint8 28x28 fields (N, 28, 28), as predict's preprocessing makes them and the served model
+    takes them -> the network's input (N, 1, 28, 28)."""
+    return normalize(torch.from_numpy(np.array(fields, dtype=np.uint8)).unsqueeze(1))  # a copy: fields may be read-only
+
+
+def load_model(path: str, device: torch.device | str = "cpu") -> Net:
+    """Load weights saved by the train stage (weights_only: no pickled code runs)."""
+    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    model = Net(**checkpoint["arch"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.to(device).eval()
+
+
+def load_checkpoint(path: str, device: torch.device | str = "cpu") -> Net:
+    """load_model for files the user hands over (evaluate, predict): one clear error, no traceback."""
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such model file (train one with `dvc repro`)")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
+        raise UserError(f"{path}: not a model.pt checkpoint of this project (not a torch.save archive)")
+    try:
+        return load_model(path, device)
+    except pickle.UnpicklingError:  # torch's message would suggest weights_only=False: not for an unknown file
+        raise UserError(f"{path}: refused to load: it holds pickled objects besides weights") from None
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as error:
+        raise UserError(f"{path}: not a model.pt checkpoint of this project ({str(error).splitlines()[0]})") from None
+
+
+@torch.inference_mode()
+def predict_log_probs(
+    model: nn.Module, images_uint8: torch.Tensor, batch_size: int, bf16: bool = False
+) -> torch.Tensor:
+    """Log-probabilities (N, 10) for uint8 images (N, 1, 28, 28), in batches to bound memory.
+
+    bf16: autocast on channels_last inputs and weights (oneDNN's and cuDNN's fast layout for bf16
+    convolutions); only worth it where the device has bf16 natively (train_step.native_bf16).
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    layout = torch.channels_last if bf16 else torch.contiguous_format
+    if bf16:
+        model.to(memory_format=layout)
+    chunks = []
+    for i in range(0, len(images_uint8), batch_size):
+        x = normalize(images_uint8[i : i + batch_size].to(device)).contiguous(memory_format=layout)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            chunks.append(model(x).float())
+    return torch.cat(chunks)
+
+
+def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy of scores (N, 10) against labels (N,): the exact fraction right."""
+    return int((scores.argmax(1) == labels.to(scores.device)).sum()) / len(labels)

@@ -1,0 +1,126 @@
+"""The training loop's pieces, shared by the train stage and the benchmark: the device, the
+seeded generators, the model and optimizer in a TrainStep, and one epoch over the training set.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mnist_cnn.config import Params, UserError
+from mnist_cnn.core import distributed
+from mnist_cnn.core.model import Net
+from mnist_cnn.core.train_step import (
+    TrainStep,
+    emulated_bf16_warning,
+    epoch_order,
+    make_optimizer,
+    make_scheduler,
+    tune_cpu_allocator,
+)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device: 'cuda' requested but no CUDA device is available")
+    if name == "cuda":
+        return torch.device("cuda", distributed.local_rank())  # one GPU per torchrun process
+    return torch.device(name)
+
+
+def seed_everything(seed: int, device: torch.device) -> torch.Generator:
+    """Seed Python, NumPy and torch; return the generator for shuffling and augmentation."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def use_deterministic_algorithms() -> None:
+    """Only deterministic kernels (cuDNN convolutions, cuBLAS with a fixed workspace): on CUDA,
+    bitwise-repeatable runs at some speed cost; on the CPU our ops already are deterministic."""
+    # cuBLAS reads this when it is first initialised, so it must be set before any CUDA matmul.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
+def train_epoch(step: TrainStep, n: int, batch_size: int, progress: tqdm | None = None, epoch: int = 1) -> float:
+    """One pass over the shuffled training set; returns the mean training loss.
+
+    Raises UserError naming the epoch and step if the loss became NaN or infinite.
+    """
+    step.model.train()
+    step.start_epoch()
+    # Under DDP every rank draws the same permutation and trains on its shard of it,
+    # batch_size / world images per step (see distributed.py).
+    order = distributed.shard(epoch_order(n, step.device, step.shuffle_generator), step.rank, step.world)
+    local_batch = batch_size // step.world
+    for start in range(0, len(order), local_batch):
+        step(order[start : start + local_batch])
+        if progress is not None:
+            progress.update(1)
+    # The epoch's host-device syncs: this and the loss.
+    bad_step = int(distributed.all_reduce(step.first_bad_step, "max").item())
+    if bad_step >= 0:
+        steps = steps_per_epoch(n, batch_size, step.world)
+        raise UserError(
+            f"training diverged: the loss is NaN or infinite at epoch {epoch}, step {bad_step} of {steps}"
+            " (try a smaller train.lr)"
+        )
+    return distributed.all_reduce(step.loss_sum).item() / (len(order) * step.world)
+
+
+def steps_per_epoch(n: int, batch_size: int, world: int) -> int:
+    per_rank = n // world if world > 1 else n  # see distributed.shard
+    return -(-per_rank // (batch_size // world))
+
+
+def build(params: Params, images: torch.Tensor, labels: torch.Tensor) -> TrainStep:
+    """The report's model and optimizer, wrapped in the step the train stage (and bench) runs."""
+    device = images.device
+    rank, world = distributed.rank(), distributed.world_size()
+    bf16 = params.train.precision == "bf16"
+    if device.type == "cpu":
+        tune_cpu_allocator()
+        warning = emulated_bf16_warning() if bf16 else None
+        if warning and rank == 0:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+    generator = seed_everything(params.seed, device)
+    shuffle_generator = None
+    if world > 1:  # the same shuffle everywhere, a different augmentation stream per rank
+        shuffle_generator = generator
+        generator = torch.Generator(device=device)
+        generator.manual_seed(params.seed + rank)
+    if params.train.deterministic:
+        use_deterministic_algorithms()
+    model = Net(params.model.batchnorm, params.model.dropout, params.model.depth).to(device)
+    optimizer = make_optimizer(model, params.train.lr, params.train.weight_decay, device, params.train.cuda_graph, bf16)
+    steps = steps_per_epoch(len(images), params.train.batch_size, world)
+    scheduler = make_scheduler(optimizer, params.train.lr_schedule, params.train.epochs, steps)
+    return TrainStep(
+        model,
+        optimizer,
+        images,
+        labels,
+        augment=params.augment,
+        bf16=bf16,
+        batch_size=params.train.batch_size // world,
+        generator=generator,
+        cuda_graph=params.train.cuda_graph,
+        scheduler=scheduler,
+        shuffle_generator=shuffle_generator,
+        rank=rank,
+        world=world,
+        augment_scale=params.augment_scale,
+        augment_thickness=params.augment_thickness,
+    )

@@ -1,0 +1,72 @@
+"""MNIST files on disk: the published checksums, the IDX format, the processed tensors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mnist_cnn.config import UserError
+from mnist_cnn.files import load_tensors
+from mnist_cnn.paths import PROCESSED_DIR
+
+# name -> SHA-256 of the uncompressed file (the files LeCun published).
+MNIST_FILES: dict[str, str] = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+SPLITS = {"train": "train", "test": "t10k"}
+
+IMAGE_SIZE = 28
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file of unsigned bytes; raise UserError on anything malformed."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise UserError(f"{path}: cannot read ({error.strerror})") from None
+    if len(data) < 4:
+        raise UserError(f"{path}: truncated IDX file ({len(data)} bytes, no header)")
+    zero, dtype_code, ndim = int.from_bytes(data[:2], "big"), data[2], data[3]
+    if zero != 0 or dtype_code != 0x08 or ndim not in (1, 3):
+        magic = int.from_bytes(data[:4], "big")
+        raise UserError(f"{path}: not an unsigned-byte IDX file of 1 or 3 dims (magic 0x{magic:08x})")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise UserError(f"{path}: truncated IDX header")
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + math.prod(shape)
+    if len(data) != expected:
+        raise UserError(f"{path}: size {len(data)} bytes, header {shape} says {expected}")
+    try:
+        return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+    except ValueError as error:
+        raise UserError(f"{path}: IDX dimensions {shape} unusable ({error})") from None
+
+
+def load_split(raw_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 28, 28) uint8 and labels (N,) of one split, checked for consistency."""
+    prefix = SPLITS[split]
+    images = read_idx(raw_dir / f"{prefix}-images-idx3-ubyte")
+    labels = read_idx(raw_dir / f"{prefix}-labels-idx1-ubyte")
+    if images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise UserError(f"{split} images: expected shape (N, 28, 28), got {images.shape}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise UserError(f"{split}: {len(images)} images but labels of shape {labels.shape}")
+    if len(labels) and labels.max() > 9:
+        raise UserError(f"{split} labels: values must be 0-9, found {int(labels.max())}")
+    return images, labels
+
+
+def load_processed(split: str, subset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (N, 1, 28, 28) and int64 labels (N,) of a processed split."""
+    tensors = load_tensors(PROCESSED_DIR / f"{split}.pt")
+    images, labels = tensors["images"].unsqueeze(1), tensors["labels"]
+    if subset:
+        images, labels = images[:subset], labels[:subset]
+    return images, labels

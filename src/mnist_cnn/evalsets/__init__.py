@@ -1,0 +1,1 @@
+"""Evaluation sets: MNIST-C corruptions and robustness curves, other writers' digits, generated non-digits."""

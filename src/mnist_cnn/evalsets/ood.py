@@ -1,0 +1,97 @@
+"""Out-of-distribution handwriting: real digits by other writers, as a user would send them.
+
+    python -m mnist_cnn.evalsets.ood [--model models/model.pt]   # prints the checkpoint's ood_accuracy
+
+MNIST's test set shares writers' habits, scanning and centring with its training set, so a model
+can rank higher on it and still read users' pictures worse. This set is scikit-learn's
+`load_digits` (UCI optical digits: 1,797 digits by 43 writers, 8x8 blocks of 16 grey levels, shipped
+with scikit-learn). Each digit is rendered as the kind of picture a user sends: enlarged smoothly to
+60-200 px, placed somewhere on a larger page, dark ink of varying strength on light paper (or now and
+then the reverse), a slightly grey page and some sensor noise. The picture then goes through
+`picture.to_mnist`, the same code a user's file goes through. Everything is drawn from one fixed seed,
+so the set is identical on every run; it is an evaluation set only, never trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Iterator
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from mnist_cnn.config import run_stage
+from mnist_cnn.core.model import accuracy, load_checkpoint, normalize_fields
+from mnist_cnn.serving.picture import to_mnist
+
+SEED = 20260
+MIN_SIDE, MAX_SIDE = 60, 200  # px of the enlarged 8x8 digit
+REVERSED = 0.15  # share of pictures with light ink on a dark page
+
+
+def render(block: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """One 8x8 digit (0-16, ink high) -> a greyscale picture of it on a page."""
+    side = int(rng.integers(MIN_SIDE, MAX_SIDE + 1))
+    ink = Image.fromarray((block / 16.0).astype(np.float32), mode="F").resize((side, side), Image.Resampling.BICUBIC)
+    ink = np.clip(np.asarray(ink), 0.0, 1.0)
+    # A page 1.2-2x the digit, with the digit anywhere on it (a margin of at least 10% is left).
+    page_h, page_w = (np.array([side, side]) * rng.uniform(1.2, 2.0, size=2)).astype(int)
+    top = int(rng.integers(side // 10, page_h - side - side // 10 + 1))
+    left = int(rng.integers(side // 10, page_w - side - side // 10 + 1))
+    strength = np.zeros((page_h, page_w), dtype=np.float32)
+    strength[top : top + side, left : left + side] = ink
+    paper = rng.uniform(190.0, 255.0)  # white to greyish paper
+    darkest = rng.uniform(0.0, 90.0)  # black ink to faint pencil
+    pixels = paper + strength * (darkest - paper)
+    if rng.random() < REVERSED:  # chalk on a board, or an inverted screenshot
+        pixels = 255.0 - pixels
+    pixels = pixels + rng.normal(0.0, rng.uniform(0.0, 8.0), size=pixels.shape)
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
+
+
+def pictures() -> Iterator[tuple[Image.Image, int]]:
+    """Each rendered picture with its label, in load_digits' order (deterministic)."""
+    digits = load_digits()
+    rng = np.random.default_rng(SEED)
+    for block, label in zip(digits.images, digits.target, strict=True):
+        yield render(block, rng), int(label)
+
+
+@lru_cache(maxsize=1)
+def _build() -> tuple[np.ndarray, np.ndarray]:
+    fields, labels = [], []
+    for index, (picture, label) in enumerate(pictures()):
+        fields.append(to_mnist(picture, f"ood digit {index}"))
+        labels.append(label)
+    images, targets = np.stack(fields), np.asarray(labels, dtype=np.int64)
+    images.flags.writeable = targets.flags.writeable = False  # one cached copy per process: keep it intact
+    return images, targets
+
+
+def load_ood_set() -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (N, 28, 28) MNIST-like fields, as predict feeds the model, and int64 (N,) labels."""
+    return _build()
+
+
+def ood_accuracy(predict_log_probs_fn: Callable[[torch.Tensor], torch.Tensor]) -> float:
+    """Accuracy on the set; the function maps normalised (N, 1, 28, 28) floats to (N, 10) scores."""
+    images, labels = load_ood_set()
+    with torch.inference_mode():
+        scores = predict_log_probs_fn(normalize_fields(images))
+    return accuracy(scores, torch.tensor(labels))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mnist_cnn.evalsets.ood", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=Path("models/model.pt"), help="a model.pt checkpoint")
+    args = parser.parse_args(argv)
+    net = load_checkpoint(str(args.model))
+    print(f"ood_accuracy {ood_accuracy(net):.4f} ({len(load_ood_set()[1])} digits)")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,113 @@
+"""Writing outputs safely: to a temp name beside the target, renamed over it only when complete.
+
+A failed write (a full or read-only disk, a file where a directory should be) becomes one
+UserError naming the output, and the earlier good file stays as it was.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mnist_cnn.config import UserError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's 0600 is too private
+
+
+def cannot_write(path: Path, error: OSError, refused: str | None = None) -> UserError:
+    """The one-line error for an output that cannot be written (a full or read-only disk, a file
+    where a directory should be): names the output, and the path the OS refused if another one."""
+    where = f" ({refused})" if refused is not None and Path(refused) != path else ""
+    return UserError(f"cannot write {path}: {error.strerror or error}{where}")
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`; rename it over `path` only on success.
+
+    An OSError creating the directory, writing the temp file or renaming it becomes a UserError
+    naming `path` (see cannot_write): the stage stops with one line, not a traceback.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise cannot_write(path, error, error.filename) from None
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise cannot_write(path, error) from None
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        try:
+            yield tmp
+        except OSError as error:  # writing the temp file: a full disk, a quota
+            raise cannot_write(path, error) from None
+        os.chmod(tmp, _FILE_MODE)
+        try:
+            os.replace(tmp, path)
+        except OSError as error:  # e.g. a directory where the file should be
+            raise cannot_write(path, error) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], digits: int | None = None) -> None:
+    """Rows of one shape as CSV with a header; floats rounded to `digits` decimals if given."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    if digits is not None:
+        rows = [{k: round(v, digits) if isinstance(v, float) else v for k, v in row.items()} for row in rows]
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
+    """A matplotlib figure as PNG, then closed."""
+    import matplotlib.pyplot as plt  # only the stages that draw pay for the import
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    # Serialised in memory, then written by Python: a failed write (full disk) is then an OSError
+    # that atomic_path reports, not torch's "[enforce fail at inline_container.cc] unexpected pos".
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getbuffer())
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a dict of tensors; weights_only=True refuses pickled code."""
+    if not path.exists():
+        raise UserError(f"{path}: missing (run the earlier stages first: dvc repro)")
+    return torch.load(path, map_location="cpu", weights_only=True)

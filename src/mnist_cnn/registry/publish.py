@@ -1,0 +1,221 @@
+"""Publishing a model: log it, register it as a version of `mnist-cnn`, tag the version and move
+the aliases (`challenger`: the newest; `champion`: the fold of the gate over all versions,
+registry.gate). The register stage is the only caller that writes to the registry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.models import infer_signature
+
+import mnist_cnn
+from mnist_cnn.config import Params
+from mnist_cnn.core.model import Net
+from mnist_cnn.files import save_tensors
+from mnist_cnn.paths import MODEL_PATH, REFUSAL_STATS
+from mnist_cnn.registry.gate import (
+    ACCURACY_TAG,
+    CHALLENGER,
+    CHAMPION,
+    GATE_METRICS,
+    GATE_TAG,
+    SUBSET_TAG,
+    Candidate,
+    Choice,
+    candidates,
+    choose,
+)
+from mnist_cnn.serving import served
+from mnist_cnn.tracking import store
+from mnist_cnn.tracking.store import REGISTERED_MODEL, retried
+
+DIGEST_TAG = "artifacts.digest"  # the sha256 of the weights and refusal statistics a version serves
+
+
+def artifacts_digest(*paths: Path) -> str:
+    """The sha256 of the files' bytes, in order: what makes two versions serve the same model."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def find_version(client: MlflowClient, run_id: str, digest: str, name: str = REGISTERED_MODEL) -> ModelVersion | None:
+    """The version this run already registered with these exact artifacts, if any."""
+    for v in client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
+        if v.tags.get(DIGEST_TAG) == digest:
+            return v
+    return None
+
+
+def logged_model_id(version: ModelVersion) -> str | None:
+    """The MLflow 3 logged model a version was registered from (its source is `models:/<model id>`)."""
+    return version.source.removeprefix("models:/") if version.source.startswith("models:/m-") else None
+
+
+def log_and_register(net: Net, stats: dict[str, torch.Tensor], example: np.ndarray, digest: str) -> tuple[str, str]:
+    """Log the served model (network + refusal statistics, mnist_cnn.serving.served) to the active run
+    and register it as a new version; returns (version, MLflow 3 logged-model id)."""
+    net = net.cpu()
+    output = pd.DataFrame(served.answers(net, stats, example))  # the records' columns, for the signature
+    # The python model's artifacts: the weights and the statistics, as files MLflow copies into the model.
+    with tempfile.TemporaryDirectory(prefix="mnist-cnn-model-") as folder:
+        checkpoint, statistics = Path(folder) / MODEL_PATH.name, Path(folder) / REFUSAL_STATS.name
+        save_tensors(checkpoint, {"state_dict": net.state_dict(), "arch": net.arch})
+        save_tensors(statistics, stats)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=served.ServedModel(),
+            artifacts={"checkpoint": str(checkpoint), "refusal": str(statistics)},
+            signature=infer_signature(example, output),
+            input_example=example,
+            # Ship the package with the model so `models:/mnist-cnn/<v>` loads anywhere (and each
+            # version loads with the code it was registered with); explicit requirements skip
+            # MLflow's slow dependency inference.
+            code_paths=[str(Path(mnist_cnn.__file__).parent)],
+            pip_requirements=[
+                f"{name}=={metadata.version(name)}"
+                for name in ("torch", "mlflow", "numpy", "pandas", "scipy", "scikit-learn")
+            ],
+            registered_model_name=REGISTERED_MODEL,
+            # log_model copies the run's metrics of its step to the model; at step -1 there are none,
+            # so the model carries only the test metrics the register stage links to it.
+            step=-1,
+        )
+    version = str(info.registered_model_version)
+    MlflowClient().set_model_version_tag(REGISTERED_MODEL, version, DIGEST_TAG, digest)
+    return version, info.model_id
+
+
+@dataclass(frozen=True)
+class Promotion:
+    version: str
+    champion: str | None  # the champion after promotion (None: there is none)
+    previous: str | None  # the champion before it
+    decision: str  # the gate's decision for `version`, as in its `gate` tag
+
+    @property
+    def champion_moved(self) -> bool:
+        return self.champion != self.previous
+
+    def message(self) -> str:
+        if self.champion is None:
+            champion = "not set"
+        elif self.champion_moved:
+            champion = f"-> version {self.champion}" + (f" (was {self.previous})" if self.previous else "")
+        else:
+            champion = f"stays version {self.champion}"
+        return f"registry: version {self.version} {self.decision}; champion {champion}; challenger -> {self.version}"
+
+
+def version_tags(
+    metrics: Mapping[str, float], params: Params, exp_name: str, commit: str, data_digest: str
+) -> dict[str, str]:
+    """The tags promote writes on a version: every metric it was given (the gate reads its own three),
+    test_accuracy last, as it makes the version a candidate."""
+    tags = {"git.commit": commit, "augment": str(params.augment)}
+    if exp_name:
+        tags["dvc.exp_name"] = exp_name
+    if data_digest:
+        tags["data.digest"] = data_digest
+    if params.data.subset > 0:
+        tags[SUBSET_TAG] = str(params.data.subset)
+    tags.update({m: repr(float(value)) for m, value in metrics.items() if m != ACCURACY_TAG})
+    tags[ACCURACY_TAG] = repr(float(metrics[ACCURACY_TAG]))
+    return tags
+
+
+def _versions(client: MlflowClient, name: str) -> list[ModelVersion]:
+    versions, token = [], None
+    while True:
+        page = client.search_model_versions(f"name='{name}'", page_token=token)
+        versions.extend(page)
+        if not (token := page.token):
+            return versions
+
+
+def _alias(client: MlflowClient, name: str, alias: str) -> str | None:
+    version = client.get_registered_model(name).aliases.get(alias)
+    return None if version is None else str(version)
+
+
+def _inputs(versions: list[ModelVersion]) -> list[Candidate]:
+    return sorted(candidates(versions), key=lambda c: int(c.version))
+
+
+# A write can fail when another promoter writes the same row at the same moment (MLflow's sqlite
+# store reads, then inserts, a first-time alias or tag). The write, or the round, is then redone.
+WRITE_TRIES = 11
+
+
+def _write_round(client: MlflowClient, name: str) -> tuple[list[ModelVersion], Choice]:
+    """List the versions, and write the `gate` tags and the `champion` alias their fold gives."""
+    listing = _versions(client, name)
+    choice = choose(listing)
+    for v in listing:
+        decision = choice.decisions.get(str(v.version))
+        if decision is not None and v.tags.get(GATE_TAG) != decision:
+            client.set_model_version_tag(name, str(v.version), GATE_TAG, decision)
+    if choice.champion is not None and _alias(client, name, CHAMPION) != choice.champion:
+        client.set_registered_model_alias(name, CHAMPION, choice.champion)
+    return listing, choice
+
+
+def _converge(client: MlflowClient, name: str) -> Choice:
+    """Write rounds until the listing the fold was computed from is unchanged after the writes
+    (docs/registry.md: why this needs no lock)."""
+    while True:
+        listing, choice = retried(lambda: _write_round(client, name), attempts=WRITE_TRIES)
+        if _inputs(_versions(client, name)) == _inputs(listing):
+            return choice
+
+
+def promote(
+    client: MlflowClient,
+    version: str,
+    metrics: Mapping[str, float],
+    params: Params,
+    *,
+    name: str = REGISTERED_MODEL,
+    exp_name: str | None = None,
+    commit: str | None = None,
+    data_digest: str = "",
+) -> Promotion:
+    """Tag `version` with its metrics, point `challenger` at it, and set `champion` to the version the
+    gate selects from all versions. `metrics` needs test_accuracy; the other gate metrics
+    (ood_accuracy, robust_mean_accuracy) are optional, and any other metric is a tag the gate does
+    not read. exp_name defaults to $DVC_EXP_NAME, commit to store.git_commit()."""
+    version = str(version)
+    if ACCURACY_TAG not in metrics:
+        raise ValueError(f"promote: metrics need '{ACCURACY_TAG}', got {sorted(metrics)}")
+    if not all(math.isfinite(float(metrics[m])) for m in GATE_METRICS if m in metrics):
+        raise ValueError(f"promote: gate metrics must be finite numbers, got {dict(metrics)}")
+    exp_name = os.environ.get("DVC_EXP_NAME", "") if exp_name is None else exp_name
+    commit = store.git_commit() if commit is None else commit
+
+    previous = _alias(client, name, CHAMPION)
+    tags = version_tags(metrics, params, exp_name, commit, data_digest)
+    # Re-evaluating a version: drop the optional tags this evaluation does not give.
+    stale = {SUBSET_TAG, "dvc.exp_name", "data.digest", *GATE_METRICS} - set(tags)
+    for key in stale & set(client.get_model_version(name, version).tags):
+        retried(lambda key=key: client.delete_model_version_tag(name, version, key), attempts=WRITE_TRIES)
+    for key, value in tags.items():
+        retried(lambda k=key, v=value: client.set_model_version_tag(name, version, k, v), attempts=WRITE_TRIES)
+    retried(lambda: client.set_registered_model_alias(name, CHALLENGER, version), attempts=WRITE_TRIES)
+
+    choice = _converge(client, name)
+    return Promotion(version, choice.champion, previous, choice.decisions[version])

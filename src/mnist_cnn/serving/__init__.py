@@ -1,0 +1,1 @@
+"""What users get: picture preparation, the "not a digit" refusal, the served model and the predict CLI."""

@@ -1,0 +1,181 @@
+"""Not a digit: calibrated probabilities, and a refusal for pictures unlike any training digit.
+
+Fitted on the TRAINING set (never the test set) after training: a temperature T (softmax(logits / T)
+minimises the NLL), and two Mahalanobis distances to the nearest class mean (one mean per class, a
+shared Ledoit-Wolf covariance, since ReLU features are often exactly 0): "conv", the last conv
+block's 64 feature maps averaged over the picture, and "logits", the 10 scores. Softmax confidence
+cannot refuse: far from the training data a ReLU network's logits grow without bound and the
+softmax is most confident. The thresholds and T come from training images as training saw them
+(the augmentation, a fixed seed), since clean training images are the network's easiest: the two
+thresholds cut the same tail of each distance, together REFUSED_TRAINING of those images. A
+picture with (almost) no ink is refused as "blank", and one whose ink covers more or less of the
+field than INK_QUANTILES of those images allow (specks of dust, enlarged). docs/refusal.md has
+the method and its measured rates.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import minimize_scalar
+from sklearn.covariance import LedoitWolf
+
+from mnist_cnn.core.augment import random_affine
+from mnist_cnn.core.model import MNIST_STD, Net, normalize, normalize_fields, standardize, unstandardize
+
+REFUSED_TRAINING = 0.01  # of the augmented training images, refused by the two distances together
+INK_QUANTILES = (0.001, 0.999)  # of the augmented training images' ink coverage: the range that is answered
+CALIBRATION_IMAGES = 20_000  # augmented training images for the temperature and the thresholds
+MIN_CONTRAST = 32 / 255  # an input whose pixels span less than this is blank (picture.MIN_CONTRAST)
+ECE_BINS = 15
+LAYERS = ("conv", "logits")  # the distances, in the order their reasons are given
+# Per image: digit (-1 when refused), calibrated probability (0 when refused), reason (None when answered).
+Answers = tuple[np.ndarray, np.ndarray, list[str | None]]
+BLANK = "blank (no ink found: the picture is nearly uniform)"
+
+
+@torch.inference_mode()
+def features_and_log_probs(
+    net: Net, x: torch.Tensor, batch_size: int = 1000
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """({"conv": (N, 64) averaged feature maps, "logits": (N, 10)}, log-probabilities (N, 10)) of
+    normalised images, from one forward pass per batch. No hooks or other state on the net: the
+    scoring server calls this from concurrent threads on one net."""
+    net.eval()
+    conv, logits = [], []
+    for i in range(0, len(x), batch_size):
+        maps = net.feature_maps(x[i : i + batch_size])
+        conv.append(maps.mean((2, 3)))
+        logits.append(net.classify(maps))
+    all_logits = torch.cat(logits).float()
+    return {"conv": torch.cat(conv).float(), "logits": all_logits}, torch.log_softmax(all_logits, dim=1)
+
+
+def distances(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """Mahalanobis distance (N,) of each feature vector to its nearest class mean."""
+    diff = features[:, None, :] - means[None]  # (N, 10, D)
+    squared = torch.einsum("ncd,de,nce->nc", diff, precision, diff)
+    return squared.min(dim=1).values.clamp_min(0).sqrt()
+
+
+def all_distances(features: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: distances(features[k], stats[f"{k}_means"], stats[f"{k}_precision"]) for k in LAYERS}
+
+
+def class_statistics(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(one mean per class (10, D), the shrunk precision of the features about their class mean (D, D))."""
+    means = torch.stack([features[labels == c].mean(0) for c in range(10)])
+    centred = (features - means[labels]).double().numpy()
+    return means, torch.from_numpy(LedoitWolf().fit(centred).precision_).float()
+
+
+def union_thresholds(scores: list[torch.Tensor], rate: float) -> list[torch.Tensor]:
+    """One threshold per score, each above the same fraction p of its scores, with p chosen (by
+    bisection) so that an image above any threshold is one of `rate` of the images."""
+    low, high = 0.0, rate  # p = rate refuses at least `rate`; p = 0 refuses none
+    for _ in range(30):
+        p = (low + high) / 2
+        refused = torch.stack([s > torch.quantile(s, 1 - p) for s in scores]).any(0)
+        low, high = (p, high) if refused.float().mean() <= rate else (low, p)
+    return [torch.quantile(s, 1 - low) for s in scores]
+
+
+def fit_temperature(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """The T that minimises the NLL of softmax(log_probs / T) (log-probs differ from logits by a
+    per-row constant, which the softmax ignores)."""
+
+    def nll(log_t: float) -> float:
+        return torch.nn.functional.cross_entropy(log_probs / np.exp(log_t), labels).item()
+
+    return float(np.exp(minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x))
+
+
+def fit(net: Net, images: torch.Tensor, labels: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    """The refusal statistics of `net` from the training set: uint8 images (N, 1, 28, 28), labels (N,)."""
+    generator = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(images), generator=generator)[:CALIBRATION_IMAGES]
+    # A third of the training set pins down 10 means and a 64x64 covariance at a third of the cost.
+    features, _ = features_and_log_probs(net, normalize(images[pick]))
+    stats: dict[str, torch.Tensor] = {}
+    for layer in LAYERS:
+        stats[f"{layer}_means"], stats[f"{layer}_precision"] = class_statistics(features[layer], labels[pick])
+
+    # The training augmentation works on [0, 1] pixels with zero fill, as train_step applies it.
+    seen = random_affine(images[pick].float() / 255.0, generator)
+    seen_features, seen_log_probs = features_and_log_probs(net, standardize(seen))
+    seen_distances = all_distances(seen_features, stats)
+    thresholds = union_thresholds([seen_distances[k] for k in LAYERS], REFUSED_TRAINING)
+    stats |= {f"{k}_threshold": t for k, t in zip(LAYERS, thresholds, strict=True)}
+    stats["ink_range"] = torch.quantile(ink_coverage(seen), torch.tensor(INK_QUANTILES))
+    stats["temperature"] = torch.tensor(fit_temperature(seen_log_probs, labels[pick]))
+    return stats
+
+
+def ink_coverage(pixels: torch.Tensor) -> torch.Tensor:
+    """The fraction of each (N, 1, 28, 28) picture's pixels brighter than half the ink, pixels in [0, 1]."""
+    return (pixels > 0.5).flatten(1).float().mean(1)
+
+
+def answer(net: Net, stats: dict[str, torch.Tensor], x: torch.Tensor) -> Answers:
+    """(digits (N,), calibrated probabilities (N,), reasons) for normalised images (N, 1, 28, 28);
+    a refused image has digit -1, probability 0 and a reason, the others reason None."""
+    features, log_probs = features_and_log_probs(net, x)
+    return decide(stats, x, features, log_probs)
+
+
+def decide(
+    stats: dict[str, torch.Tensor], x: torch.Tensor, features: dict[str, torch.Tensor], log_probs: torch.Tensor
+) -> Answers:
+    """answer() for a forward pass already made."""
+    probabilities, digits = torch.softmax(log_probs / stats["temperature"], dim=1).max(dim=1)
+    distance = torch.stack([all_distances(features, stats)[k] for k in LAYERS], 1).tolist()
+    thresholds = [stats[f"{k}_threshold"].item() for k in LAYERS]
+    span = (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3))) * MNIST_STD
+    coverage = ink_coverage(unstandardize(x))
+    low, high = stats["ink_range"].tolist()
+    reasons: list[str | None] = []
+    for s, c, d in zip(span.tolist(), coverage.tolist(), distance, strict=True):
+        far = [f"{k} distance {v:.0f} > {t:.0f}" for k, v, t in zip(LAYERS, d, thresholds, strict=True) if v > t]
+        if s < MIN_CONTRAST:
+            reasons.append(BLANK)
+        elif not low <= c <= high:
+            reasons.append(f"not a digit (ink covers {c:.0%} of the field; training digits {low:.0%}-{high:.0%})")
+        elif far:
+            reasons.append(f"not a digit (unlike every training digit: {', '.join(far)})")
+        else:
+            reasons.append(None)
+    refused = torch.tensor([r is not None for r in reasons], dtype=torch.bool)
+    digits = torch.where(refused, -1, digits).numpy()
+    probabilities = torch.where(refused, 0.0, probabilities).numpy()
+    return digits, probabilities, reasons
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Top-label ECE: the confidence-weighted gap between stated confidence and accuracy, in equal-width bins."""
+    confidence, predicted = probabilities.max(1), probabilities.argmax(1)
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    gap = 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            gap += members.mean() * abs((predicted[members] == labels[members]).mean() - confidence[members].mean())
+    return float(gap)
+
+
+def report(net: Net, stats: dict[str, torch.Tensor], images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """ECE before/after the temperature and the false-refusal rate on labelled uint8 images (N, 1, 28, 28)."""
+    x = normalize(images)
+    features, log_probs = features_and_log_probs(net, x)
+    truth = labels.numpy()
+    digits, _, _ = decide(stats, x, features, log_probs)
+    return {
+        "ece_uncalibrated": expected_calibration_error(log_probs.exp().numpy(), truth),
+        "ece": expected_calibration_error(torch.softmax(log_probs / stats["temperature"], 1).numpy(), truth),
+        "refused": float((digits < 0).mean()),
+    }
+
+
+def refused_fraction(net: Net, stats: dict[str, torch.Tensor], fields: np.ndarray) -> float:
+    """The fraction of uint8 28x28 pictures (already through picture.to_mnist) that are refused."""
+    digits, _, _ = answer(net, stats, normalize_fields(fields))
+    return float((digits < 0).mean())

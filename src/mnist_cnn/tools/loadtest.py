@@ -1,0 +1,167 @@
+"""Bounded load on a scoring server (`make serve`): C clients post digits for D seconds.
+
+    python -m mnist_cnn.tools.loadtest [--url http://127.0.0.1:5001/invocations] [--clients 50]
+                                       [--duration 20] [--batch 1,16] [--timeout 30]
+
+Each client posts back to back on one keep-alive connection, cycling through the --batch sizes,
+uint8 pixels as the served model takes them (MNIST test digits from data/processed/ when there,
+else random pixels), encoded before the clock starts: the client shares the cores with the server
+it measures, and reports its own CPU time. Loopback targets only; every request has a timeout.
+An error is any answer but 200, or a failed or timed-out request. Prints a summary, then one JSON
+line for scripts (docs/serving.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import time
+from urllib.parse import urlsplit
+
+import aiohttp
+import numpy as np
+
+from mnist_cnn.config import UserError, run_stage
+from mnist_cnn.paths import PROCESSED_DIR
+
+DEFAULT_URL = "http://127.0.0.1:5001/invocations"
+MAX_CLIENTS = 1000
+MAX_DURATION = 600.0
+
+
+def check_loopback(url: str) -> str:
+    """The URL if its host is a loopback address; a UserError for anything else (no name lookups)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UserError(f"--url {url!r}: not an http(s) URL")
+    host = parts.hostname
+    if host != "localhost":
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise UserError(f"--url {url!r}: only loopback targets are allowed (127.0.0.0/8, ::1, localhost)")
+    return url
+
+
+def digits(count: int) -> np.ndarray:
+    """`count` uint8 images (N, 28, 28): MNIST test digits if data/processed has them, else random pixels."""
+    path = PROCESSED_DIR / "test.pt"
+    if path.exists():
+        import torch  # only here: the client stays light when it has no data to read
+
+        images = torch.load(path, map_location="cpu", weights_only=True)["images"].numpy()
+        return np.resize(images, (count, 28, 28))  # repeats when the set is smaller
+    return np.random.default_rng(0).integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
+
+
+def payloads(sizes: list[int], variants: int = 8) -> list[bytes]:
+    """Request bodies, encoded once: `variants` distinct bodies per batch size, cycled in order of sizes."""
+    images = digits(variants * sum(sizes))
+    bodies, start = [], 0
+    for _ in range(variants):
+        for size in sizes:
+            bodies.append(json.dumps({"inputs": images[start : start + size].tolist()}).encode())
+            start += size
+    return bodies
+
+
+async def client(
+    session: aiohttp.ClientSession, url: str, bodies: list[bytes], offset: int, deadline: float, stats: dict
+) -> None:
+    """Post back to back until the deadline; record each latency and each error."""
+    i = offset
+    while time.perf_counter() < deadline:
+        body = bodies[i % len(bodies)]
+        i += 1
+        start = time.perf_counter()
+        try:
+            async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
+                await response.read()
+                ok = response.status == 200
+                if not ok:
+                    stats["statuses"][response.status] = stats["statuses"].get(response.status, 0) + 1
+        except (aiohttp.ClientError, TimeoutError) as error:
+            ok = False
+            name = type(error).__name__
+            stats["exceptions"][name] = stats["exceptions"].get(name, 0) + 1
+        stats["latencies" if ok else "failed"].append(time.perf_counter() - start)
+
+
+async def load(url: str, clients: int, duration: float, bodies: list[bytes], timeout: float) -> dict:
+    stats: dict = {"latencies": [], "failed": [], "statuses": {}, "exceptions": {}}
+    connector = aiohttp.TCPConnector(limit=clients, force_close=False)  # one kept-alive connection per client
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+        try:  # one request first, so an absent server is one clear line rather than thousands of errors
+            async with session.post(url, data=bodies[0], headers={"Content-Type": "application/json"}) as response:
+                await response.read()
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise UserError(f"{url}: no answer ({type(error).__name__}: {error})") from None
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        deadline = wall0 + duration
+        await asyncio.gather(*(client(session, url, bodies, k, deadline, stats) for k in range(clients)))
+        stats["wall_s"] = time.perf_counter() - wall0
+        stats["client_cpu_s"] = time.process_time() - cpu0
+    return stats
+
+
+def summary(stats: dict, clients: int, sizes: list[int]) -> dict:
+    ok = np.asarray(stats["latencies"]) * 1000
+    errors = len(stats["failed"])
+    wall = stats["wall_s"]
+    pct = (lambda q: round(float(np.percentile(ok, q)), 1)) if ok.size else (lambda q: None)
+    return {
+        "clients": clients,
+        "batch": sizes,
+        "duration_s": round(wall, 2),
+        "requests": int(ok.size) + errors,
+        "ok": int(ok.size),
+        "errors": errors,
+        "error_kinds": {**{str(k): v for k, v in stats["statuses"].items()}, **stats["exceptions"]},
+        "requests_per_s": round(ok.size / wall, 1),
+        "p50_ms": pct(50),
+        "p99_ms": pct(99),
+        "max_ms": round(float(ok.max()), 1) if ok.size else None,
+        "client_cpu_s": round(stats["client_cpu_s"], 2),
+        "client_cpu_share": round(stats["client_cpu_s"] / wall, 3),  # of one core
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mnist_cnn.tools.loadtest", description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default=DEFAULT_URL, help=f"scoring endpoint, loopback only (default {DEFAULT_URL})")
+    parser.add_argument("--clients", "-c", type=int, default=50, help="concurrent clients (default 50)")
+    parser.add_argument("--duration", "-d", type=float, default=20.0, help="seconds of load (default 20)")
+    parser.add_argument("--batch", default="1,16", help="digits per request, cycled (default 1,16)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds before a request counts as failed")
+    args = parser.parse_args(argv)
+
+    url = check_loopback(args.url)
+    if not 1 <= args.clients <= MAX_CLIENTS:
+        raise UserError(f"--clients {args.clients}: must be 1..{MAX_CLIENTS}")
+    if not 0 < args.duration <= MAX_DURATION:
+        raise UserError(f"--duration {args.duration}: must be > 0 and <= {MAX_DURATION:.0f} s")
+    try:
+        sizes = [int(s) for s in args.batch.split(",")]
+    except ValueError:
+        raise UserError(f"--batch {args.batch!r}: expected sizes like 1,16") from None
+    if not sizes or not all(1 <= s <= 1024 for s in sizes):
+        raise UserError(f"--batch {args.batch!r}: each size must be 1..1024")
+
+    bodies = payloads(sizes)
+    stats = asyncio.run(load(url, args.clients, args.duration, bodies, args.timeout))
+    result = {"url": url, **summary(stats, args.clients, sizes)}
+    print(
+        f"{result['clients']} clients, {result['duration_s']} s, batch {args.batch}: {result['requests']} requests, "
+        f"{result['requests_per_s']} req/s, p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, "
+        f"{result['errors']} errors {result['error_kinds'] or ''}".rstrip()
+    )
+    print(f"client CPU: {result['client_cpu_s']} s ({100 * result['client_cpu_share']:.0f}% of one core)")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    run_stage(main)

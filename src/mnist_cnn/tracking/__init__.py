@@ -1,0 +1,1 @@
+"""MLflow: the store, the one run per pipeline execution, and dataset lineage."""

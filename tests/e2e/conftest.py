@@ -1,0 +1,188 @@
+"""The end-to-end fixtures: real git, DVC, MLflow stores and servers, in throw-away repositories.
+
+Each session fixture is one scenario, run once; what a later scenario changes in the same
+repository, an earlier one has recorded before it returned, so its tests read its own record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from helpers import REPO, make_pipeline_repo, run, tool_env
+
+# A line whose edit changes models/refusal.pt: the refusal's share of training images it refuses.
+REFUSAL_LINE = "REFUSED_TRAINING = 0.01"
+
+
+def store_client(repo: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+
+
+def status(repo: Path) -> dict:
+    return json.loads(run(["dvc", "status", "--json"], repo).stdout)
+
+
+def status_after_appending(repo: Path, module: str) -> dict:
+    """`dvc status` with a comment appended to one module of the package; the module is restored after."""
+    path = repo / "src" / "mnist_cnn" / module
+    original = path.read_text()
+    try:
+        path.write_text(original + "# an edit\n")
+        return status(repo)
+    finally:
+        path.write_text(original)
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory: pytest.TempPathFactory, synthetic_mnist: Path) -> dict:
+    """A repository through four scenarios, each recorded:
+    1. `dvc repro` (run 1, version 1), then `dvc status` with one module edited at a time;
+    2. the refusal's code changed and committed, `dvc repro` again: the stages after train rerun
+       and register publishes version 2 of run 1; the champion's statistics are downloaded;
+    3. `dvc repro -f -s register`: register again with nothing changed;
+    4. one ablation experiment, `dvc exp run --temp` (run 2, version 3).
+    Returns the repository and what was seen."""
+    repo = make_pipeline_repo(tmp_path_factory.mktemp("pipeline"), synthetic_mnist)
+    seen: dict = {"repo": repo}
+    run(["dvc", "repro"], repo)
+    seen["registered_first"] = json.loads((repo / "models/registered.json").read_text())
+    seen["status_after_edit"] = {
+        module: status_after_appending(repo, module)
+        for module in ("core/augment.py", "serving/refusal.py", "registry/gate.py", "tools/loadtest.py")
+    }
+
+    refusal = repo / "src/mnist_cnn/serving/refusal.py"
+    assert REFUSAL_LINE in refusal.read_text()
+    refusal.write_text(refusal.read_text().replace(REFUSAL_LINE, "REFUSED_TRAINING = 0.02"))
+    run(["git", "commit", "-qam", "refuse more"], repo)
+    seen["rerun_log"] = run(["dvc", "repro"], repo).stdout
+    seen["registered"] = json.loads((repo / "models/registered.json").read_text())
+    client = store_client(repo)
+    champion = client.get_model_version_by_alias("mnist-cnn", "champion")
+    seen["champion_after_rerun"] = str(champion.version)
+    download = mlflow.artifacts.download_artifacts(
+        artifact_uri=client.get_model_version_download_uri("mnist-cnn", champion.version),
+        dst_path=str(tmp_path_factory.mktemp("champion")),
+    )
+    seen["champion_refusal"] = torch.load(Path(download) / "artifacts/refusal.pt", weights_only=True)
+
+    seen["register_again_log"] = run(["dvc", "repro", "-f", "-s", "register"], repo).stdout
+    seen["registered_again"] = json.loads((repo / "models/registered.json").read_text())
+
+    # --temp runs in a copy under .dvc/tmp/exps/: it must still log into the repo's store.
+    run(["dvc", "exp", "run", "--temp", "-S", "augment=false", "-S", "seed=7"], repo)
+    return seen
+
+
+@pytest.fixture(scope="session")
+def pipeline(pipeline_run: dict) -> Path:
+    """The repository of `pipeline_run`, after its scenarios (two runs, three versions)."""
+    return pipeline_run["repo"]
+
+
+def readme_preset_command() -> list[str]:
+    """The `dvc exp run -n improved ...` line exactly as README.md gives it."""
+    match = re.search(r"^dvc exp run -n improved (?:.*\\\n)*.*$", (REPO / "README.md").read_text(), re.MULTILINE)
+    assert match, "README.md has no `dvc exp run -n improved` line"
+    return shlex.split(match.group(0).replace("\\\n", " "))
+
+
+@pytest.fixture(scope="session")
+def killed_repro(tmp_path_factory: pytest.TempPathFactory, synthetic_mnist: Path) -> dict:
+    """A second repository, for what must not disturb `pipeline`: `dvc repro` whose train stage is
+    killed by SIGKILL mid-training, and what that leaves. Its train.py prints a committed marker."""
+    repo = make_pipeline_repo(tmp_path_factory.mktemp("queued"), synthetic_mnist, train__epochs=1000)
+    train = repo / "src" / "mnist_cnn" / "stages" / "train.py"
+    train.write_text(train.read_text() + '\nprint("code: as committed")\n')
+    run(["git", "commit", "-qam", "mark the committed code"], repo)
+    seen: dict = {"repo": repo}
+
+    run_file, log = repo / "models" / "mlflow_run.json", repo.parent / "killed-repro.log"
+    with log.open("w") as sink:
+        dvc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=tool_env(), stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 600
+        while not run_file.exists():  # the train stage has created its run
+            assert dvc.poll() is None, f"dvc repro ended before training:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"training did not start:\n{log.read_text()}"
+            time.sleep(0.2)
+        time.sleep(0.5)  # the run file is written after the run has its tags
+        seen["killed_id"] = json.loads(run_file.read_text())["run_id"]
+        client = store_client(repo)
+        pid = int(client.get_run(seen["killed_id"]).data.tags["pid"])
+        seen["killed_cmdline"] = Path(f"/proc/{pid}/cmdline").read_bytes()
+        os.kill(pid, signal.SIGKILL)
+        seen["killed_repro_exit"] = dvc.wait(timeout=120)
+    finally:
+        if dvc.poll() is None:
+            dvc.kill()
+            dvc.wait()
+    seen["killed_repro_log"] = log.read_text()
+    seen["model_after_kill"] = (repo / "models" / "model.pt").exists()
+    seen["status_after_kill"] = client.get_run(seen["killed_id"]).info.status
+    return seen
+
+
+@pytest.fixture(scope="session")
+def recovered_repro(killed_repro: dict) -> dict:
+    """`dvc repro` again after the kill (2 epochs now): it recovers, and creates the store's next run."""
+    repo = killed_repro["repo"]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["epochs"] = 2
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "commit", "-qam", "2 epochs"], repo)
+    run(["dvc", "repro"], repo)
+    return {
+        "repo": repo,
+        "run_id": json.loads((repo / "models" / "mlflow_run.json").read_text())["run_id"],
+        "model_exists": (repo / "models" / "model.pt").exists(),
+        "status": status(repo),
+        "temp_files": [p for p in repo.rglob("*.tmp") if ".dvc" not in p.parts and "mlruns" not in p.parts],
+    }
+
+
+@pytest.fixture(scope="session")
+def queued_experiments(recovered_repro: dict) -> dict:
+    """Two experiments queued: `queued-1` (seed 1) and the README's `dvc exp run -n improved ...` preset
+    (seed 2); the workspace's train.py then edited, and the queue run by 2 parallel workers (one sqlite
+    store). Returns what the queue said and logged."""
+    repo = recovered_repro["repo"]
+    train = repo / "src" / "mnist_cnn" / "stages" / "train.py"
+    committed = train.read_text()
+    seen: dict = {"repo": repo, "preset_command": readme_preset_command()}
+    assert seen["preset_command"][:3] == ["dvc", "exp", "run"], seen["preset_command"]
+    run(["dvc", "exp", "run", "--queue", "-n", "queued-1", "-S", "seed=1"], repo)
+    run(["dvc", "exp", "run", "--queue", *seen["preset_command"][3:], "-S", "seed=2"], repo)
+    train.write_text(committed.replace("as committed", "edited after queueing"))
+    try:
+        # --run-all starts 2 workers and follows every experiment's log until all have ended.
+        # One thread per process: 2 trainings on 2 cores would otherwise oversubscribe them.
+        result = run(["dvc", "exp", "run", "--run-all", "-j", "2"], repo, OMP_NUM_THREADS="1")
+    finally:
+        subprocess.run(["dvc", "queue", "stop"], cwd=repo, env=tool_env(), capture_output=True, timeout=60)
+        train.write_text(committed)
+    seen["run_all_output"] = result.stdout + result.stderr
+    seen["queue_status"] = run(["dvc", "queue", "status"], repo).stdout
+    seen["queue_logs"] = {name: run(["dvc", "queue", "logs", name], repo).stdout for name in ("queued-1", "improved")}
+    return seen
+
+
+@pytest.fixture(scope="session")
+def applied_preset(queued_experiments: dict) -> Path:
+    """`dvc exp apply improved`: the preset's outputs in the workspace."""
+    repo = queued_experiments["repo"]
+    run(["dvc", "exp", "apply", "improved"], repo)
+    return repo

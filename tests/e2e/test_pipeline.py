@@ -1,0 +1,193 @@
+"""End to end: the real `dvc repro` and `dvc exp run` in a temporary git repo, offline.
+
+Synthetic IDX files come in through the local-directory source; DVC, git and the
+MLflow sqlite store are the real ones.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from helpers import run
+
+
+@pytest.fixture(scope="module")
+def client(pipeline: Path) -> MlflowClient:
+    mlflow.set_tracking_uri(f"sqlite:///{pipeline / 'mlruns' / 'mlflow.db'}")
+    return MlflowClient()
+
+
+def test_stage_outputs(pipeline: Path) -> None:
+    assert sorted(p.name for p in (pipeline / "data/raw").iterdir()) == [
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+    ]
+    stats = json.loads((pipeline / "data/processed/stats.json").read_text())
+    assert (stats["train_count"], stats["test_count"]) == (1000, 300)
+    history = (pipeline / "plots/train_history.csv").read_text().splitlines()
+    assert history[0] == "epoch,train_loss,test_loss,test_accuracy,seconds"
+    assert len(history) == 3  # header + 2 epochs
+    evaluation = json.loads((pipeline / "metrics/eval.json").read_text())
+    assert evaluation["test_accuracy"] > 0.5  # synthetic digits are easy; chance is 0.1
+    assert set(evaluation) == {"test_accuracy", "test_loss", "macro_f1", "ood_accuracy", "ece", "test_refused"}
+    assert len((pipeline / "plots/confusion.csv").read_text().splitlines()) == 301
+    reports = {p.name for p in (pipeline / "reports").iterdir()}
+    assert reports == {
+        "classification_report.json",
+        "confusion_matrix.png",
+        "confusion_counts.csv",
+        "confused_pairs.json",
+        "misclassified.png",
+        "training_curves.png",
+    }
+    # No temp files left behind by atomic writes.
+    assert not list(pipeline.rglob("*.tmp"))
+
+
+def test_dvc_sees_experiments_and_metrics(pipeline: Path) -> None:
+    status = run(["dvc", "status", "--json"], pipeline).stdout
+    assert json.loads(status) == {}, status
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], pipeline).stdout)
+    baseline = next(rev for rev in shown if rev["rev"] == "workspace")  # dvc repro's results, not committed
+    experiments = [exp for rev in shown for exp in (rev.get("experiments") or [])]
+    revs = [baseline, *(exp["revs"][0] for exp in experiments)]
+    params = [rev["data"]["params"]["params.yaml"]["data"] for rev in revs]
+    assert [(p["augment"], p["seed"]) for p in params] == [(True, 42), (False, 7)]
+    for exp in revs:
+        metrics = exp["data"]["metrics"]
+        assert "test_accuracy" in metrics["metrics/eval.json"]["data"]
+    assert "Confusion matrix" in run(["dvc", "plots", "show", "--json"], pipeline).stdout
+
+
+def test_one_mlflow_run_per_execution(pipeline: Path, client: MlflowClient) -> None:
+    experiment = client.get_experiment_by_name("mnist-cnn")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 2  # dvc repro and the --temp ablation run: none lost, none duplicated
+    assert {r.data.params["augment"] for r in runs} == {"True", "False"}
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["git.commit"]
+        for key in ("train_loss", "test_loss", "test_accuracy"):
+            assert [m.step for m in client.get_metric_history(r.info.run_id, key)] == [1, 2]
+        assert "eval_accuracy" in r.data.metrics
+        reports = {Path(a.path).name for a in client.list_artifacts(r.info.run_id, "reports")}
+        assert "confusion_matrix.png" in reports
+    exp_names = {r.data.tags.get("dvc.exp_name") for r in runs}
+    assert len(exp_names - {None}) == 1  # the `dvc exp run` carries its experiment name
+
+
+def test_registry_has_a_version_per_model_that_predicts(pipeline: Path, client: MlflowClient) -> None:
+    versions = sorted(client.search_model_versions("name='mnist-cnn'"), key=lambda v: int(v.version))
+    run_ids = {r.info.run_id for r in client.search_runs([client.get_experiment_by_name("mnist-cnn").experiment_id])}
+    assert {v.run_id for v in versions} == run_ids
+    # Version 2 is the repro's run again (its refusal was redone, pipeline_run), version 3 the experiment's.
+    assert [v.version for v in versions] == [1, 2, 3] and versions[0].run_id == versions[1].run_id
+    assert versions[0].tags["gate"].startswith("superseded by a later version of run")
+    aliases = client.get_registered_model("mnist-cnn").aliases
+    assert str(aliases["challenger"]) == "3"  # always the newest
+    assert str(aliases["champion"]) in {"2", "3"}
+    frozen = gc.get_freeze_count()
+    model = mlflow.pyfunc.load_model("models:/mnist-cnn@champion")
+    # Loading took what was loaded out of the collector's reach (docs/serving.md: the p99 latency).
+    assert gc.get_freeze_count() > frozen
+    batch = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    out = pd.DataFrame(model.predict(batch))  # the served python model: one record per image, refusals included
+    assert list(out.columns) == ["digit", "probability", "reason"] and len(out) == 3
+    answered = out["digit"] >= 0
+    assert out["digit"].between(-1, 9).all() and out["probability"][answered].between(0, 1).all()
+    assert out["reason"][~answered].notna().all() and out["reason"][answered].isna().all()
+
+
+def test_an_edit_reruns_the_stages_that_import_it_and_no_others(pipeline_run: dict) -> None:
+    """dvc.yaml's code deps in a real DVC repository: `dvc status` after a one-line edit of a module."""
+    changed = {module: set(status) for module, status in pipeline_run["status_after_edit"].items()}
+    assert changed["core/augment.py"] == {"train", "evaluate", "robustness", "register"}
+    assert changed["serving/refusal.py"] == {"evaluate", "register"}
+    assert changed["registry/gate.py"] == {"register"}
+    assert changed["tools/loadtest.py"] == set()  # a tool is no stage's dependency
+
+
+def test_a_refusal_change_reruns_the_stages_after_train_and_the_champion_serves_it(pipeline_run: dict) -> None:
+    repo, log = pipeline_run["repo"], pipeline_run["rerun_log"]
+    for stage in ("evaluate", "register"):
+        assert f"Running stage '{stage}'" in log, log
+    for stage in ("train", "robustness"):
+        assert f"Stage '{stage}' didn't change, skipping" in log, log
+    first, again = pipeline_run["registered_first"], pipeline_run["registered"]
+    assert first["model"] == "models:/mnist-cnn/1" and again["model"] == "models:/mnist-cnn/2"
+    assert again["run_id"] == first["run_id"] and again["new_version"]
+    # The champion is the run's new version, and serves exactly the workspace's refusal statistics.
+    assert pipeline_run["champion_after_rerun"] == "2"
+    workspace = torch.load(repo / "models/refusal.pt", weights_only=True)
+    served = pipeline_run["champion_refusal"]
+    assert set(served) == set(workspace)
+    assert all(torch.equal(served[key], workspace[key]) for key in workspace)
+
+
+def test_registering_again_with_nothing_changed_makes_no_new_version(pipeline_run: dict) -> None:
+    assert "Running stage 'register'" in pipeline_run["register_again_log"]
+    again = pipeline_run["registered_again"]
+    assert again["model"] == pipeline_run["registered"]["model"] and not again["new_version"]
+    assert again["artifacts_digest"] == pipeline_run["registered"]["artifacts_digest"]
+
+
+def test_repro_again_does_nothing(pipeline: Path) -> None:
+    out = run(["dvc", "repro"], pipeline).stdout
+    assert "didn't change, skipping" in out or "up to date" in out
+
+
+def test_an_identical_experiment_is_restored_from_the_run_cache(pipeline: Path, client: MlflowClient) -> None:
+    """Same code, data and params as the earlier --temp run: DVC restores its outputs, nothing trains,
+    and MLflow gets no new run (the restored models/mlflow_run.json names the original one)."""
+    experiment_id = client.get_experiment_by_name("mnist-cnn").experiment_id
+    before = {r.info.run_id for r in client.search_runs([experiment_id])}
+    out = run(["dvc", "exp", "run", "--temp", "-S", "augment=false", "-S", "seed=7"], pipeline).stdout
+    assert "Stage 'train' is cached - skipping run, checking out outputs" in out
+    assert "epoch 1:" not in out
+    assert {r.info.run_id for r in client.search_runs([experiment_id])} == before
+
+
+def test_the_stage_runs_in_the_pipeline_and_reaches_mlflow_and_dvc(pipeline: Path) -> None:
+    metrics = json.loads((pipeline / "metrics" / "robustness.json").read_text())
+    names = yaml.safe_load((pipeline / "params.yaml").read_text())["robustness"]["corruptions"]
+    assert {f"robust_{n}" for n in names} <= set(metrics)
+    mean = sum(metrics[f"robust_{n}"] for n in names) / len(names)
+    assert metrics["robust_mean_accuracy"] == pytest.approx(mean, abs=1e-5)
+    assert metrics["robust_degradation"] == pytest.approx(metrics["robust_clean"] - mean, abs=1e-5)
+    for curve in ("rotation", "shift", "scale"):
+        assert (pipeline / "plots" / f"robustness_{curve}.csv").read_text().count("\n") > 2
+    assert (pipeline / "robustness" / "examples.png").stat().st_size > 0
+
+    # Every pipeline run (repro and the --temp augment=false one) logged its robust_ metrics.
+    mlflow.set_tracking_uri(f"sqlite:///{pipeline / 'mlruns' / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["mnist-cnn"], output_format="list")
+    assert len(runs) >= 2 and all("robust_mean_accuracy" in r.data.metrics for r in runs)
+    assert all("robust_rotation_ccw20" in r.data.metrics and "robust_shift_x_4" in r.data.metrics for r in runs)
+
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], pipeline).stdout)
+    found = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if "data" in node.get("metrics/robustness.json", {}):  # not in the commit before the first repro
+                found.append(node["metrics/robustness.json"]["data"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(shown)
+    assert len(found) >= 2 and all("robust_mean_accuracy" in d for d in found)
