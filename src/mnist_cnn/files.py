@@ -77,6 +77,17 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def read_json(path: Path, earlier: str) -> dict[str, Any]:
+    """The JSON mapping that `earlier` writes: one UserError line if it is missing or unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: missing or unreadable (run {earlier} first)")
+    return data
+
+
 def write_csv(path: Path, rows: list[dict[str, Any]], digits: int | None = None) -> None:
     """Rows of one shape as CSV with a header; floats rounded to `digits` decimals if given."""
     buffer = io.StringIO()

@@ -20,7 +20,7 @@ def test_register_before_the_earlier_stages_is_one_error_line(
     monkeypatch.chdir(tmp_path)
     assert (
         stage_error(register.main, capsys)
-        == "error: metrics/eval.json: missing or unreadable (run the earlier stages: dvc repro)"
+        == "error: metrics/eval.json: missing or unreadable (run dvc repro first)"
     )
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics/eval.json").write_text(json.dumps({"test_accuracy": 0.9}))

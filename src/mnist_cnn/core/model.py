@@ -21,13 +21,10 @@ MNIST_STD = 0.3081
 class Net(nn.Module):
     """Conv(1->32) ReLU, Conv(32->64) ReLU, MaxPool 2, FC 12544->128 ReLU, FC 128->10, LogSoftmax.
 
-    The report's proposed improvements are options, off by default (then the
-    layers are identities and the weights are exactly the report's model):
-    `batchnorm` puts BatchNorm2d after each conv, before its ReLU; `dropout`
-    drops that fraction of the pooled features and of the 128 hidden units;
-    `depth=3` ("try deeper models") adds a third block, Conv(64->64) [BN] ReLU
-    MaxPool 2, so the classifier sees 64x7x7 features that are invariant to
-    larger shifts (and fc1 shrinks from 12544 to 3136 inputs).
+    The report's proposed improvements are options, off by default (then the layers are identities
+    and the weights exactly the report's model): `batchnorm` after each conv, before its ReLU;
+    `dropout` of the pooled features and of the 128 hidden units; `depth=3`, a third block
+    Conv(64->64) [BN] ReLU MaxPool 2, whose 64x7x7 features are invariant to larger shifts.
 
     Input: normalised float images (N, 1, 28, 28). Output: log-probabilities (N, 10).
     """

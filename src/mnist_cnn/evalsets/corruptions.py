@@ -1,17 +1,11 @@
 """Corrupted copies of the test images: the robustness curves and the MNIST-C corruptions.
 
-Curves (accuracy as a function of the transformation's size): rotation, shift and
-scale, each one affine_grid + grid_sample call for the whole batch (bilinear, zero
-fill, as MNIST-C's skimage warp).
-
-MNIST-C (Mu & Gilmer 2019, google-research/mnist-c, Apache-2.0): the fifteen
-corruptions of the paper at its default severities, reimplemented in torch so a
-batch is corrupted on the device at once. The parameters are the paper's; where
-the paper draws a random number per image (a direction, a line, a noise field),
-so do we, from a CPU generator seeded per corruption: every call gives the same
-bytes, so every model is scored on identical inputs.
-
-All functions take and return uint8 images (N, 28, 28); the float work is in [0, 1].
+Curves: rotation, shift and scale of a given size, one affine_grid + grid_sample call per batch
+(bilinear, zero fill, as MNIST-C's skimage warp). MNIST-C (Mu & Gilmer 2019,
+google-research/mnist-c): the fifteen corruptions at the published severities, reimplemented in
+torch for whole batches. Where the paper draws a random number per image, so do we, from a
+generator seeded per corruption: every model is scored on identical bytes. All functions take
+and return uint8 images (N, 28, 28); the float work is in [0, 1].
 """
 
 from __future__ import annotations

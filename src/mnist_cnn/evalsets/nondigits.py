@@ -1,13 +1,9 @@
 """Pictures that are not digits, generated deterministically, to measure how often they are refused.
 
-Each kind is a list of pictures as a user would send them (any size, dark on light paper), put
-through predict's own preprocessing (picture.to_mnist), exactly as a user's file is:
-
-- noise: uniform random pixels, 28-200 px, full range or a band of grey levels;
-- blank: nearly blank pages, faint noise below the ink contrast, or a few specks of dust;
-- shapes: one large solid rectangle, ellipse or triangle (aspect ratio 1:2 to 2:1: a thin bar is a 1);
-- letters: capitals and small letters that do not look like a digit (no O, I, l, S, Z, B, g, q, ...),
-  rendered with the DejaVu Sans font (or PIL's default font) at 24-120 px.
+Each kind is pictures as a user would send them (any size, dark on light paper), put through
+picture.to_mnist as a user's file is: noise (random pixels, full range or a band of greys), blank
+(nearly blank pages, faint noise, specks of dust), shapes (one large solid rectangle, ellipse or
+triangle, no thinner than 1:2: a thin bar is a 1) and letters that do not look like a digit.
 """
 
 from __future__ import annotations

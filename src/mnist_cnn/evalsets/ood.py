@@ -2,14 +2,11 @@
 
     python -m mnist_cnn.evalsets.ood [--model models/model.pt]   # prints the checkpoint's ood_accuracy
 
-MNIST's test set shares writers' habits, scanning and centring with its training set, so a model
-can rank higher on it and still read users' pictures worse. This set is scikit-learn's
-`load_digits` (UCI optical digits: 1,797 digits by 43 writers, 8x8 blocks of 16 grey levels, shipped
-with scikit-learn). Each digit is rendered as the kind of picture a user sends: enlarged smoothly to
-60-200 px, placed somewhere on a larger page, dark ink of varying strength on light paper (or now and
-then the reverse), a slightly grey page and some sensor noise. The picture then goes through
-`picture.to_mnist`, the same code a user's file goes through. Everything is drawn from one fixed seed,
-so the set is identical on every run; it is an evaluation set only, never trained on.
+scikit-learn's `load_digits` (1,797 digits by 43 writers, 8x8 blocks of 16 grey levels), each
+rendered as a user's picture (enlarged to 60-200 px, somewhere on a larger, slightly grey page,
+ink of varying strength, now and then reversed, sensor noise) and put through picture.to_mnist,
+as a user's file is. One fixed seed: the same set on every run; evaluation only, never trained
+on. MNIST's test set shares its writers' habits with the training set; this one does not (docs/ood.md).
 """
 
 from __future__ import annotations
@@ -62,7 +59,8 @@ def pictures() -> Iterator[tuple[Image.Image, int]]:
 
 
 @lru_cache(maxsize=1)
-def _build() -> tuple[np.ndarray, np.ndarray]:
+def load_ood_set() -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (N, 28, 28) MNIST-like fields, as predict feeds the model, and int64 (N,) labels."""
     fields, labels = [], []
     for index, (picture, label) in enumerate(pictures()):
         fields.append(to_mnist(picture, f"ood digit {index}"))
@@ -70,11 +68,6 @@ def _build() -> tuple[np.ndarray, np.ndarray]:
     images, targets = np.stack(fields), np.asarray(labels, dtype=np.int64)
     images.flags.writeable = targets.flags.writeable = False  # one cached copy per process: keep it intact
     return images, targets
-
-
-def load_ood_set() -> tuple[np.ndarray, np.ndarray]:
-    """uint8 (N, 28, 28) MNIST-like fields, as predict feeds the model, and int64 (N,) labels."""
-    return _build()
 
 
 def ood_accuracy(predict_log_probs_fn: Callable[[torch.Tensor], torch.Tensor]) -> float:

@@ -27,18 +27,7 @@ from mnist_cnn.config import Params
 from mnist_cnn.core.model import Net
 from mnist_cnn.files import save_tensors
 from mnist_cnn.paths import MODEL_PATH, REFUSAL_STATS
-from mnist_cnn.registry.gate import (
-    ACCURACY_TAG,
-    CHALLENGER,
-    CHAMPION,
-    GATE_METRICS,
-    GATE_TAG,
-    SUBSET_TAG,
-    Candidate,
-    Choice,
-    candidates,
-    choose,
-)
+from mnist_cnn.registry import gate
 from mnist_cnn.serving import served
 from mnist_cnn.tracking import store
 from mnist_cnn.tracking.store import REGISTERED_MODEL, retried
@@ -133,9 +122,9 @@ def version_tags(
     if data_digest:
         tags["data.digest"] = data_digest
     if params.data.subset > 0:
-        tags[SUBSET_TAG] = str(params.data.subset)
-    tags.update({m: repr(float(value)) for m, value in metrics.items() if m != ACCURACY_TAG})
-    tags[ACCURACY_TAG] = repr(float(metrics[ACCURACY_TAG]))
+        tags[gate.SUBSET_TAG] = str(params.data.subset)
+    tags.update({m: repr(float(value)) for m, value in metrics.items() if m != gate.ACCURACY_TAG})
+    tags[gate.ACCURACY_TAG] = repr(float(metrics[gate.ACCURACY_TAG]))
     return tags
 
 
@@ -153,8 +142,8 @@ def _alias(client: MlflowClient, name: str, alias: str) -> str | None:
     return None if version is None else str(version)
 
 
-def _inputs(versions: list[ModelVersion]) -> list[Candidate]:
-    return sorted(candidates(versions), key=lambda c: int(c.version))
+def _inputs(versions: list[ModelVersion]) -> list[gate.Candidate]:
+    return sorted(gate.candidates(versions), key=lambda c: int(c.version))
 
 
 # A write can fail when another promoter writes the same row at the same moment (MLflow's sqlite
@@ -162,20 +151,20 @@ def _inputs(versions: list[ModelVersion]) -> list[Candidate]:
 WRITE_TRIES = 11
 
 
-def _write_round(client: MlflowClient, name: str) -> tuple[list[ModelVersion], Choice]:
+def _write_round(client: MlflowClient, name: str) -> tuple[list[ModelVersion], gate.Choice]:
     """List the versions, and write the `gate` tags and the `champion` alias their fold gives."""
     listing = _versions(client, name)
-    choice = choose(listing)
+    choice = gate.choose(listing)
     for v in listing:
         decision = choice.decisions.get(str(v.version))
-        if decision is not None and v.tags.get(GATE_TAG) != decision:
-            client.set_model_version_tag(name, str(v.version), GATE_TAG, decision)
-    if choice.champion is not None and _alias(client, name, CHAMPION) != choice.champion:
-        client.set_registered_model_alias(name, CHAMPION, choice.champion)
+        if decision is not None and v.tags.get(gate.GATE_TAG) != decision:
+            client.set_model_version_tag(name, str(v.version), gate.GATE_TAG, decision)
+    if choice.champion is not None and _alias(client, name, gate.CHAMPION) != choice.champion:
+        client.set_registered_model_alias(name, gate.CHAMPION, choice.champion)
     return listing, choice
 
 
-def _converge(client: MlflowClient, name: str) -> Choice:
+def _converge(client: MlflowClient, name: str) -> gate.Choice:
     """Write rounds until the listing the fold was computed from is unchanged after the writes
     (docs/registry.md: why this needs no lock)."""
     while True:
@@ -200,22 +189,22 @@ def promote(
     (ood_accuracy, robust_mean_accuracy) are optional, and any other metric is a tag the gate does
     not read. exp_name defaults to $DVC_EXP_NAME, commit to store.git_commit()."""
     version = str(version)
-    if ACCURACY_TAG not in metrics:
-        raise ValueError(f"promote: metrics need '{ACCURACY_TAG}', got {sorted(metrics)}")
-    if not all(math.isfinite(float(metrics[m])) for m in GATE_METRICS if m in metrics):
+    if gate.ACCURACY_TAG not in metrics:
+        raise ValueError(f"promote: metrics need '{gate.ACCURACY_TAG}', got {sorted(metrics)}")
+    if not all(math.isfinite(float(metrics[m])) for m in gate.GATE_METRICS if m in metrics):
         raise ValueError(f"promote: gate metrics must be finite numbers, got {dict(metrics)}")
     exp_name = os.environ.get("DVC_EXP_NAME", "") if exp_name is None else exp_name
     commit = store.git_commit() if commit is None else commit
 
-    previous = _alias(client, name, CHAMPION)
+    previous = _alias(client, name, gate.CHAMPION)
     tags = version_tags(metrics, params, exp_name, commit, data_digest)
     # Re-evaluating a version: drop the optional tags this evaluation does not give.
-    stale = {SUBSET_TAG, "dvc.exp_name", "data.digest", *GATE_METRICS} - set(tags)
+    stale = {gate.SUBSET_TAG, "dvc.exp_name", "data.digest", *gate.GATE_METRICS} - set(tags)
     for key in stale & set(client.get_model_version(name, version).tags):
         retried(lambda key=key: client.delete_model_version_tag(name, version, key), attempts=WRITE_TRIES)
     for key, value in tags.items():
         retried(lambda k=key, v=value: client.set_model_version_tag(name, version, k, v), attempts=WRITE_TRIES)
-    retried(lambda: client.set_registered_model_alias(name, CHALLENGER, version), attempts=WRITE_TRIES)
+    retried(lambda: client.set_registered_model_alias(name, gate.CHALLENGER, version), attempts=WRITE_TRIES)
 
     choice = _converge(client, name)
     return Promotion(version, choice.champion, previous, choice.decisions[version])

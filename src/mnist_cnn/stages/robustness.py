@@ -1,12 +1,10 @@
 """Stage robustness: accuracy under rotation, shift, scale and the MNIST-C corruptions.
 
 params robustness, train.device + data/processed/ + models/model.pt -> metrics/robustness.json
-(flat robust_* accuracies: one per corruption, their mean, the degradation clean - mean, and the
-curves' headline points robust_rotation_20 and robust_shift_4);
-plots/robustness_{rotation,shift,scale}.csv (accuracy per size, with its binomial standard
-error); robustness/ (a grid of one digit under every corruption, the curves figure, and
-corruptions.csv: accuracy, standard error and images per corruption).
-Everything is logged to the pipeline's MLflow run. See docs/robustness.md.
+(robust_*: each corruption, their mean, clean - mean, robust_rotation_20, robust_shift_4),
+plots/robustness_{rotation,shift,scale}.csv (accuracy per size, with its standard error) and
+robustness/ (examples.png, curves.png, corruptions.csv), all logged to the pipeline's MLflow run
+(docs/robustness.md).
 """
 
 from __future__ import annotations

@@ -2,14 +2,11 @@
 
     python -m mnist_cnn.tools.bench [--device cpu|cuda] [--precision fp32|bf16] [--subset N] [--repeats R] [--json]
 
-Both loops run in this process, on the same images, device, network (model.*
-of params.yaml), Adam and batch size, with augmentation as in params.yaml, each
-after a warm-up and timed over R passes (the rate reported is the median):
-- reference: torchvision's MNIST dataset, per-image PIL RandomRotation(10) +
-  RandomAffine(0, translate=(0.1, 0.1)), ToTensor, Normalize, a DataLoader
-  with worker processes (the report's loop);
-- project: the train stage's own code (train.build + train.train_epoch).
-Prints a table, then one JSON line (the last line) for scripts.
+Both loops run in this process on the same images, device, network, Adam and batch size, with
+augmentation as in params.yaml, each warmed up and timed over R passes (the median is reported):
+the reference is torchvision's MNIST dataset with per-image PIL transforms and a DataLoader with
+worker processes (the report's loop); the project's is the train stage's own code
+(core.training). Prints a table, then one JSON line for scripts (docs/speed.md).
 """
 
 from __future__ import annotations

@@ -2,10 +2,8 @@
 
     python -m mnist_cnn.tools.remote [-r NAME]
 
-`dvc pull` from a remote it cannot reach (an unmounted share, a server that is
-down, wrong credentials) reports "missing cache files" and "Checkout failed ...
-Is your cache up to date?", and hides the cause unless run with -v. This check
-asks the remote itself, through DVC's own filesystem for it, and names the
+`dvc pull` from a remote it cannot reach reports missing cache files and hides the cause unless
+run with -v. This asks the remote itself, through DVC's own filesystem for it, and names the
 remote, its URL and the cause. It reads only; exit 0 when the remote answers.
 """
 

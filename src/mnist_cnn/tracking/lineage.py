@@ -1,9 +1,6 @@
-"""Dataset lineage: the data a run trained and was tested on, as MLflow datasets.
-
-The digest is DVC's own hash of data/processed (the md5 of its directory listing, as dvc.lock
-records it), so a run in MLflow and a commit's dvc.lock name the same data, and the registry can
-tag each model version with it. Without a dvc.lock (a stage run by hand) the files are hashed.
-"""
+"""Dataset lineage: the data a run trained and was tested on, as MLflow datasets. Their digest is
+DVC's hash of data/processed as dvc.lock records it, so an MLflow run and a commit's dvc.lock name
+the same data (the files are hashed when there is no dvc.lock, for a stage run by hand)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,6 @@ evaluate and confusion-analysis reopen it, so one `dvc repro` or
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sqlite3
@@ -24,7 +23,7 @@ from filelock import FileLock, Timeout
 from mlflow.exceptions import MlflowException
 
 from mnist_cnn.config import Params, UserError, flat
-from mnist_cnn.files import write_json
+from mnist_cnn.files import read_json, write_json
 from mnist_cnn.paths import RUN_FILE
 
 EXPERIMENT = "mnist-cnn"
@@ -212,10 +211,7 @@ def start_run(params: Params) -> Iterator[mlflow.ActiveRun]:
 @contextmanager
 def reopen_run() -> Iterator[mlflow.ActiveRun]:
     """Reopen the run the train stage created (ended as in `ended_as`)."""
-    try:
-        run_id = json.loads(RUN_FILE.read_text())["run_id"]
-    except (OSError, ValueError, KeyError):
-        raise UserError(f"{RUN_FILE}: missing or unreadable (run the train stage first)") from None
+    run_id = str(read_json(RUN_FILE, "the train stage").get("run_id"))
     setup()
     try:
         run = mlflow.start_run(run_id=run_id)
