@@ -135,7 +135,7 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Captu
 def mnist_model(tmp_path_factory: pytest.TempPathFactory, mnist_net: torch.nn.Module) -> Path:
     """conftest's model trained briefly on real MNIST, as a checkpoint file."""
     path = tmp_path_factory.mktemp("model") / "model.pt"
-    torch.save({"state_dict": mnist_net.state_dict()}, path)
+    torch.save({"state_dict": mnist_net.state_dict(), "arch": mnist_net.arch}, path)
     return path
 
 

@@ -14,7 +14,7 @@ import mlflow
 import numpy as np
 from sklearn.metrics import f1_score
 
-from mnist_cnn.config import load_params, run_stage
+from mnist_cnn.config import UserError, load_params, run_stage
 from mnist_cnn.core.model import load_checkpoint
 from mnist_cnn.data.mnist import load_processed
 from mnist_cnn.files import load_tensors, read_json, write_json
@@ -26,7 +26,10 @@ from mnist_cnn.tracking import lineage, store
 def main() -> None:
     params = load_params()
     metrics = {k: float(v) for p in (EVAL_METRICS, ROBUST_METRICS) for k, v in read_json(p, "dvc repro").items()}
-    truth, predicted = np.loadtxt(CONFUSION_CSV, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2).T
+    try:
+        truth, predicted = np.loadtxt(CONFUSION_CSV, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2).T
+    except (OSError, ValueError):
+        raise UserError(f"{CONFUSION_CSV}: missing or unreadable (run dvc repro first)") from None
     digest = publish.artifacts_digest(MODEL_PATH, REFUSAL_STATS)
     images, labels = load_processed("test")
 
