@@ -36,7 +36,8 @@ NETWORK_FIXTURES = {"real_mnist"}
 # worker, so it is built once: fixture -> its group. The queued scenarios build on each other in one
 # repository. Every other test stays with its module, so module fixtures are built once too.
 SHARED_GROUPS = {
-    **dict.fromkeys(("pipeline_run", "pipeline"), "pipeline"),
+    "pipeline": "pipeline",
+    "rerun": "rerun",
     **dict.fromkeys(("killed_repro", "recovered_repro", "queued_experiments", "applied_preset"), "queued"),
     "server": "server",
     "real_mnist": "real_mnist",
@@ -44,7 +45,7 @@ SHARED_GROUPS = {
 # The groups that take longest, in the order the workers should start them (make test passes
 # --no-loadscope-reorder, so groups are handed out in collection order): a long group started
 # last would run alone at the end.
-LONGEST_FIRST = ("pipeline", "server", "queued", "test_bench", "test_reliability", "real_mnist",
+LONGEST_FIRST = ("queued", "pipeline", "server", "rerun", "test_bench", "test_reliability", "real_mnist",
                  "test_distributed", "test_registry", "test_training", "test_refusal", "test_store",
                  "test_ood")  # fmt: skip
 E2E = Path(__file__).parent / "e2e"

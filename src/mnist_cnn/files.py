@@ -16,8 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from mnist_cnn.config import UserError
 
 
@@ -108,17 +106,21 @@ def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
     plt.close(fig)
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def save_tensors(path: Path, tensors: dict[str, Any]) -> None:
     # Serialised in memory, then written by Python: a failed write (full disk) is then an OSError
     # that atomic_path reports, not torch's "[enforce fail at inline_container.cc] unexpected pos".
+    import torch  # here, not at the top: the download stage writes files without it
+
     buffer = io.BytesIO()
     torch.save(tensors, buffer)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buffer.getbuffer())
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path) -> dict[str, Any]:
     """Load a dict of tensors; weights_only=True refuses pickled code."""
+    import torch
+
     if not path.exists():
         raise UserError(f"{path}: missing (run the earlier stages first: dvc repro)")
     return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,8 +1,5 @@
-"""Every file a stage reads or writes, relative to the repository (the stage's working directory).
-
-One place for them, so that stages share paths without importing each other and dvc.yaml's
-`deps`/`outs` can be checked against one list.
-"""
+"""Every file a stage reads or writes, relative to the repository (the stage's working directory):
+one place for them, so that stages share paths without importing each other."""
 
 from __future__ import annotations
 

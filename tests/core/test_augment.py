@@ -1,4 +1,4 @@
-"""On-device augmentation (src/mnist_cnn/augment.py) against torchvision, on drawn MNIST-shaped digits.
+"""On-device augmentation (src/mnist_cnn/core/augment.py) against torchvision, on drawn MNIST-shaped digits.
 
 Convention: augment.py promises torchvision's RandomRotation(10) then RandomAffine(0, translate=(0.1, 0.1)),
 so a positive angle turns the digit counter-clockwise, like torchvision's `rotate`. torchvision's `affine`

@@ -49,11 +49,6 @@ def raw_params(**top: Any) -> dict[str, Any]:
     return raw
 
 
-def test_repo_default_is_off() -> None:
-    params = validate(raw_params())
-    assert params.augment_scale == 0.0 and params.augment_thickness == 0.0
-
-
 @pytest.mark.parametrize(
     ("top", "expected"),
     [

@@ -1,4 +1,4 @@
-"""Data-parallel training (src/mnist_cnn/distributed.py): shards, checks, and 2 CPU processes under torchrun."""
+"""Data-parallel training (src/mnist_cnn/core/distributed.py): shards, checks, and 2 CPU processes under torchrun."""
 
 from __future__ import annotations
 

@@ -47,15 +47,24 @@ def status_after_appending(repo: Path, module: str) -> dict:
 
 
 @pytest.fixture(scope="session")
-def pipeline_run(tmp_path_factory: pytest.TempPathFactory, synthetic_mnist: Path) -> dict:
-    """A repository through four scenarios, each recorded:
+def pipeline(tmp_path_factory: pytest.TempPathFactory, synthetic_mnist: Path) -> Path:
+    """A repository after `dvc repro` and one ablation experiment, `--temp` (two runs, two versions)."""
+    repo = make_pipeline_repo(tmp_path_factory.mktemp("pipeline"), synthetic_mnist)
+    run(["dvc", "repro"], repo)
+    # --temp runs in a copy under .dvc/tmp/exps/: it must still log into the repo's store.
+    run(["dvc", "exp", "run", "--temp", "-S", "augment=false", "-S", "seed=7"], repo)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def rerun(tmp_path_factory: pytest.TempPathFactory, synthetic_mnist: Path) -> dict:
+    """A repository of its own (beside `pipeline`, so that both build at once) through three scenarios:
     1. `dvc repro` (run 1, version 1), then `dvc status` with one module edited at a time;
     2. the refusal's code changed and committed, `dvc repro` again: the stages after train rerun
        and register publishes version 2 of run 1; the champion's statistics are downloaded;
-    3. `dvc repro -f -s register`: register again with nothing changed;
-    4. one ablation experiment, `dvc exp run --temp` (run 2, version 3).
+    3. `dvc repro -f -s register`: register again with nothing changed.
     Returns the repository and what was seen."""
-    repo = make_pipeline_repo(tmp_path_factory.mktemp("pipeline"), synthetic_mnist)
+    repo = make_pipeline_repo(tmp_path_factory.mktemp("rerun"), synthetic_mnist)
     seen: dict = {"repo": repo}
     run(["dvc", "repro"], repo)
     seen["registered_first"] = json.loads((repo / "models/registered.json").read_text())
@@ -78,19 +87,12 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory, synthetic_mnist: Path
         dst_path=str(tmp_path_factory.mktemp("champion")),
     )
     seen["champion_refusal"] = torch.load(Path(download) / "artifacts/refusal.pt", weights_only=True)
+    seen["superseded_gate_tag"] = client.get_model_version("mnist-cnn", "1").tags.get("gate", "")
 
     seen["register_again_log"] = run(["dvc", "repro", "-f", "-s", "register"], repo).stdout
     seen["registered_again"] = json.loads((repo / "models/registered.json").read_text())
-
-    # --temp runs in a copy under .dvc/tmp/exps/: it must still log into the repo's store.
-    run(["dvc", "exp", "run", "--temp", "-S", "augment=false", "-S", "seed=7"], repo)
+    seen["versions_after_register_again"] = len(client.search_model_versions("name='mnist-cnn'"))
     return seen
-
-
-@pytest.fixture(scope="session")
-def pipeline(pipeline_run: dict) -> Path:
-    """The repository of `pipeline_run`, after its scenarios (two runs, three versions)."""
-    return pipeline_run["repo"]
 
 
 def readme_preset_command() -> list[str]:

@@ -89,15 +89,15 @@ def test_one_mlflow_run_per_execution(pipeline: Path, client: MlflowClient) -> N
 
 
 def test_registry_has_a_version_per_model_that_predicts(pipeline: Path, client: MlflowClient) -> None:
-    versions = sorted(client.search_model_versions("name='mnist-cnn'"), key=lambda v: int(v.version))
+    versions = client.search_model_versions("name='mnist-cnn'")
+    assert len(versions) == 2
     run_ids = {r.info.run_id for r in client.search_runs([client.get_experiment_by_name("mnist-cnn").experiment_id])}
     assert {v.run_id for v in versions} == run_ids
-    # Version 2 is the repro's run again (its refusal was redone, pipeline_run), version 3 the experiment's.
-    assert [v.version for v in versions] == [1, 2, 3] and versions[0].run_id == versions[1].run_id
-    assert versions[0].tags["gate"].startswith("superseded by a later version of run")
     aliases = client.get_registered_model("mnist-cnn").aliases
-    assert str(aliases["challenger"]) == "3"  # always the newest
-    assert str(aliases["champion"]) in {"2", "3"}
+    assert str(aliases["challenger"]) == "2"  # always the newest
+    assert str(aliases["champion"]) in {"1", "2"}
+    registered = json.loads((pipeline / "models/registered.json").read_text())  # the workspace's: dvc repro's
+    assert registered["model"] == "models:/mnist-cnn/1" and registered["new_version"]
     frozen = gc.get_freeze_count()
     model = mlflow.pyfunc.load_model("models:/mnist-cnn@champion")
     # Loading took what was loaded out of the collector's reach (docs/serving.md: the p99 latency).
@@ -110,37 +110,39 @@ def test_registry_has_a_version_per_model_that_predicts(pipeline: Path, client: 
     assert out["reason"][~answered].notna().all() and out["reason"][answered].isna().all()
 
 
-def test_an_edit_reruns_the_stages_that_import_it_and_no_others(pipeline_run: dict) -> None:
+def test_an_edit_reruns_the_stages_that_import_it_and_no_others(rerun: dict) -> None:
     """dvc.yaml's code deps in a real DVC repository: `dvc status` after a one-line edit of a module."""
-    changed = {module: set(status) for module, status in pipeline_run["status_after_edit"].items()}
+    changed = {module: set(status) for module, status in rerun["status_after_edit"].items()}
     assert changed["core/augment.py"] == {"train", "evaluate", "robustness", "register"}
     assert changed["serving/refusal.py"] == {"evaluate", "register"}
     assert changed["registry/gate.py"] == {"register"}
     assert changed["tools/loadtest.py"] == set()  # a tool is no stage's dependency
 
 
-def test_a_refusal_change_reruns_the_stages_after_train_and_the_champion_serves_it(pipeline_run: dict) -> None:
-    repo, log = pipeline_run["repo"], pipeline_run["rerun_log"]
+def test_a_refusal_change_reruns_the_stages_after_train_and_the_champion_serves_it(rerun: dict) -> None:
+    repo, log = rerun["repo"], rerun["rerun_log"]
     for stage in ("evaluate", "register"):
         assert f"Running stage '{stage}'" in log, log
     for stage in ("train", "robustness"):
         assert f"Stage '{stage}' didn't change, skipping" in log, log
-    first, again = pipeline_run["registered_first"], pipeline_run["registered"]
+    first, again = rerun["registered_first"], rerun["registered"]
     assert first["model"] == "models:/mnist-cnn/1" and again["model"] == "models:/mnist-cnn/2"
     assert again["run_id"] == first["run_id"] and again["new_version"]
     # The champion is the run's new version, and serves exactly the workspace's refusal statistics.
-    assert pipeline_run["champion_after_rerun"] == "2"
+    assert rerun["champion_after_rerun"] == "2"
+    assert rerun["superseded_gate_tag"] == f"superseded by a later version of run {first['run_id']}"
     workspace = torch.load(repo / "models/refusal.pt", weights_only=True)
-    served = pipeline_run["champion_refusal"]
+    served = rerun["champion_refusal"]
     assert set(served) == set(workspace)
     assert all(torch.equal(served[key], workspace[key]) for key in workspace)
 
 
-def test_registering_again_with_nothing_changed_makes_no_new_version(pipeline_run: dict) -> None:
-    assert "Running stage 'register'" in pipeline_run["register_again_log"]
-    again = pipeline_run["registered_again"]
-    assert again["model"] == pipeline_run["registered"]["model"] and not again["new_version"]
-    assert again["artifacts_digest"] == pipeline_run["registered"]["artifacts_digest"]
+def test_registering_again_with_nothing_changed_makes_no_new_version(rerun: dict) -> None:
+    assert "Running stage 'register'" in rerun["register_again_log"]
+    again = rerun["registered_again"]
+    assert again["model"] == rerun["registered"]["model"] and not again["new_version"]
+    assert again["artifacts_digest"] == rerun["registered"]["artifacts_digest"]
+    assert rerun["versions_after_register_again"] == 2
 
 
 def test_repro_again_does_nothing(pipeline: Path) -> None:

@@ -1,4 +1,4 @@
-"""predict (src/mnist_cnn/predict.py): MNIST-style preprocessing, errors, and the CLI on drawn digits."""
+"""predict (src/mnist_cnn/serving/predict.py): MNIST-style preprocessing, errors, and the CLI on drawn digits."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Not a digit (src/mnist_cnn/refusal.py, and predict's use of it): refused noise and blank pages,
+"""Not a digit (src/mnist_cnn/serving/refusal.py, and predict's use of it): refused noise and blank pages,
 answered digits, deterministic statistics, calibration helpers."""
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""Reliability, end to end: parallel experiments, kill -9, Ctrl-C / SIGTERM, failed writes, where stages write.
+"""Reliability of the stages: overlapping promotions, Ctrl-C / SIGTERM, failed writes, where stages write.
 
-Every test drives the real stage processes (and the real DVC where it matters) on small synthetic
-data, and checks both what the user sees and what is left on disk and in the MLflow store.
+The tests drive the real stage processes (or a stage's main() in this process) on small synthetic
+data, and check both what the user sees and what is left on disk and in the MLflow store. Parallel
+queued experiments and kill -9 are in e2e/test_queued_pipeline.py.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def no_temp_files(root: Path) -> list[Path]:
     return [p for p in root.rglob("*.tmp") if ".dvc" not in p.parts and "mlruns" not in p.parts]
 
 
-# --- 1. parallel experiments share one sqlite store ----------------------------
+# --- 1. overlapping promotions --------------------------------------------------
 
 
 class SlowChampionReads:
@@ -157,10 +158,7 @@ def test_overlapping_promotions_leave_the_best_model_champion(tmp_path: Path) ->
     assert client.get_registered_model("race").aliases[gate.CHAMPION] == int(better), results
 
 
-# --- 2. kill -9 in the middle of training ---------------------------------------
-
-
-# --- 3. Ctrl-C and SIGTERM -----------------------------------------------------
+# --- 2. Ctrl-C and SIGTERM -----------------------------------------------------
 
 
 @pytest.mark.slow
@@ -204,7 +202,7 @@ def test_interrupted_training_exits_130_and_ends_the_run_killed(
     assert not no_temp_files(work)
 
 
-# --- 4. writes that fail --------------------------------------------------------
+# --- 3. writes that fail --------------------------------------------------------
 # Tests run as root, for whom chmod 0o555 stops nothing. Two failures that do stop root:
 # a file size limit (RLIMIT_FSIZE: write() fails with EFBIG, as it fails with ENOSPC on a full
 # disk) and a regular file where a stage's output directory should be.
@@ -362,7 +360,7 @@ def test_evaluate_refuses_a_tampered_model_in_one_line(
     assert not (work / "metrics").exists()
 
 
-# --- 5. the stages write only inside the working directory ----------------------
+# --- 4. the stages write only inside the working directory ----------------------
 
 
 def snapshot(root: Path, skip: Path) -> dict[Path, tuple[int, int]]:

@@ -12,13 +12,6 @@ from mnist_cnn.config import UserError
 from mnist_cnn.files import load_tensors
 from mnist_cnn.paths import PROCESSED_DIR
 
-# name -> SHA-256 of the uncompressed file (the files LeCun published).
-MNIST_FILES: dict[str, str] = {
-    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-}
 SPLITS = {"train": "train", "test": "t10k"}
 
 IMAGE_SIZE = 28

@@ -6,8 +6,7 @@ from __future__ import annotations
 import sys
 
 from mnist_cnn.config import load_params, run_stage
-from mnist_cnn.data.mnist import MNIST_FILES
-from mnist_cnn.data.sources import download
+from mnist_cnn.data.sources import MNIST_FILES, download
 from mnist_cnn.paths import RAW_DIR
 
 

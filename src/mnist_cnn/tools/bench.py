@@ -31,7 +31,8 @@ from torchvision import datasets, transforms
 from mnist_cnn.config import Params, UserError, load_params, run_stage
 from mnist_cnn.core.model import MNIST_MEAN, MNIST_STD, Net
 from mnist_cnn.core.training import build, pick_device, train_epoch
-from mnist_cnn.data.mnist import MNIST_FILES, load_processed
+from mnist_cnn.data.mnist import load_processed
+from mnist_cnn.data.sources import MNIST_FILES
 from mnist_cnn.paths import RAW_DIR
 
 WARMUP_BATCHES = 30
