@@ -32,25 +32,32 @@ def post(url: str, body: bytes) -> tuple[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def server(pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def repo(rerun: dict) -> Path:
+    """The `rerun` scenarios' repository: its workspace's model is version 2, published again after
+    its refusal changed (the `pipeline` worker has enough to do)."""
+    return rerun["repo"]
+
+
+@pytest.fixture(scope="module")
+def server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
-    uri = f"sqlite:///{pipeline / 'mlruns' / 'mlflow.db'}"
-    registered = json.loads((pipeline / "models/registered.json").read_text())["model"]  # the workspace's model
+    uri = f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
+    registered = json.loads((repo / "models/registered.json").read_text())["model"]  # the workspace's model
     cmd = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", registered, "--env-manager", "local"]
     cmd += ["-h", "127.0.0.1", "-p", str(port)]
     with http_server(cmd, tmp_path_factory.mktemp("serve"), "/ping", port, MLFLOW_TRACKING_URI=uri) as base:
         yield base
 
 
-def test_served_answers_match_the_model(pipeline: Path, server: str) -> None:
-    test = load_tensors(pipeline / "data/processed/test.pt")
+def test_served_answers_match_the_model(repo: Path, server: str) -> None:
+    test = load_tensors(repo / "data/processed/test.pt")
     pixels = test["images"][:32].numpy()  # uint8 (32, 28, 28), as the served model takes them
     status, body = post(f"{server}/invocations", json.dumps({"inputs": pixels.tolist()}).encode())
     assert status == 200, body
     served = body["predictions"]
     assert len(served) == 32 and set(served[0]) == {"digit", "probability", "reason"}
-    mlflow.set_tracking_uri(f"sqlite:///{pipeline / 'mlruns' / 'mlflow.db'}")
-    model = mlflow.pyfunc.load_model(json.loads((pipeline / "models/registered.json").read_text())["model"])
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model(json.loads((repo / "models/registered.json").read_text())["model"])
     assert str(model.metadata.get_input_schema()) == "[Tensor('uint8', (-1, 28, 28))]"
     local = model.predict(pixels)  # the same records in Python
     assert [s["digit"] for s in served] == [r["digit"] for r in local]
@@ -90,9 +97,9 @@ def test_malformed_payload_is_a_4xx_and_server_keeps_serving(server: str) -> Non
 
 
 def test_load_script_against_the_served_model(
-    pipeline: Path, server: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    repo: Path, server: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    monkeypatch.chdir(pipeline)  # the load script posts the test digits of data/processed
+    monkeypatch.chdir(repo)  # the load script posts the test digits of data/processed
     loadtest.main(["--url", f"{server}/invocations", "--clients", "4", "--duration", "2", "--batch", "1,16"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["errors"] == 0, result
