@@ -24,6 +24,8 @@ import psycopg
 import pytest
 import torch
 import yaml
+from mlflow import MlflowClient
+from mlflow.entities import ViewType
 from PIL import Image, ImageDraw, ImageFont
 
 from mnist_cnn.config import Params, run_stage, validate
@@ -124,6 +126,18 @@ def run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[st
     result = subprocess.run(cmd, cwd=cwd, env=tool_env(**env), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
     return result
+
+
+def store_client(repo: Path) -> MlflowClient:
+    """A client of the sqlite store that the stages use in `repo` (store.local_store)."""
+    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+
+
+def all_runs(client: MlflowClient) -> list:
+    """Every run of the experiment `mnist-cnn`, deleted ones too."""
+    experiment = client.get_experiment_by_name("mnist-cnn")
+    assert experiment is not None
+    return client.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL, max_results=1000)
 
 
 def overridden(raw: dict | None = None, **overrides: object) -> dict:

@@ -19,16 +19,11 @@ import mlflow
 import pytest
 import torch
 import yaml
-from mlflow import MlflowClient
 
-from helpers import REPO, make_pipeline_repo, run, tool_env
+from helpers import REPO, make_pipeline_repo, run, store_client, tool_env
 
 # A line whose edit changes models/refusal.pt: the refusal's share of training images it refuses.
 REFUSAL_LINE = "REFUSED_TRAINING = 0.01"
-
-
-def store_client(repo: Path) -> MlflowClient:
-    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
 
 
 def status(repo: Path) -> dict:

@@ -10,21 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from mlflow import MlflowClient
-from mlflow.entities import ViewType
 
-from helpers import run
+from helpers import all_runs, run, store_client
 from mnist_cnn.registry import gate
-
-
-def store(repo: Path) -> MlflowClient:
-    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
-
-
-def all_runs(client: MlflowClient) -> list:
-    experiment = client.get_experiment_by_name("mnist-cnn")
-    assert experiment is not None
-    return client.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL, max_results=1000)
 
 
 def test_kill_9_during_training_leaves_a_running_run_and_no_model(killed_repro: dict) -> None:
@@ -37,7 +25,7 @@ def test_kill_9_during_training_leaves_a_running_run_and_no_model(killed_repro: 
 
 
 def test_repro_after_a_kill_recovers_and_marks_the_dead_run_failed(killed_repro: dict, recovered_repro: dict) -> None:
-    client = store(recovered_repro["repo"])
+    client = store_client(recovered_repro["repo"])
     killed = client.get_run(killed_repro["killed_id"])
     assert killed.info.status == "FAILED"
     assert "ended_by" in killed.data.tags
@@ -57,7 +45,7 @@ def test_parallel_queued_experiments_all_land_in_the_store(killed_repro: dict, q
     assert "database is locked" not in output, output
     assert queued_experiments["queue_status"].count("Success") == 2, queued_experiments["queue_status"]
 
-    client = store(repo)
+    client = store_client(repo)
     everything = all_runs(client)
     # Besides the killed run: the recovered repro and the queue's two (queued-1, the README's preset).
     runs = [r for r in everything if r.info.run_id != killed_repro["killed_id"]]

@@ -24,10 +24,9 @@ import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
-from mlflow.entities import ViewType
 from PIL import Image, ImageDraw
 
-from helpers import REPO, stage_error, tool_env, write_params, write_synthetic_mnist
+from helpers import REPO, all_runs, stage_error, store_client, tool_env, write_params, write_synthetic_mnist
 from mnist_cnn.config import run_stage, validate
 from mnist_cnn.core.model import Net
 from mnist_cnn.registry import gate, publish
@@ -76,17 +75,6 @@ def copy_prepared(prepared: Path, work: Path, small_mnist: Path, **overrides: ob
     shutil.copytree(prepared / "data", work / "data")
     write_params(work, small_mnist, **overrides)
     return work
-
-
-def store(root: Path) -> MlflowClient:
-    """A client of the sqlite store that the stages use in `root` (store.local_store)."""
-    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
-
-
-def all_runs(client: MlflowClient) -> list:
-    experiment = client.get_experiment_by_name("mnist-cnn")
-    assert experiment is not None
-    return client.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL, max_results=1000)
 
 
 def run_id_of(work: Path) -> str:
@@ -194,7 +182,7 @@ def test_interrupted_training_exits_130_and_ends_the_run_killed(
     assert "Traceback" not in text, text
     assert "epoch 1:" in out.read_text()
 
-    run = store(work).get_run(run_id_of(work))
+    run = store_client(work).get_run(run_id_of(work))
     assert run.info.status == "KILLED"
     assert "train_loss" in run.data.metrics  # the epochs that finished stay logged
     assert not (work / "models" / "model.pt").exists()
@@ -281,7 +269,7 @@ def test_a_file_where_an_output_directory_should_be_is_one_error_line(
     assert blocker.read_text() == "not a directory\n"
     assert not no_temp_files(work)
     if in_the_way == "models":  # the run had started: it must not be left RUNNING
-        (run,) = all_runs(store(work))
+        (run,) = all_runs(store_client(work))
         assert run.info.status == "FAILED"
 
 
@@ -296,7 +284,7 @@ def test_a_directory_where_the_model_file_should_be_fails_after_training(
     assert line.startswith("error: cannot write models/model.pt: "), line
     assert (work / "models" / "model.pt" / "keep").read_text() == "x"
     assert not no_temp_files(work)
-    (run,) = all_runs(store(work))
+    (run,) = all_runs(store_client(work))
     assert run.info.status == "FAILED"
 
 
