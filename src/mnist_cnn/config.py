@@ -57,7 +57,9 @@ class TrainParams(_Section):
     lr_schedule: Literal["none", "step", "cosine", "onecycle"] = Field(description="per-batch learning-rate decay")
     weight_decay: float = Field(ge=0, description="decoupled weight decay (AdamW) when > 0")
     device: Literal["auto", "cpu", "cuda"]
-    precision: Literal["fp32", "bf16"] = Field(description="bf16 = autocast + channels_last")
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        description="bf16 = autocast + channels_last; auto = bf16 if native"
+    )
     cuda_graph: bool = Field(description="on CUDA, replay each training step as one captured graph")
     nproc: int = Field(ge=1, description="data-parallel processes under torchrun (DDP); 1 = no torchrun")
     deterministic: bool = Field(description="deterministic algorithms only (matters on CUDA; CPU runs already are)")
@@ -96,7 +98,7 @@ class RobustnessParams(_Section):
     curve_samples: int = Field(ge=1, description="test images per curve point (a fixed random subset)")
     corruption_samples: int = Field(ge=1, description="test images per MNIST-C corruption (all 10,000 by default)")
     corruptions: list[str] = Field(description="MNIST-C corruptions to score; their mean is robust_mean_accuracy")
-    precision: Literal["fp32", "bf16"] = Field(description="inference; bf16 only where the CPU/GPU has it natively")
+    precision: Literal["fp32", "bf16", "auto"] = Field(description="inference; auto = bf16 where it is native")
 
     @field_validator("corruptions")
     @classmethod

@@ -10,6 +10,7 @@ import torch
 
 from helpers import make_params
 from mnist_cnn.config import UserError
+from mnist_cnn.core.train_step import native_bf16, use_bf16
 from mnist_cnn.core.training import build, pick_device, train_epoch
 from mnist_cnn.stages.train import measure_test_set
 
@@ -21,6 +22,10 @@ IMPROVED = {
     "train__lr_schedule": "onecycle",
     "train__weight_decay": 0.01,
 }
+
+
+# bf16 training on a CPU that would emulate it is refused (use_bf16): those tests run where it is native.
+BF16 = pytest.param("bf16", marks=pytest.mark.skipif(not native_bf16(torch.device("cpu")), reason="no native bf16"))
 
 
 @pytest.fixture
@@ -48,7 +53,9 @@ def test_pick_device() -> None:
 
 
 @pytest.mark.parametrize(
-    "options", [{}, IMPROVED, {**IMPROVED, "train__precision": "bf16"}], ids=["report", "improved", "bf16"]
+    "options",
+    [{}, IMPROVED, pytest.param({**IMPROVED, "train__precision": "bf16"}, marks=BF16.marks)],
+    ids=["report", "improved", "bf16"],
 )
 def test_same_seed_gives_bitwise_identical_training_on_cpu(options: dict) -> None:
     images, labels = toy_data(256)
@@ -78,6 +85,7 @@ def test_last_short_batch_is_trained_not_dropped() -> None:
     assert adam_steps == {2}
 
 
+@pytest.mark.skipif(not native_bf16(torch.device("cpu")), reason="no native bf16")
 def test_bf16_is_the_fast_path_and_fp32_the_reports() -> None:
     images, labels = toy_data(64)
     fast = build(make_params(train__device="cpu", train__precision="bf16"), images, labels)
@@ -88,7 +96,7 @@ def test_bf16_is_the_fast_path_and_fp32_the_reports() -> None:
     assert not exact.optimizer.defaults["fused"]  # the report's multi-tensor Adam, bit for bit
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", BF16])
 def test_training_learns(precision: str) -> None:
     images, labels = toy_data(640)
     step = build(make_params(train__device="cpu", train__precision=precision, train__lr=0.003), images, labels)
@@ -136,17 +144,26 @@ def test_a_graphed_step_reads_the_scheduled_rate_from_a_tensor() -> None:
     assert float(rate) == pytest.approx(0.007)
 
 
-def test_bf16_warns_on_an_x86_cpu_without_native_bfloat16(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    images, labels = toy_data(64)
+def test_auto_picks_bf16_only_where_native_and_emulated_bf16_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    for native, precision in [(True, "bf16"), (False, "bf16"), (False, "fp32")]:
+    for native in (True, False):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
-        build(make_params(train__device="cpu", train__precision=precision), images, labels)
-        warned = "warning: train.precision bf16: this CPU has no native bfloat16" in capsys.readouterr().err
-        assert warned == (precision == "bf16" and not native)
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+        assert use_bf16("auto", cpu, "train.precision") is native
+        assert use_bf16("fp32", cpu, "train.precision") is False
+        if native:
+            assert use_bf16("bf16", cpu, "train.precision") is True
+        else:
+            with pytest.raises(UserError, match=r"^robustness.precision bf16: this CPU \(.+\) has no native bfloat16"):
+                use_bf16("bf16", cpu, "robustness.precision")
+    # ATen limited to AVX2 (as ATEN_CPU_CAPABILITY=avx2 does) emulates bf16 even on a CPU that has it.
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert use_bf16("auto", cpu, "train.precision") is False
+    with pytest.raises(UserError, match=r"use train.precision: auto \(bf16 where native\) or fp32$"):
+        build(make_params(train__device="cpu", train__precision="bf16"), *toy_data(64))
 
 
 def test_a_diverging_loss_stops_training_naming_epoch_and_step() -> None:

@@ -17,6 +17,10 @@ from mnist_cnn.config import UserError
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
 
+# Inference on a CPU runs about twice as fast in batches of 32 as of 1,000: conv2's output for 32
+# images (6.4 MB) stays in the cache (docs/speed.md). The results are the same bytes either way.
+CPU_BATCH = 32
+
 
 class Net(nn.Module):
     """Conv(1->32) ReLU, Conv(32->64) ReLU, MaxPool 2, FC 12544->128 ReLU, FC 128->10, LogSoftmax.
@@ -136,7 +140,7 @@ def predict_log_probs(
     layout = torch.channels_last if bf16 else torch.contiguous_format
     if bf16:
         model.to(memory_format=layout)
-    chunks = []
+    chunks, batch_size = [], min(batch_size, CPU_BATCH) if device.type == "cpu" else batch_size
     for i in range(0, len(images_uint8), batch_size):
         x = normalize(images_uint8[i : i + batch_size].to(device)).contiguous(memory_format=layout)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):

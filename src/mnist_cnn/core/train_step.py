@@ -12,10 +12,12 @@ from __future__ import annotations
 import ctypes
 import platform
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from mnist_cnn.config import UserError
 from mnist_cnn.core.augment import random_affine, random_thickness
 from mnist_cnn.core.model import standardize
 
@@ -167,23 +169,33 @@ def tune_cpu_allocator() -> None:
 
 def native_bf16(device: torch.device) -> bool:
     """Whether the device computes bfloat16 natively: on CUDA, torch's check; on a CPU, oneDNN with
-    AVX512-BF16 or AMX. Elsewhere bf16 is emulated and slower than fp32 (docs/speed.md)."""
+    AVX512-BF16 or AMX, and ATen dispatching above AVX2 (ATEN_CPU_CAPABILITY=avx2 limits it to that).
+    Elsewhere bf16 is emulated and slower than fp32 (docs/speed.md)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     cpu = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return torch.backends.mkldnn.is_available() and cpu
+    avx512 = torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2")
+    return torch.backends.mkldnn.is_available() and cpu and avx512
 
 
-def emulated_bf16_warning() -> str | None:
-    """A warning for bf16 on an x86 CPU without native bfloat16 instructions, else None."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return None  # other architectures: no check here
-    if native_bf16(torch.device("cpu")):
-        return None
-    return (
-        "train.precision bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so it is emulated"
-        " and trains slower than fp32; use train.precision: fp32 here"
-    )
+def use_bf16(precision: str, device: torch.device, key: str) -> bool:
+    """Whether `key` (train.precision, robustness.precision) means bf16 on `device`: auto picks it
+    only where it is native; bf16 where it would be emulated (about 12x slower) is an error."""
+    if precision == "auto":
+        return native_bf16(device)
+    x86 = platform.machine().lower() in ("x86_64", "amd64")  # other CPUs: no check here
+    if precision == "bf16" and device.type == "cpu" and x86 and not native_bf16(device):
+        raise UserError(
+            f"{key} bf16: this CPU ({cpu_name()}) has no native bfloat16 (AVX512-BF16 or AMX), and"
+            f" emulated it runs many times slower than fp32; use {key}: auto (bf16 where native) or fp32"
+        )
+    return precision == "bf16"
+
+
+def cpu_name() -> str:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def make_optimizer(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import random
-import sys
 
 import numpy as np
 import torch
@@ -82,12 +81,9 @@ def build(params: Params, images: torch.Tensor, labels: torch.Tensor) -> TrainSt
     """The report's model and optimizer, wrapped in the step the train stage (and bench) runs."""
     device = images.device
     rank, world = distributed.rank(), distributed.world_size()
-    bf16 = params.train.precision == "bf16"
+    bf16 = train_step.use_bf16(params.train.precision, device, "train.precision")
     if device.type == "cpu":
         train_step.tune_cpu_allocator()
-        warning = train_step.emulated_bf16_warning() if bf16 else None
-        if warning and rank == 0:
-            print(f"warning: {warning}", file=sys.stderr, flush=True)
     generator = seed_everything(params.seed, device)
     shuffle_generator = None
     if world > 1:  # the same shuffle everywhere, a different augmentation stream per rank

@@ -22,7 +22,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from mnist_cnn.config import run_stage
-from mnist_cnn.core.model import accuracy, load_checkpoint, normalize_fields
+from mnist_cnn.core.model import CPU_BATCH, accuracy, load_checkpoint, normalize_fields
 from mnist_cnn.serving.picture import to_mnist
 
 SEED = 20260
@@ -73,8 +73,8 @@ def load_ood_set() -> tuple[np.ndarray, np.ndarray]:
 def ood_accuracy(predict_log_probs_fn: Callable[[torch.Tensor], torch.Tensor]) -> float:
     """Accuracy on the set; the function maps normalised (N, 1, 28, 28) floats to (N, 10) scores."""
     images, labels = load_ood_set()
-    with torch.inference_mode():
-        scores = predict_log_probs_fn(normalize_fields(images))
+    with torch.inference_mode():  # in small batches: see core.model.CPU_BATCH
+        scores = torch.cat([predict_log_probs_fn(x) for x in torch.split(normalize_fields(images), CPU_BATCH)])
     return accuracy(scores, torch.tensor(labels))
 
 

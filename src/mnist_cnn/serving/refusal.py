@@ -21,7 +21,7 @@ from scipy.optimize import minimize_scalar
 from sklearn.covariance import LedoitWolf
 
 from mnist_cnn.core.augment import random_affine
-from mnist_cnn.core.model import MNIST_STD, Net, normalize, normalize_fields, standardize, unstandardize
+from mnist_cnn.core.model import CPU_BATCH, MNIST_STD, Net, normalize, normalize_fields, standardize, unstandardize
 
 REFUSED_TRAINING = 0.01  # of the augmented training images, refused by the two distances together
 INK_QUANTILES = (0.001, 0.999)  # of the augmented training images' ink coverage: the range that is answered
@@ -36,7 +36,7 @@ BLANK = "blank (no ink found: the picture is nearly uniform)"
 
 @torch.inference_mode()
 def features_and_log_probs(
-    net: Net, x: torch.Tensor, batch_size: int = 1000
+    net: Net, x: torch.Tensor, batch_size: int = CPU_BATCH
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """({"conv": (N, 64) averaged feature maps, "logits": (N, 10)}, log-probabilities (N, 10)) of
     normalised images, from one forward pass per batch. No hooks or other state on the net: the

@@ -21,7 +21,7 @@ import torch
 
 from mnist_cnn.config import load_params, run_stage
 from mnist_cnn.core.model import accuracy, load_checkpoint, predict_log_probs
-from mnist_cnn.core.train_step import native_bf16
+from mnist_cnn.core.train_step import use_bf16
 from mnist_cnn.core.training import pick_device
 from mnist_cnn.data.mnist import load_processed
 from mnist_cnn.evalsets import corruptions
@@ -132,9 +132,7 @@ def main() -> None:
     images, labels = load_processed("test")
     device = pick_device(params.train.device)
     model = load_checkpoint(str(MODEL_PATH), device)
-    bf16 = r.precision == "bf16" and native_bf16(device)
-    if r.precision == "bf16" and not bf16:
-        print("robustness: this device has no native bf16; running in fp32")
+    bf16 = use_bf16(r.precision, device, "robustness.precision")
     images, labels = images.squeeze(1).to(device), labels.to(device)
 
     clean = scored(model, images, labels, bf16)

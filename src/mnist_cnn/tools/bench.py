@@ -1,6 +1,6 @@
 """Training throughput: the tutorial-style loop of the report against the train stage's loop.
 
-    python -m mnist_cnn.tools.bench [--device cpu|cuda] [--precision fp32|bf16] [--subset N] [--repeats R] [--json]
+    python -m mnist_cnn.tools.bench [--device cpu|cuda] [--precision fp32|bf16|auto] [--subset N] [--repeats R] [--json]
 
 Both loops run in this process on the same images, device, network, Adam and batch size, with
 augmentation as in params.yaml, each warmed up and timed over R passes (the median is reported):
@@ -30,6 +30,7 @@ from torchvision import datasets, transforms
 
 from mnist_cnn.config import Params, UserError, load_params, run_stage
 from mnist_cnn.core.model import MNIST_MEAN, MNIST_STD, Net
+from mnist_cnn.core.train_step import use_bf16
 from mnist_cnn.core.training import build, pick_device, train_epoch
 from mnist_cnn.data.mnist import load_processed
 from mnist_cnn.data.sources import MNIST_FILES
@@ -110,7 +111,7 @@ def timed(one_pass: Callable[[], int], device: torch.device) -> float:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m mnist_cnn.tools.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: params.yaml")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default=None, help="default: params.yaml")
     parser.add_argument("--subset", type=int, default=6400, help="training images per timed pass")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes of each loop (median)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="reference DataLoader")
@@ -126,17 +127,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.repeats < 1:
         raise UserError("--repeats must be at least 1")
     params = load_params()
+    device = pick_device(args.device)
+    bf16 = use_bf16(args.precision or params.train.precision, device, "--precision")
     train = params.train.model_copy(
         update={
             "device": args.device,
-            "precision": args.precision or params.train.precision,
+            "precision": "bf16" if bf16 else "fp32",
             "cuda_graph": params.train.cuda_graph and not args.no_cuda_graph,
             # The project loop runs 1 + repeats epochs; a one-cycle schedule refuses steps beyond its plan.
             "epochs": max(params.train.epochs, 1 + args.repeats),
         }
     )
     params = params.model_copy(update={"train": train})
-    device = pick_device(train.device)
     if device.type == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
 
