@@ -76,7 +76,7 @@ bench: setup
 
 # The report's ablation with error bars: augment on/off x 5 seeds through DVC's queue
 # (JOBS workers, one sqlite store created first), then the summary in ablation/.
-# E.g. make ablation JOBS=2 ABLATION_ARGS="-S train.precision=bf16" (JOBS > 1 pays only with spare cores or GPUs)
+# E.g. make ablation JOBS=2 ABLATION_ARGS="-S train.precision=auto" (JOBS > 1 pays only with spare cores or GPUs)
 JOBS ?= 1
 ABLATION_ARGS ?=
 ablation: setup

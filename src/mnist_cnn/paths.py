@@ -17,6 +17,7 @@ EVAL_METRICS = Path("metrics/eval.json")  # evaluate
 CONFUSION_CSV = Path("plots/confusion.csv")  # one row per test image (DVC's confusion template)
 REFUSAL_STATS = Path("models/refusal.pt")  # evaluate: the "not a digit" statistics (serving.refusal)
 
+CORRUPTED = Path("data/corrupted.pt")  # corrupt: the test images transformed and corrupted, by name
 ROBUST_METRICS = Path("metrics/robustness.json")  # robustness: flat robust_* accuracies
 ROBUST_CURVES = {  # one CSV per curve, for `dvc plots`
     "rotation": Path("plots/robustness_rotation.csv"),

@@ -123,7 +123,7 @@ def test_a_refusal_change_reruns_the_stages_after_train_and_the_champion_serves_
     repo, log = rerun["repo"], rerun["rerun_log"]
     for stage in ("evaluate", "register"):
         assert f"Running stage '{stage}'" in log, log
-    for stage in ("train", "robustness"):
+    for stage in ("corrupt", "train", "robustness"):
         assert f"Stage '{stage}' didn't change, skipping" in log, log
     first, again = rerun["registered_first"], rerun["registered"]
     assert first["model"] == "models:/mnist-cnn/1" and again["model"] == "models:/mnist-cnn/2"

@@ -86,7 +86,7 @@ def exp_show(repo: Path) -> dict[str, dict[str, str]]:
 def test_experiments_travel_with_exp_push_and_pull(published: dict[str, Path]) -> None:
     alice = published["alice"]
     # --temp: Alice's workspace keeps the committed results the other tests compare against. One more
-    # rotation angle: only the robustness stage runs, the others are restored from the run cache.
+    # rotation angle: only corrupt and robustness run, the others are restored from the run cache.
     run(["dvc", "exp", "run", "--temp", "-n", "more-angles", "-S", "robustness.angles=[0,10,20]"], alice)
     run(["dvc", "exp", "push", "origin", "more-angles"], alice)  # git refs to origin, outputs to the remote
     carol = clone(published, "carol")

@@ -346,6 +346,11 @@ def corrupt(name: str, images: torch.Tensor) -> torch.Tensor:
 SHIFT_DIRECTIONS = {"x": (1, 0), "y": (0, 1), "diagonal": (1, 1)}
 
 
+def both_ways(angles: list[float]) -> list[float]:
+    """The rotation curve's angles: each clockwise and counter-clockwise, 0 once, ascending."""
+    return sorted(set(angles) | {-a for a in angles if a})
+
+
 def curve_point(curve: str, size: float, images: torch.Tensor) -> torch.Tensor:
     """The curve's transformation of the given size. rotation: degrees, counter-clockwise when
     positive; shift_x/_y/_diagonal: whole pixels, each image in its own fixed random direction

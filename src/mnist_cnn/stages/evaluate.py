@@ -15,6 +15,7 @@ from sklearn.metrics import f1_score
 
 from mnist_cnn.config import load_params, run_stage
 from mnist_cnn.core.model import accuracy, load_checkpoint, predict_log_probs
+from mnist_cnn.core.train_step import tune_cpu_allocator
 from mnist_cnn.data.mnist import load_processed
 from mnist_cnn.evalsets import nondigits
 from mnist_cnn.evalsets.ood import ood_accuracy
@@ -26,6 +27,7 @@ from mnist_cnn.tracking import lineage, store
 
 def main() -> None:
     params = load_params()
+    tune_cpu_allocator()  # freed activations stay in the heap (core.train_step)
     images, labels = load_processed("test")
     model = load_checkpoint(str(MODEL_PATH))
     log_probs = predict_log_probs(model, images, params.train.eval_batch_size)
