@@ -45,7 +45,7 @@ SHARED_GROUPS = {
 # The groups that take longest, in the order the workers should start them (make test passes
 # --no-loadscope-reorder, so groups are handed out in collection order): a long group started
 # last would run alone at the end.
-LONGEST_FIRST = ("queued", "pipeline", "server", "rerun", "test_bench", "test_reliability", "real_mnist",
+LONGEST_FIRST = ("queued", "rerun", "pipeline", "server", "test_bench", "test_reliability", "real_mnist",
                  "test_distributed", "test_registry", "test_training", "test_refusal", "test_store",
                  "test_ood")  # fmt: skip
 E2E = Path(__file__).parent / "e2e"

@@ -19,13 +19,13 @@ CACHED_OUTPUTS = ("data/raw", "data/processed", "models/model.pt", "models/mlflo
 
 
 @pytest.fixture(scope="module")
-def published(tmp_path_factory: pytest.TempPathFactory, pipeline: Path) -> dict[str, Path]:
-    """Alice's repository after `dvc repro` (a copy of conftest's `pipeline`, cache and run cache
-    included, so nothing is retrained), pushed: git to a bare origin, outputs to a DVC remote."""
+def published(tmp_path_factory: pytest.TempPathFactory, rerun: dict) -> dict[str, Path]:
+    """Alice's repository after `dvc repro` (a copy of conftest's `rerun` repository, cache and run
+    cache included, so nothing is retrained), pushed: git to a bare origin, outputs to a DVC remote."""
     root = tmp_path_factory.mktemp("sharing")
     origin, remote, alice = root / "origin.git", root / "dvc-remote", root / "alice"
     run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], root)
-    shutil.copytree(pipeline, alice, symlinks=True, ignore=shutil.ignore_patterns("tmp"))  # not .dvc/tmp
+    shutil.copytree(rerun["repo"], alice, symlinks=True, ignore=shutil.ignore_patterns("tmp"))  # not .dvc/tmp
     run(["dvc", "remote", "add", "-d", "shared", str(remote)], alice)
     assert "Data and pipelines are up to date" in run(["dvc", "status"], alice).stdout
     run(["git", "add", "-A"], alice)

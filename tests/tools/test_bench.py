@@ -13,7 +13,7 @@ from helpers import REPO, stage_error, tool_env, write_params, write_synthetic_m
 from mnist_cnn.stages import download, preprocess
 from mnist_cnn.tools import bench
 
-BENCH_ARGS = ["--device", "cpu", "--subset", "2048", "--workers", "1", "--repeats", "1"]
+BENCH_ARGS = ["--device", "cpu", "--subset", "1024", "--workers", "1", "--repeats", "1"]
 
 
 # The README's preset, with fewer epochs than the bench runs passes (a one-cycle schedule
@@ -33,7 +33,7 @@ PRESET = {
 # than the report's model (a third block, BatchNorm, a schedule that plans its own passes).
 @pytest.mark.slow
 def test_bench_prints_table_and_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    data = write_synthetic_mnist(tmp_path / "src", n_train=2200, n_test=100)
+    data = write_synthetic_mnist(tmp_path / "src", n_train=1100, n_test=100)
     write_params(tmp_path, data, **PRESET)
     monkeypatch.chdir(tmp_path)
     download.main()

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import pandas as pd
 import torch
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema, TensorSpec
 
 import mnist_cnn
 from mnist_cnn.config import Params
@@ -33,6 +33,12 @@ from mnist_cnn.tracking import store
 from mnist_cnn.tracking.store import REGISTERED_MODEL, retried
 
 DIGEST_TAG = "artifacts.digest"  # the sha256 of the weights and refusal statistics a version serves
+# Declared, not inferred from an example: inference warns that integer columns cannot hold missing
+# values, and a digit is never missing. The records of served.answers; reason is None when answered.
+SIGNATURE = ModelSignature(
+    inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 28, 28))]),
+    outputs=Schema([ColSpec("long", "digit"), ColSpec("double", "probability"), ColSpec("string", "reason", False)]),
+)
 
 
 def artifacts_digest(*paths: Path) -> str:
@@ -60,7 +66,6 @@ def log_and_register(net: Net, stats: dict[str, torch.Tensor], example: np.ndarr
     """Log the served model (network + refusal statistics, mnist_cnn.serving.served) to the active run
     and register it as a new version; returns (version, MLflow 3 logged-model id)."""
     net = net.cpu()
-    output = pd.DataFrame(served.answers(net, stats, example))  # the records' columns, for the signature
     # The python model's artifacts: the weights and the statistics, as files MLflow copies into the model.
     with tempfile.TemporaryDirectory(prefix="mnist-cnn-model-") as folder:
         checkpoint, statistics = Path(folder) / MODEL_PATH.name, Path(folder) / REFUSAL_STATS.name
@@ -70,7 +75,7 @@ def log_and_register(net: Net, stats: dict[str, torch.Tensor], example: np.ndarr
             name="model",
             python_model=served.ServedModel(),
             artifacts={"checkpoint": str(checkpoint), "refusal": str(statistics)},
-            signature=infer_signature(example, output),
+            signature=SIGNATURE,
             input_example=example,
             # Ship the package with the model so `models:/mnist-cnn/<v>` loads anywhere (and each
             # version loads with the code it was registered with); explicit requirements skip

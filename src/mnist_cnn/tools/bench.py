@@ -36,8 +36,8 @@ from mnist_cnn.data.mnist import load_processed
 from mnist_cnn.data.sources import MNIST_FILES
 from mnist_cnn.paths import RAW_DIR
 
-WARMUP_BATCHES = 30
-MIN_SUBSET = 2048
+WARMUP_BATCHES = 16
+MIN_SUBSET = 1024
 
 
 def sync(device: torch.device) -> None:
