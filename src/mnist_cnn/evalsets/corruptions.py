@@ -82,15 +82,18 @@ def random_signs(n: int, generator: torch.Generator, *shape: int) -> torch.Tenso
 # ---------------------------------------------------------------- helpers
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """skimage.filters.gaussian on (N, 28, 28) floats: truncate 4 sigma, 'nearest' edges, separable."""
+def gaussian_blur(x: torch.Tensor, sigma: float, axes: tuple[int, ...] = (1, 2)) -> torch.Tensor:
+    """skimage.filters.gaussian on (N, 28, 28) floats along `axes` (1: down the columns, 2: along
+    the rows): truncate 4 sigma, 'nearest' edges, one axis after the other."""
     radius = int(4.0 * sigma + 0.5)
     t = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
     k = torch.exp(-(t**2) / (2 * sigma**2))
     k = k / k.sum()
-    y = F.pad(x.unsqueeze(1), (radius, radius, radius, radius), mode="replicate")
-    y = F.conv2d(y, k.view(1, 1, 1, -1))
-    y = F.conv2d(y, k.view(1, 1, -1, 1))
+    y = x.unsqueeze(1)
+    if 2 in axes:
+        y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    if 1 in axes:
+        y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
     return y.squeeze(1)
 
 
@@ -131,7 +134,9 @@ def impulse_noise(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 def glass_blur(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     sigma, delta, iterations = 0.7, 1, 2  # [1]
-    x = torch.floor(gaussian_blur(x, sigma) * 255)  # the paper truncates to uint8 between the steps
+    # The paper's gaussian(..., multichannel=True) reads a 2-D image's last axis as channels, so the
+    # published images are blurred down the columns only (axis 1 here), before and after the swaps.
+    x = torch.floor(gaussian_blur(x, sigma, axes=(1,)) * 255)  # truncated to uint8 between the steps
     n = x.shape[0]
     x = x.reshape(n, SIZE * SIZE)
     positions = [h * SIZE + w for h in range(SIZE - delta, delta, -1) for w in range(SIZE - delta, delta, -1)]
@@ -148,7 +153,7 @@ def glass_blur(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         x.scatter_(1, nb, torch.where(swap[step], a, b))
         x[:, pos : pos + 1] = torch.where(swap[step], b, a)
     x = x.view(n, SIZE, SIZE)
-    return gaussian_blur(x / 255, sigma)
+    return gaussian_blur(x / 255, sigma, axes=(1,))
 
 
 def motion_blur(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

@@ -5,7 +5,9 @@ registry.gate). The register stage is the only caller that writes to the registr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import math
 import os
 import tempfile
@@ -71,25 +73,27 @@ def log_and_register(net: Net, stats: dict[str, torch.Tensor], example: np.ndarr
         checkpoint, statistics = Path(folder) / MODEL_PATH.name, Path(folder) / REFUSAL_STATS.name
         save_tensors(checkpoint, {"state_dict": net.state_dict(), "arch": net.arch})
         save_tensors(statistics, stats)
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=served.ServedModel(),
-            artifacts={"checkpoint": str(checkpoint), "refusal": str(statistics)},
-            signature=SIGNATURE,
-            input_example=example,
-            # Ship the package with the model so `models:/mnist-cnn/<v>` loads anywhere (and each
-            # version loads with the code it was registered with); explicit requirements skip
-            # MLflow's slow dependency inference.
-            code_paths=[str(Path(mnist_cnn.__file__).parent)],
-            pip_requirements=[
-                f"{name}=={metadata.version(name)}"
-                for name in ("torch", "mlflow", "numpy", "pandas", "scipy", "scikit-learn")
-            ],
-            registered_model_name=REGISTERED_MODEL,
-            # log_model copies the run's metrics of its step to the model; at step -1 there are none,
-            # so the model carries only the test metrics the register stage links to it.
-            step=-1,
-        )
+        # Registering prints "Created version ..." to stderr; the register stage prints its own line.
+        with contextlib.redirect_stderr(io.StringIO()):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=Path(served.__file__).with_name("model_code.py"),  # models from code, no pickle
+                artifacts={"checkpoint": str(checkpoint), "refusal": str(statistics)},
+                signature=SIGNATURE,
+                input_example=example,
+                # Ship the package with the model so `models:/mnist-cnn/<v>` loads anywhere (and each
+                # version loads with the code it was registered with); explicit requirements skip
+                # MLflow's slow dependency inference.
+                code_paths=[str(Path(mnist_cnn.__file__).parent)],
+                pip_requirements=[
+                    f"{name}=={metadata.version(name)}"
+                    for name in ("torch", "mlflow", "numpy", "pandas", "scipy", "scikit-learn")
+                ],
+                registered_model_name=REGISTERED_MODEL,
+                # log_model copies the run's metrics of its step to the model; at step -1 there are none,
+                # so the model carries only the test metrics the register stage links to it.
+                step=-1,
+            )
     version = str(info.registered_model_version)
     MlflowClient().set_model_version_tag(REGISTERED_MODEL, version, DIGEST_TAG, digest)
     return version, info.model_id

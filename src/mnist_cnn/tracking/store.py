@@ -7,6 +7,7 @@ evaluate and confusion-analysis reopen it, so one `dvc repro` or
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sqlite3
@@ -25,6 +26,11 @@ from mlflow.exceptions import MlflowException
 from mnist_cnn.config import Params, UserError, flat
 from mnist_cnn.files import read_json, write_json
 from mnist_cnn.paths import RUN_FILE
+
+# A stage prints its own lines: MLflow's INFO notes (system-metrics monitor, input-example
+# validation) and the progress bars of its internal downloads are not among them.
+logging.getLogger("mlflow").setLevel(logging.WARNING)
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 EXPERIMENT = "mnist-cnn"
 REGISTERED_MODEL = "mnist-cnn"
