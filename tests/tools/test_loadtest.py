@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
@@ -101,7 +102,47 @@ def test_no_server_is_one_clear_error() -> None:
         loadtest.main(["--url", url, "--clients", "2", "--duration", "1"])
 
 
-@pytest.mark.parametrize("args", [["--clients", "0"], ["--duration", "0"], ["--duration", "3600"], ["--batch", "1,x"]])
+@pytest.mark.parametrize(
+    "args", [["--clients", "0"], ["--duration", "0"], ["--duration", "3600"], ["--batch", "1,x"], ["--rate", "-1"]]
+)
 def test_bad_arguments_are_refused(args: list[str]) -> None:
     with pytest.raises(UserError):
         loadtest.main(["--url", "http://127.0.0.1:1/", *args])
+
+
+class OneAtATime(BaseHTTPRequestHandler):
+    """A server of fixed capacity: 20 answers a second, one at a time, however many connections."""
+
+    protocol_version = "HTTP/1.1"
+    lock = threading.Lock()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        with self.lock:
+            time.sleep(0.05)
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"[]")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_an_open_loop_counts_the_queueing_a_closed_loop_hides(capsys: pytest.CaptureFixture) -> None:
+    httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), OneAtATime)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/invocations"
+    try:
+        loadtest.main(["--url", url, "--clients", "1", "--duration", "1", "--batch", "1"])
+        closed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        # 40 arrivals a second against a capacity of 20: the last of the second's 40 is answered about
+        # a second after it was due, however few connections are busy.
+        loadtest.main(["--url", url, "--clients", "8", "--duration", "1", "--batch", "1", "--rate", "40"])
+        opened = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    finally:
+        httpd.shutdown()
+    assert closed["rate"] is None and opened["rate"] == 40.0
+    assert opened["requests"] == opened["ok"] == 40  # every scheduled arrival was sent and answered
+    assert closed["p50_ms"] >= 50 and opened["p50_ms"] >= 50
+    assert opened["p99_ms"] > 500 > 3 * closed["p50_ms"]

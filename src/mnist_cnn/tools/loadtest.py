@@ -1,9 +1,12 @@
 """Bounded load on a scoring server (`make serve`): C clients post digits for D seconds.
 
     python -m mnist_cnn.tools.loadtest [--url http://127.0.0.1:5001/invocations] [--clients 50]
-                                       [--duration 20] [--batch 1,16] [--timeout 30]
+                                       [--duration 20] [--batch 1,16] [--timeout 30] [--rate R]
 
-Each client posts back to back on one keep-alive connection, cycling through the --batch sizes,
+Closed loop (the default): each client posts back to back on one keep-alive connection, cycling
+through the --batch sizes. Open loop (--rate R): requests arrive at R per second whatever the
+server does, on up to --clients connections, and each latency runs from the request's scheduled
+time, so the time a request waits once the server saturates counts (a closed loop hides it). Bodies:
 uint8 pixels as the served model takes them (MNIST test digits from data/processed/ when there,
 else random pixels), encoded before the clock starts: the client shares the cores with the server
 it measures, and reports its own CPU time. Loopback targets only; every request has a timeout.
@@ -72,26 +75,41 @@ def payloads(sizes: list[int], variants: int = 8) -> list[bytes]:
 async def client(
     session: aiohttp.ClientSession, url: str, bodies: list[bytes], offset: int, deadline: float, stats: dict
 ) -> None:
-    """Post back to back until the deadline; record each latency and each error."""
+    """Post back to back until the deadline."""
     i = offset
     while time.perf_counter() < deadline:
-        body = bodies[i % len(bodies)]
+        await post(session, url, bodies[i % len(bodies)], time.perf_counter(), stats)
         i += 1
-        start = time.perf_counter()
-        try:
-            async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
-                await response.read()
-                ok = response.status == 200
-                if not ok:
-                    stats["statuses"][response.status] = stats["statuses"].get(response.status, 0) + 1
-        except (aiohttp.ClientError, TimeoutError) as error:
-            ok = False
-            name = type(error).__name__
-            stats["exceptions"][name] = stats["exceptions"].get(name, 0) + 1
-        stats["latencies" if ok else "failed"].append(time.perf_counter() - start)
 
 
-async def load(url: str, clients: int, duration: float, bodies: list[bytes], timeout: float) -> dict:
+async def arrivals(
+    session: aiohttp.ClientSession, url: str, bodies: list[bytes], rate: float, deadline: float, stats: dict
+) -> None:
+    """Open loop: request i is due at start + i / rate and sent then, whether or not earlier ones
+    have been answered (the connector's limit queues them); its latency counts from when it was due."""
+    start, tasks = time.perf_counter(), []
+    while (due := start + len(tasks) / rate) < deadline:
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        tasks.append(asyncio.create_task(post(session, url, bodies[len(tasks) % len(bodies)], due, stats)))
+    await asyncio.gather(*tasks)
+
+
+async def post(session: aiohttp.ClientSession, url: str, body: bytes, start: float, stats: dict) -> None:
+    """One request; its latency from `start`, or an error, into stats."""
+    try:
+        async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
+            await response.read()
+            ok = response.status == 200
+            if not ok:
+                stats["statuses"][response.status] = stats["statuses"].get(response.status, 0) + 1
+    except (aiohttp.ClientError, TimeoutError) as error:
+        ok = False
+        name = type(error).__name__
+        stats["exceptions"][name] = stats["exceptions"].get(name, 0) + 1
+    stats["latencies" if ok else "failed"].append(time.perf_counter() - start)
+
+
+async def load(url: str, clients: int, duration: float, bodies: list[bytes], timeout: float, rate: float) -> dict:
     stats: dict = {"latencies": [], "failed": [], "statuses": {}, "exceptions": {}}
     connector = aiohttp.TCPConnector(limit=clients, force_close=False)  # one kept-alive connection per client
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as session:
@@ -102,7 +120,10 @@ async def load(url: str, clients: int, duration: float, bodies: list[bytes], tim
             raise UserError(f"{url}: no answer ({type(error).__name__}: {error})") from None
         cpu0, wall0 = time.process_time(), time.perf_counter()
         deadline = wall0 + duration
-        await asyncio.gather(*(client(session, url, bodies, k, deadline, stats) for k in range(clients)))
+        if rate:
+            await arrivals(session, url, bodies, rate, deadline, stats)
+        else:
+            await asyncio.gather(*(client(session, url, bodies, k, deadline, stats) for k in range(clients)))
         stats["wall_s"] = time.perf_counter() - wall0
         stats["client_cpu_s"] = time.process_time() - cpu0
     return stats
@@ -137,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", "-d", type=float, default=20.0, help="seconds of load (default 20)")
     parser.add_argument("--batch", default="1,16", help="digits per request, cycled (default 1,16)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds before a request counts as failed")
+    parser.add_argument("--rate", type=float, default=0.0, help="open loop: requests per second (default: closed)")
     args = parser.parse_args(argv)
 
     url = check_loopback(args.url)
@@ -152,8 +174,10 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--batch {args.batch!r}: each size must be 1..1024")
 
     bodies = payloads(sizes)
-    stats = asyncio.run(load(url, args.clients, args.duration, bodies, args.timeout))
-    result = {"url": url, **summary(stats, args.clients, sizes)}
+    if not 0 <= args.rate <= 100_000:
+        raise UserError(f"--rate {args.rate}: must be 0 (closed loop) .. 100000 requests/s")
+    stats = asyncio.run(load(url, args.clients, args.duration, bodies, args.timeout, args.rate))
+    result = {"url": url, "rate": args.rate or None, **summary(stats, args.clients, sizes)}
     print(
         f"{result['clients']} clients, {result['duration_s']} s, batch {args.batch}: {result['requests']} requests, "
         f"{result['requests_per_s']} req/s, p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, "
