@@ -48,6 +48,7 @@ class ModelParams(_Section):
     batchnorm: bool = Field(description="BatchNorm2d after each conv, before its ReLU")
     dropout: float = Field(ge=0, lt=1, description="dropout rate after the pooled features and after fc1; 0 = off")
     depth: Literal[2, 3] = Field(description="2 = the report's two convs; 3 = a third conv block + pool")
+    input_norm: Literal["none", "range"] = Field(description="range: each image stretched to black..white first")
 
 
 class TrainParams(_Section):

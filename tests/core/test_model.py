@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_cnn.core.model import Net, load_model, normalize, predict_log_probs
+from mnist_cnn.core.model import Net, load_model, normalize, predict_log_probs, standardize
 
 
 @pytest.fixture
@@ -266,3 +266,16 @@ def test_predict_puts_the_model_in_eval_mode_and_tracks_no_gradients(net: Net) -
     out = predict_log_probs(net, uint8_images(3), batch_size=2)
     assert not net.training
     assert not out.requires_grad
+
+
+def test_input_norm_range_makes_the_net_blind_to_brightness_and_contrast() -> None:
+    torch.manual_seed(0)
+    net = Net(input_norm="range").eval()
+    pixels = torch.rand(6, 1, 28, 28)
+    pixels[:, :, 0, 0], pixels[:, :, 0, 1] = 0.0, 1.0  # each image spans black..white
+    grey_page = 0.5 + 0.5 * pixels  # a lifted background and half the contrast, as MNIST-C's brightness
+    with torch.inference_mode():
+        torch.testing.assert_close(net(standardize(grey_page)), net(standardize(pixels)), atol=1e-4, rtol=0)
+        assert not torch.allclose(Net().eval()(standardize(grey_page)), Net().eval()(standardize(pixels)))
+    assert "input_norm" not in Net().arch  # the report's checkpoint keeps its bytes
+    assert Net(**net.arch).arch["input_norm"] == "range"  # as load_model rebuilds it from the checkpoint

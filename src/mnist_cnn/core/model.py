@@ -33,11 +33,13 @@ class Net(nn.Module):
     Input: normalised float images (N, 1, 28, 28). Output: log-probabilities (N, 10).
     """
 
-    def __init__(self, batchnorm: bool = False, dropout: float = 0.0, depth: int = 2) -> None:
+    def __init__(self, batchnorm: bool = False, dropout: float = 0.0, depth: int = 2, input_norm: str = "none") -> None:
         super().__init__()
-        if depth not in (2, 3):
-            raise ValueError(f"depth must be 2 or 3, not {depth}")
+        if depth not in (2, 3) or input_norm not in ("none", "range"):
+            raise ValueError(f"depth must be 2 or 3 and input_norm none or range, not {depth}, {input_norm}")
         self.arch = {"batchnorm": batchnorm, "dropout": dropout, "depth": depth}  # saved with the weights
+        if input_norm != "none":  # only then: the report's checkpoint stays byte for byte what it was
+            self.arch["input_norm"] = input_norm
         self.conv1 = nn.Conv2d(1, 32, kernel_size=3, padding=1)
         self.norm1 = nn.BatchNorm2d(32) if batchnorm else nn.Identity()
         self.conv2 = nn.Conv2d(32, 64, kernel_size=3, padding=1)
@@ -61,6 +63,8 @@ class Net(nn.Module):
     def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
         """The last conv block's feature maps (N, 64, H, W), as fc1 reads them (the refusal's
         features: a method, not a hook, so concurrent server threads can share one net)."""
+        if self.arch.get("input_norm") == "range":
+            x = stretched(x)
         x = torch.relu(self.norm1(self.conv1(x)))
         x = self.pool(torch.relu(self.norm2(self.conv2(x))))
         if self.block3 is not None:
@@ -81,6 +85,14 @@ def _channels_last_grad(grad: torch.Tensor) -> torch.Tensor:
     # so their gradient comes back NCHW, and max-pool's backward on a channels_last
     # input with an NCHW gradient is much slower than this one copy (docs/speed.md).
     return grad.contiguous(memory_format=torch.channels_last)
+
+
+def stretched(x: torch.Tensor) -> torch.Tensor:
+    """model.input_norm: range. Each image's pixels mapped linearly so that its darkest is black and its
+    brightest white: a lifted background (a grey page, MNIST-C's brightness) no longer matters."""
+    pixels = unstandardize(x)
+    low, high = pixels.amin((1, 2, 3), keepdim=True), pixels.amax((1, 2, 3), keepdim=True)
+    return standardize((pixels - low) / (high - low).clamp_min(1 / 255))
 
 
 def standardize(pixels: torch.Tensor) -> torch.Tensor:

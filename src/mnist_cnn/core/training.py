@@ -92,7 +92,7 @@ def build(params: Params, images: torch.Tensor, labels: torch.Tensor) -> TrainSt
         generator.manual_seed(params.seed + rank)
     if params.train.deterministic:
         use_deterministic_algorithms()
-    model = Net(params.model.batchnorm, params.model.dropout, params.model.depth).to(device)
+    model = Net(**params.model.model_dump()).to(device)
     optimizer = train_step.make_optimizer(
         model, params.train.lr, params.train.weight_decay, device, params.train.cuda_graph, bf16
     )

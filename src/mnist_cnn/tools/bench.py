@@ -65,7 +65,7 @@ def reference_loop(params: Params, device: torch.device, subset: int, workers: i
             persistent_workers=workers > 0,
         )
         torch.manual_seed(params.seed)
-        model = Net(params.model.batchnorm, params.model.dropout, params.model.depth).to(device)
+        model = Net(**params.model.model_dump()).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=params.train.lr)
 
         def one_pass(limit: int | None = None) -> int:
