@@ -48,7 +48,9 @@ class ModelParams(_Section):
     batchnorm: bool = Field(description="BatchNorm2d after each conv, before its ReLU")
     dropout: float = Field(ge=0, lt=1, description="dropout rate after the pooled features and after fc1; 0 = off")
     depth: Literal[2, 3] = Field(description="2 = the report's two convs; 3 = a third conv block + pool")
-    input_norm: Literal["none", "range"] = Field(description="range: each image stretched to black..white first")
+    input_norm: Literal["none", "range", "background"] = Field(
+        description="range: each image stretched to black..white; background: its page subtracted first"
+    )
 
 
 class TrainParams(_Section):

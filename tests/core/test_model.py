@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_cnn.core.model import Net, load_model, normalize, predict_log_probs, standardize
+from mnist_cnn.core.model import Net, load_model, normalize, predict_log_probs, standardize, stretched, unstandardize
 
 
 @pytest.fixture
@@ -279,3 +279,24 @@ def test_input_norm_range_makes_the_net_blind_to_brightness_and_contrast() -> No
         assert not torch.allclose(Net().eval()(standardize(grey_page)), Net().eval()(standardize(pixels)))
     assert "input_norm" not in Net().arch  # the report's checkpoint keeps its bytes
     assert Net(**net.arch).arch["input_norm"] == "range"  # as load_model rebuilds it from the checkpoint
+
+
+def test_input_norm_background_removes_an_uneven_page_and_keeps_the_ink() -> None:
+    stroke = torch.zeros(1, 1, 28, 28)
+    stroke[..., 5:23, 14] = 1.0
+    ramp = torch.linspace(0, 0.6, 28).expand(1, 1, 28, 28)  # a page darker on the left: a shadow, a fog
+    on_page = (stroke + ramp).clamp(max=1)
+    far = torch.ones(28, 28, dtype=torch.bool)
+    far[:, 10:19] = False  # more than 4 pixels from the stroke
+    seen = {
+        mode: unstandardize(stretched(standardize(on_page), background=mode == "background"))[0, 0]
+        for mode in ("range", "background")
+    }
+    assert seen["range"][far].max() > 0.5  # stretching alone keeps the shadow
+    assert seen["background"][far].max() < 0.2  # the page is all but gone (a ramp leaves its slope near the edges)
+    assert seen["background"][5:23, 14].min() > 0.8  # the ink is not
+    # A uniformly lifted page is removed exactly, as by range.
+    net = Net(input_norm="background").eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(net(standardize(0.3 + 0.7 * stroke)), net(standardize(stroke)), atol=1e-4, rtol=0)
+    assert Net(**net.arch).arch["input_norm"] == "background"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mnist_cnn.config import UserError
@@ -20,6 +21,7 @@ MNIST_STD = 0.3081
 # Inference on a CPU runs about twice as fast in batches of 32 as of 1,000: conv2's output for 32
 # images (6.4 MB) stays in the cache (docs/speed.md). The results are the same bytes either way.
 CPU_BATCH = 32
+INPUT_NORMS = ("none", "range", "background")
 
 
 class Net(nn.Module):
@@ -35,8 +37,8 @@ class Net(nn.Module):
 
     def __init__(self, batchnorm: bool = False, dropout: float = 0.0, depth: int = 2, input_norm: str = "none") -> None:
         super().__init__()
-        if depth not in (2, 3) or input_norm not in ("none", "range"):
-            raise ValueError(f"depth must be 2 or 3 and input_norm none or range, not {depth}, {input_norm}")
+        if depth not in (2, 3) or input_norm not in INPUT_NORMS:
+            raise ValueError(f"depth must be 2 or 3 and input_norm one of {INPUT_NORMS}, not {depth}, {input_norm}")
         self.arch = {"batchnorm": batchnorm, "dropout": dropout, "depth": depth}  # saved with the weights
         if input_norm != "none":  # only then: the report's checkpoint stays byte for byte what it was
             self.arch["input_norm"] = input_norm
@@ -63,8 +65,8 @@ class Net(nn.Module):
     def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
         """The last conv block's feature maps (N, 64, H, W), as fc1 reads them (the refusal's
         features: a method, not a hook, so concurrent server threads can share one net)."""
-        if self.arch.get("input_norm") == "range":
-            x = stretched(x)
+        if norm := self.arch.get("input_norm"):
+            x = stretched(x, background=norm == "background")
         x = torch.relu(self.norm1(self.conv1(x)))
         x = self.pool(torch.relu(self.norm2(self.conv2(x))))
         if self.block3 is not None:
@@ -87,10 +89,16 @@ def _channels_last_grad(grad: torch.Tensor) -> torch.Tensor:
     return grad.contiguous(memory_format=torch.channels_last)
 
 
-def stretched(x: torch.Tensor) -> torch.Tensor:
-    """model.input_norm: range. Each image's pixels mapped linearly so that its darkest is black and its
-    brightest white: a lifted background (a grey page, MNIST-C's brightness) no longer matters."""
+def stretched(x: torch.Tensor, background: bool = False) -> torch.Tensor:
+    """model.input_norm. range: each image's pixels mapped linearly so that its darkest is black and its
+    brightest white: a lifted background (a grey page, MNIST-C's brightness) no longer matters.
+    background: first a smooth estimate of the page (a 7x7 minimum, then a 7x7 mean) is subtracted,
+    so an uneven page (a shadow, a gradient, MNIST-C's fog) goes too. A 7x7 window is wider than
+    any MNIST stroke, so the minimum sees the page between strokes, not the ink."""
     pixels = unstandardize(x)
+    if background:
+        page = F.avg_pool2d(-F.max_pool2d(-pixels, 7, 1, 3), 7, 1, 3, count_include_pad=False)
+        pixels = pixels - page
     low, high = pixels.amin((1, 2, 3), keepdim=True), pixels.amax((1, 2, 3), keepdim=True)
     return standardize((pixels - low) / (high - low).clamp_min(1 / 255))
 
