@@ -13,9 +13,7 @@ as its own MLflow run, tagged `mnist_cnn.kind=ablation-summary`.
 from __future__ import annotations
 
 import argparse
-import csv
 import io
-import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,16 +65,14 @@ def fetch_runs(exp_names: list[str], tag: str | None) -> list[Run]:
         filters.append(f"tags.`{key}` = '{value}'")
     runs = mlflow.search_runs([experiment_id], " and ".join(filters), output_format="list", max_results=5000)
     runs = [r for r in runs if KIND_TAG not in r.data.tags]  # not earlier summaries
-    if exp_names:
-        runs = [r for r in runs if r.data.tags.get("dvc.exp_name") in exp_names]
-    return runs
+    return [r for r in runs if not exp_names or r.data.tags.get("dvc.exp_name") in exp_names]
 
 
 def summarise(run: Run, client: mlflow.MlflowClient) -> RunSummary:
-    history = {}
-    for metric in METRICS:
-        points = sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step)
-        history[metric] = [m.value for m in points]
+    history = {
+        metric: [m.value for m in sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step)]
+        for metric in METRICS
+    }
     robust = {k: v for k, v in run.data.metrics.items() if k.startswith("robust_")}
     return RunSummary(run.info.run_id, dict(run.data.params), history, confusions_4_9(run.info.run_id), robust)
 
@@ -87,8 +83,7 @@ def confusions_4_9(run_id: str) -> int | None:
         text = mlflow.artifacts.load_text(f"runs:/{run_id}/reports/confusion_counts.csv")
     except Exception:  # no such artifact (e.g. a run that stopped before confusion-analysis)
         return None
-    rows = list(csv.reader(io.StringIO(text)))[1:]
-    matrix = np.array([[int(v) for v in row[1:]] for row in rows])
+    matrix = np.loadtxt(io.StringIO(text), delimiter=",", skiprows=1, dtype=int)[:, 1:]
     return int(matrix[4, 9] + matrix[9, 4])
 
 
@@ -137,11 +132,6 @@ def paired_difference(on: list[float], off: list[float]) -> dict[str, float] | N
             "p": float(test.pvalue)}  # fmt: skip
 
 
-def paired_augment_difference(runs: list[RunSummary]) -> dict[str, float] | None:
-    """Final test accuracy, augment on minus off, paired by seed (and every other param)."""
-    return paired_difference(*by_augment(runs, lambda r: r.history["test_accuracy"][-1]))
-
-
 def robustness_section(runs: list[RunSummary]) -> list[str]:
     names = sorted({k for r in runs for k in r.robust}, key=_robust_order)
     if not names:
@@ -153,14 +143,12 @@ def robustness_section(runs: list[RunSummary]) -> list[str]:
     ]
     for name in names:
         on, off = by_augment(runs, lambda r, name=name: r.robust.get(name))
-        d = paired_difference(on, off)
-        if d is None:
-            continue
-        lines.append(
-            f"| {name} | {100 * np.mean(on):.2f} ± {100 * np.std(on, ddof=1):.2f} | "
-            f"{100 * np.mean(off):.2f} ± {100 * np.std(off, ddof=1):.2f} | {100 * d['mean']:+.2f} | "
-            f"[{100 * d['low']:+.2f}, {100 * d['high']:+.2f}] | {d['p']:.2g} |"
-        )
+        if (d := paired_difference(on, off)) is not None:
+            lines.append(
+                f"| {name} | {100 * np.mean(on):.2f} ± {100 * np.std(on, ddof=1):.2f} | "
+                f"{100 * np.mean(off):.2f} ± {100 * np.std(off, ddof=1):.2f} | {100 * d['mean']:+.2f} | "
+                f"[{100 * d['low']:+.2f}, {100 * d['high']:+.2f}] | {d['p']:.2g} |"
+            )
     lines += ["", "### Worst augmented run vs best non-augmented run", ""]
     lines += ["| point | worst augmented (%) | best non-augmented (%) | worst on > best off |", "|---|---|---|---|"]
     for name, label in (("robust_rotation_20", "rotation ±20 degrees"), ("robust_shift_4", "shift 4 pixels")):
@@ -219,12 +207,10 @@ def plot_robustness(runs: list[RunSummary], path: Path) -> bool:
     return True
 
 
-def markdown(groups: list[Group], paired: dict[str, float] | None, robust: list[str] | None = None) -> str:
+def markdown(groups: list[Group], paired: dict[str, float] | None, robust: list[str]) -> str:
     lines = ["# Ablation summary", ""]
     for g in groups:
-        acc_mean, acc_std = per_epoch(g, "test_accuracy")
-        loss_mean, loss_std = per_epoch(g, "test_loss")
-        train_mean, train_std = per_epoch(g, "train_loss")
+        (acc_mean, acc_std), (loss_mean, loss_std), (train_mean, train_std) = (per_epoch(g, m) for m in METRICS)
         lines += [
             f"## {g.label} ({len(g.runs)} runs)",
             "",
@@ -246,7 +232,7 @@ def markdown(groups: list[Group], paired: dict[str, float] | None, robust: list[
         )
     else:
         lines.append("No paired augment on/off comparison: needs at least 2 seeds run both ways.")
-    lines += ["", *(robust or [])]
+    lines += ["", *robust]
     return "\n".join(lines) + "\n"
 
 
@@ -269,7 +255,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag", help="only runs with this tag, KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("ablation"), help="output directory")
     args = parser.parse_args(argv)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run is noise here
 
     runs = fetch_runs(args.exp_name, args.tag)
     if not runs:
@@ -277,9 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     client = mlflow.MlflowClient()
     summaries = [summarise(r, client) for r in runs if r.data.metrics.get("test_accuracy") is not None]
     groups = group_runs(summaries)
-    paired = paired_augment_difference(summaries)
+    paired = paired_difference(*by_augment(summaries, lambda r: r.history["test_accuracy"][-1]))
     text = markdown(groups, paired, robustness_section(summaries))
-    args.out.mkdir(parents=True, exist_ok=True)
     write_text(args.out / "ablation.md", text)
     plot(groups, args.out / "ablation.png")
     plot_robustness(summaries, args.out / "ablation_robustness.png")

@@ -16,7 +16,6 @@ import json
 import os
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -179,7 +178,6 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{label:<50}{statistics.median(rates[loop]):>16,.0f}   {passes}")
         print(f"ratio {result['ratio']}x on {result['device_name']}; peak RSS {result['peak_rss_mb']} MB")
     print(json.dumps(result), flush=True)
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":
