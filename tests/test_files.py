@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnist_cnn.files import atomic_path, save_tensors, write_json
+from mnist_cnn.config import UserError
+from mnist_cnn.files import atomic_path, read_predictions, save_tensors, write_json
 
 # --- atomic writes --------------------------------------------------------------
 
@@ -71,3 +72,15 @@ def test_atomic_path_gives_the_usual_file_mode(tmp_path: Path) -> None:
     with atomic_path(tmp_path / "atomic") as tmp:
         tmp.write_text("x")
     assert (tmp_path / "atomic").stat().st_mode == reference.stat().st_mode
+
+
+def test_read_predictions(tmp_path: Path) -> None:
+    path = tmp_path / "confusion.csv"
+    path.write_text("actual,predicted\n4,9\n7,7\n")
+    truth, predicted = read_predictions(path, "evaluate")
+    assert truth.tolist() == [4, 7] and predicted.tolist() == [9, 7]
+    path.write_text("actual,predicted\n4,nine\n")
+    with pytest.raises(UserError, match=r"confusion\.csv: missing or unreadable \(run evaluate first\)"):
+        read_predictions(path, "evaluate")
+    with pytest.raises(UserError, match="evaluate"):
+        read_predictions(tmp_path / "missing.csv", "evaluate")

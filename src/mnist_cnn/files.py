@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mnist_cnn.config import UserError
 
 
@@ -29,19 +31,14 @@ _FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's 0600 is too 
 
 
 def cannot_write(path: Path, error: OSError, refused: str | None = None) -> UserError:
-    """The one-line error for an output that cannot be written (a full or read-only disk, a file
-    where a directory should be): names the output, and the path the OS refused if another one."""
+    """The one-line error for an output that cannot be written, and the path the OS refused if another one."""
     where = f" ({refused})" if refused is not None and Path(refused) != path else ""
     return UserError(f"cannot write {path}: {error.strerror or error}{where}")
 
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; rename it over `path` only on success.
-
-    An OSError creating the directory, writing the temp file or renaming it becomes a UserError
-    naming `path` (see cannot_write): the stage stops with one line, not a traceback.
-    """
+    """Yield a temp path beside `path`; rename it over `path` only on success (an OSError: cannot_write)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -84,6 +81,15 @@ def read_json(path: Path, earlier: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{path}: missing or unreadable (run {earlier} first)")
     return data
+
+
+def read_predictions(path: Path, earlier: str) -> tuple[np.ndarray, np.ndarray]:
+    """The (truth, predicted) columns of evaluate's plots/confusion.csv: one UserError line if unreadable."""
+    try:
+        truth, predicted = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2).T
+    except (OSError, ValueError):
+        raise UserError(f"{path}: missing or unreadable (run {earlier} first)") from None
+    return truth, predicted
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]], digits: int | None = None) -> None:

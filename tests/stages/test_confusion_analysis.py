@@ -5,16 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-from mnist_cnn.config import UserError
 from mnist_cnn.stages.confusion_analysis import (
     most_confused,
     per_class_report,
     plot_confusion,
     plot_curves,
     plot_gallery,
-    read_predictions,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -32,18 +29,6 @@ def test_most_confused_orders_off_diagonal_cells() -> None:
 
 def test_no_confusions_gives_no_pairs() -> None:
     assert most_confused(np.diag([5] * 10), top=5) == []
-
-
-def test_read_predictions(tmp_path: Path) -> None:
-    path = tmp_path / "confusion.csv"
-    path.write_text("actual,predicted\n4,9\n7,7\n")
-    truth, predicted = read_predictions(path)
-    assert truth.tolist() == [4, 7] and predicted.tolist() == [9, 7]
-    path.write_text("actual,predicted\n4,nine\n")
-    with pytest.raises(UserError, match=r"confusion\.csv"):
-        read_predictions(path)
-    with pytest.raises(UserError, match="evaluate"):
-        read_predictions(tmp_path / "missing.csv")
 
 
 def test_figures_are_pngs(tmp_path: Path) -> None:

@@ -21,21 +21,13 @@ from sklearn.metrics import ConfusionMatrixDisplay, classification_report, confu
 
 from mnist_cnn.config import UserError, load_params, run_stage
 from mnist_cnn.data.mnist import load_processed
-from mnist_cnn.files import save_figure, write_json, write_text
+from mnist_cnn.files import read_predictions, save_figure, write_json, write_text
 from mnist_cnn.paths import CLASSIFICATION_REPORT, CONFUSION_CSV, REPORTS_DIR, TRAIN_HISTORY
 from mnist_cnn.tracking import store
 
 TOP_PAIRS = 10
 GALLERY = 40
 CLASSES = [str(d) for d in range(10)]
-
-
-def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        rows = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
-    except (OSError, ValueError) as error:
-        raise UserError(f"{path}: unreadable ({error}); run the evaluate stage first") from None
-    return rows[:, 0], rows[:, 1]
 
 
 def per_class_report(labels: np.ndarray, predicted: np.ndarray) -> dict[str, dict[str, float]]:
@@ -110,7 +102,7 @@ def plot_curves(history_path: Path, path: Path) -> None:
 
 def main() -> None:
     load_params()
-    truth, predicted = read_predictions(CONFUSION_CSV)
+    truth, predicted = read_predictions(CONFUSION_CSV, "the evaluate stage")
     images, _ = load_processed("test")
     if len(images) != len(truth):
         raise UserError(f"{CONFUSION_CSV}: {len(truth)} rows but {len(images)} test images; rerun evaluate")

@@ -11,13 +11,12 @@ gate changed) publishes no new version: it re-tags the one it made before.
 from __future__ import annotations
 
 import mlflow
-import numpy as np
 from sklearn.metrics import f1_score
 
-from mnist_cnn.config import UserError, load_params, run_stage
+from mnist_cnn.config import load_params, run_stage
 from mnist_cnn.core.model import load_checkpoint
 from mnist_cnn.data.mnist import load_processed
-from mnist_cnn.files import load_tensors, read_json, write_json
+from mnist_cnn.files import load_tensors, read_json, read_predictions, write_json
 from mnist_cnn.paths import CONFUSION_CSV, DVC_LOCK, EVAL_METRICS, MODEL_PATH, REFUSAL_STATS, REGISTERED, ROBUST_METRICS
 from mnist_cnn.registry import publish
 from mnist_cnn.tracking import lineage, store
@@ -26,10 +25,7 @@ from mnist_cnn.tracking import lineage, store
 def main() -> None:
     params = load_params()
     metrics = {k: float(v) for p in (EVAL_METRICS, ROBUST_METRICS) for k, v in read_json(p, "dvc repro").items()}
-    try:
-        truth, predicted = np.loadtxt(CONFUSION_CSV, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2).T
-    except (OSError, ValueError):
-        raise UserError(f"{CONFUSION_CSV}: missing or unreadable (run dvc repro first)") from None
+    truth, predicted = read_predictions(CONFUSION_CSV, "dvc repro")
     digest = publish.artifacts_digest(MODEL_PATH, REFUSAL_STATS)
     images, labels = load_processed("test")
 
