@@ -41,12 +41,8 @@ T = TypeVar("T")
 
 
 def store_root() -> Path:
-    """The repository that holds mlruns/.
-
-    DVC sets DVC_ROOT to the repository even when `dvc exp run --temp/--queue`
-    runs the stage in a temporary copy under .dvc/tmp/exps/, so every experiment
-    lands in the one store of the checkout.
-    """
+    """The repository that holds mlruns/: DVC_ROOT names it even when `dvc exp run --temp/--queue` runs the
+    stage in a copy under .dvc/tmp/exps/, so every experiment lands in the one store of the checkout."""
     return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
 
@@ -139,14 +135,14 @@ def retried(
 ) -> T:
     """call(), again after an MlflowException that `when` accepts, up to `attempts` tries in all, each
     pause a little longer (to let the other writer's transaction finish); any other error at once."""
-    for attempt in range(1, attempts + 1):
+    for attempt in range(1, attempts):
         try:
             return call()
         except MlflowException as error:
-            if attempt == attempts or not when(error):
+            if not when(error):
                 raise
             time.sleep(pause_s * attempt)
-    raise AssertionError("unreachable")
+    return call()
 
 
 def git_commit() -> str:
@@ -194,16 +190,9 @@ def start_run(params: Params) -> Iterator[mlflow.ActiveRun]:
     """Create the pipeline's run, log every param, and record its id for the later stages."""
     experiment_id = setup()
     mark_dead_runs_failed(experiment_id)
-    exp_name = os.environ.get("DVC_EXP_NAME", "")
-    commit = git_commit()
-    tags = {
-        "git.commit": commit,
-        "mlflow.source.git.commit": commit,
-        "host": socket.gethostname(),
-        "pid": str(os.getpid()),
-    }
-    if exp_name:
-        tags["dvc.exp_name"] = exp_name
+    exp_name, commit = os.environ.get("DVC_EXP_NAME", ""), git_commit()
+    tags = {"git.commit": commit, "mlflow.source.git.commit": commit, "host": socket.gethostname()}
+    tags |= {"pid": str(os.getpid())} | ({"dvc.exp_name": exp_name} if exp_name else {})
     if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
         mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
     # System metrics cover the train stage, the pipeline's long one (the monitor stops with the run).
