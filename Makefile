@@ -83,8 +83,7 @@ ablation: setup
 	dvc repro preprocess
 	python -c "from mnist_cnn.tracking import store; store.setup()"
 	dvc exp run --queue -S augment=true,false -S seed=0,1,2,3,4 $(ABLATION_ARGS)
-	dvc queue start -j $(JOBS)
-	while dvc queue status | grep -qE 'Queued|Running'; do sleep 15; done
+	python -m mnist_cnn.tools.sweep -j $(JOBS)   # starts workers again if they end with runs queued
 	python -m mnist_cnn.tools.ablation
 
 # The MLflow UI over this checkout's store, on loopback only; it prints the experiment's URL in the
