@@ -25,22 +25,27 @@ from mnist_cnn.files import save_tensors
 from mnist_cnn.registry import gate, publish
 from mnist_cnn.serving import predict, refusal
 
-CLEAN, OOD, ROBUST = gate.GATE_METRICS
+CLEAN, OOD = gate.ACCURACY_TAG, "ood_accuracy"
 EXPERIMENT = "registry-tests"
 M = gate.MARGINS  # tests step in multiples of the margins, so they hold whatever the margins are
 
 
-def metrics(clean: float, ood: float | None = None, robust: float | None = None) -> dict[str, float]:
-    given = {CLEAN: clean, OOD: ood, ROBUST: robust}
-    return {k: v for k, v in given.items() if v is not None}
+def metrics(
+    clean: float, ood: float | None = None, geometric: float | None = None, photometric: float | None = None
+) -> dict[str, float]:
+    """Gate metrics whose group scores are these: each metric of a group at its group's score (None: none of them)."""
+    given = {"clean": clean, "ood": ood, "geometric": geometric, "photometric": photometric}
+    return {m: v for group, v in given.items() if v is not None for m in gate.GROUPS[group]}
 
 
-BASE = metrics(0.9, 0.5, 0.5)
+BASE = metrics(0.9, 0.5, 0.5, 0.5)
+SCORE = gate.scores(BASE)
 
 
-def shifted(clean: float = 0, ood: float = 0, robust: float = 0) -> dict[str, float]:
-    """BASE moved by the given number of margins on each metric."""
-    return metrics(BASE[CLEAN] + clean * M[CLEAN], BASE[OOD] + ood * M[OOD], BASE[ROBUST] + robust * M[ROBUST])
+def shifted(clean: float = 0, ood: float = 0, geometric: float = 0, photometric: float = 0) -> dict[str, float]:
+    """BASE moved by the given number of margins on each group."""
+    moved = {"clean": clean, "ood": ood, "geometric": geometric, "photometric": photometric}
+    return metrics(*(SCORE[g] + n * M[g] for g, n in moved.items()))
 
 
 @pytest.fixture(scope="module")
@@ -98,15 +103,17 @@ def test_champion_follows_the_gate(client: MlflowClient, name: str) -> None:
     full = make_params()
     steps = [  # (metrics, params, champion afterwards, words in the version's gate tag)
         (BASE, full, "1", ["promoted: first eligible version"]),
-        (shifted(clean=2, ood=-2), full, "1", ["kept: ood_accuracy", " < ", "of version 1"]),  # better clean, worse OOD
-        (shifted(clean=2, ood=2), full, "3", ["promoted: test_accuracy", "ood_accuracy", " > ", "of version 1"]),
-        (shifted(clean=2.25, ood=2.25, robust=0.5), full, "3", ["kept: none better than version 3"]),  # within noise
-        (shifted(clean=9, ood=9, robust=9), make_params(data__subset=600), "3", ["kept: trained on a subset of 600"]),
+        (shifted(clean=2, ood=-2), full, "1", ["kept: ood ", " < ", "of version 1"]),  # better clean, worse OOD
+        (shifted(clean=2, ood=2), full, "3", ["promoted: clean ", "; ood ", " > ", "of version 1"]),
+        (shifted(2.25, 2.25, geometric=0.5, photometric=-0.5), full, "3", ["kept: none better than version 3"]),
+        # Far better on photometric, but trading geometric for it beyond the margin: kept.
+        (shifted(2, 2, geometric=-1.5, photometric=4), full, "3", ["kept: geometric ", " < ", "of version 3"]),
+        (shifted(9, 9, 9, 9), make_params(data__subset=600), "3", ["kept: trained on a subset of 600"]),
         (
-            metrics(BASE[CLEAN] + 4 * M[CLEAN]),
+            metrics(SCORE["clean"] + 4 * M["clean"]),
             full,
-            "6",
-            ["promoted: test_accuracy", "ood_accuracy, robust_mean_accuracy unknown"],
+            "7",
+            ["promoted: clean", "geometric, photometric, ood unknown"],
         ),
     ]
     for number, (values, params, champion, words) in enumerate(steps, start=1):
@@ -128,8 +135,9 @@ def test_champion_follows_the_gate(client: MlflowClient, name: str) -> None:
     assert again.decision.startswith("promoted:") and tags["2"] == again.decision
     assert tags["3"].startswith("kept: none better than version 2"), tags["3"]  # +0.5 margin of OOD: within noise
     assert tags["4"].startswith("kept: none better than version 2"), tags["4"]
-    assert aliases(client, name) == {"challenger": "2", "champion": "6"}
-    assert "version 2" in tags["6"]
+    assert tags["5"].startswith("kept: geometric") and tags["5"].endswith("of version 2"), tags["5"]
+    assert aliases(client, name) == {"challenger": "2", "champion": "7"}
+    assert "version 2" in tags["7"]
 
 
 def test_tags_are_the_metrics_commit_experiment_data_and_decision(
@@ -138,13 +146,11 @@ def test_tags_are_the_metrics_commit_experiment_data_and_decision(
     monkeypatch.setenv("DVC_EXP_NAME", "bushy-lobe")
     (version,) = new_versions(client, name, 1)
     params = make_params(data__subset=600)
-    publish.promote(client, version, metrics(0.9912, 0.875, 0.9431), params, name=name, data_digest="sha256:0f0f")
+    given = metrics(0.9912, 0.875, 0.9431, 0.7512)
+    publish.promote(client, version, given, params, name=name, data_digest="sha256:0f0f")
     tags = client.get_model_version(name, version).tags
-    assert set(tags) == {
-        "test_accuracy", "ood_accuracy", "robust_mean_accuracy", "git.commit", "dvc.exp_name", "data.digest",
-        "augment", "subset", "gate",
-    }  # fmt: skip
-    assert [float(tags[m]) for m in gate.GATE_METRICS] == [0.9912, 0.875, 0.9431]
+    assert set(tags) == {*given, "git.commit", "dvc.exp_name", "data.digest", "augment", "subset", "gate"}
+    assert {m: float(tags[m]) for m in given} == given
     assert (tags["git.commit"], tags["dvc.exp_name"], tags["data.digest"]) == ("abc123", "bushy-lobe", "sha256:0f0f")
     assert (tags["augment"], tags["subset"]) == (str(params.augment), "600")
 
@@ -268,12 +274,15 @@ class JitteryClient:
 
 def random_versions(rng: random.Random, count: int) -> list[gate.Candidate]:
     """Metrics a few margins apart and slowly improving, so that the gate keeps some versions and
-    promotes others; one version trained on a subset, one without OOD and robustness numbers."""
+    promotes others; one version trained on a subset, one without OOD and robustness numbers, one
+    without one photometric metric."""
     found = []
     for number in range(1, count + 1):
-        values = shifted(*(rng.uniform(-3, 3) + 0.5 * number for _ in range(3)))
+        values = shifted(*(rng.uniform(-3, 3) + 0.5 * number for _ in range(4)))
         if number == 4:
             values = metrics(values[CLEAN])
+        if number == 7:
+            del values["robust_fog"]
         found.append(gate.Candidate(str(number), values, 600 if number == 5 else 0))
     return found
 
