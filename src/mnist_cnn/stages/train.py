@@ -69,21 +69,20 @@ def fit(params: Params) -> list[EpochResult]:
         train_seconds = time.perf_counter() - started
         if not lead:
             continue
-        test_loss, accuracy = measure_test_set(step.net, test_x, test_y, params.train.eval_batch_size)
-        result = EpochResult(epoch, train_loss, test_loss, accuracy, train_seconds)
-        history.append(result)
+        test_loss, test_accuracy = measure_test_set(step.net, test_x, test_y, params.train.eval_batch_size)
+        history.append(EpochResult(epoch, train_loss, test_loss, test_accuracy, train_seconds))
         speed = len(train_x) / train_seconds
         print(
             f"epoch {epoch}: train_loss={train_loss:.4f} test_loss={test_loss:.4f} "
-            f"test_accuracy={accuracy:.2%} (trained in {train_seconds:.1f} s, {speed:,.0f} img/s)",
+            f"test_accuracy={test_accuracy:.2%} (trained in {train_seconds:.1f} s, {speed:,.0f} img/s)",
             flush=True,
         )
         mlflow.log_metrics(
             {
                 "train_loss": train_loss,
                 "test_loss": test_loss,
-                "test_accuracy": accuracy,
-                "epoch_seconds": result.seconds,
+                "test_accuracy": test_accuracy,
+                "epoch_seconds": train_seconds,
                 "lr": float(step.optimizer.param_groups[0]["lr"]),  # the rate the next step will use
             },
             step=epoch,
@@ -97,8 +96,7 @@ def fit(params: Params) -> list[EpochResult]:
 
 def check_parallel(params: Params) -> None:
     """What params cannot know: the process count of a torchrun started by hand (several machines)."""
-    world = distributed.launched_world_size()
-    train = params.train
+    world, train = distributed.launched_world_size(), params.train
     if problem := parallel_problem(train.batch_size, train.cuda_graph, world, f"torchrun's {world} processes"):
         raise UserError(problem)
 
@@ -115,17 +113,10 @@ def main() -> None:
         with store.start_run(params):
             mlflow.log_param("world_size", distributed.world_size())
             history = fit(params)
-            last = history[-1]
             train_seconds = sum(r.seconds for r in history)
-            write_json(
-                TRAIN_METRICS,
-                {
-                    # test_* of the last epoch are in the MLflow run and the history; the test
-                    # metrics DVC shows are evaluate's alone (metrics/eval.json).
-                    "train_loss": last.train_loss,
-                    "train_seconds": round(train_seconds, 2),
-                },
-            )
+            # test_* of the last epoch are in the MLflow run and the history; the test metrics DVC shows
+            # are evaluate's alone (metrics/eval.json).
+            write_json(TRAIN_METRICS, {"train_loss": history[-1].train_loss, "train_seconds": round(train_seconds, 2)})
             mlflow.log_metric("train_seconds", train_seconds)
             mlflow.log_artifact(str(TRAIN_HISTORY), artifact_path="plots")
 
