@@ -59,7 +59,5 @@ def load_split(raw_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 def load_processed(split: str, subset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (N, 1, 28, 28) and int64 labels (N,) of a processed split."""
     tensors = load_tensors(PROCESSED_DIR / f"{split}.pt")
-    images, labels = tensors["images"].unsqueeze(1), tensors["labels"]
-    if subset:
-        images, labels = images[:subset], labels[:subset]
-    return images, labels
+    end = subset or None  # 0: all
+    return tensors["images"][:end].unsqueeze(1), tensors["labels"][:end]

@@ -121,8 +121,7 @@ def line_masks(c0: torch.Tensor, r0: torch.Tensor, c1: torch.Tensor, r1: torch.T
 
 def shot_noise(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     c = 3.0  # [severity 5] photon count at full intensity
-    u = torch.poisson((x * c).cpu(), generator=g).to(x.device)
-    return u / c
+    return torch.poisson((x * c).cpu(), generator=g).to(x.device) / c
 
 
 def impulse_noise(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

@@ -90,11 +90,11 @@ def load_predictor(model: str) -> Predictor:
     return registry_predictor(model) if is_uri else checkpoint_predictor(model)
 
 
-def save_inputs(directory: Path, names: list[str], fields: np.ndarray) -> None:
+def save_inputs(directory: Path, fields: dict[str, np.ndarray]) -> None:
     """Write each 28x28 input, upscaled, as <stem>.png (stdin as stdin.png; clashes get -2, -3...)."""
     directory.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
-    for name, field in zip(names, fields, strict=True):
+    for name, field in fields.items():
         stem = "stdin" if name == "-" else Path(name).stem
         candidate, n = stem, 1
         while candidate in used:
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
             answers[name] = (None, None, refusal.BLANK)
     if args.show_input is not None:
         try:
-            save_inputs(args.show_input, list(fields), np.stack(list(fields.values())) if fields else np.zeros(0))
+            save_inputs(args.show_input, fields)
         except OSError as error:
             raise UserError(f"--show-input {args.show_input}: cannot write ({error.strerror})") from None
     if fields:

@@ -24,8 +24,7 @@ Record = dict[str, int | float | str | None]
 
 def answers(net: Net, stats: dict[str, torch.Tensor], pixels: np.ndarray) -> list[Record]:
     """The served records for uint8 pixels (N, 28, 28)."""
-    x = normalize_fields(pixels)
-    digits, probabilities, reasons = refusal.answer(net, stats, x)
+    digits, probabilities, reasons = refusal.answer(net, stats, normalize_fields(pixels))
     return [
         {"digit": d, "probability": p, "reason": r}
         for d, p, r in zip(digits.tolist(), probabilities.tolist(), reasons, strict=True)
@@ -36,11 +35,9 @@ class ServedModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.net = load_model(context.artifacts["checkpoint"])
         self.stats = torch.load(context.artifacts["refusal"], map_location="cpu", weights_only=True)
-        # Everything loaded so far (MLflow, FastAPI, torch, pandas: some hundred thousand objects)
-        # is moved out of the garbage collector's reach. A full collection walks them all, and under
-        # load each scoring worker's periodic full collections stalled every request in flight:
-        # they made the p99 latency (docs/serving.md). None of these long-lived objects is garbage;
-        # the requests' own objects are still collected.
+        # Everything loaded so far (MLflow, FastAPI, torch, pandas: long-lived, never garbage) is moved out
+        # of the garbage collector's reach: a full collection walks it all and stalls every request in
+        # flight (docs/serving.md). The requests' own objects are still collected.
         gc.collect()
         gc.freeze()
 

@@ -45,20 +45,14 @@ def most_confused(matrix: np.ndarray, top: int) -> list[dict[str, int | float]]:
     """Off-diagonal cells, largest first: how often `true` was taken for `predicted`."""
     off = matrix.copy()
     np.fill_diagonal(off, 0)
-    order = np.argsort(off, axis=None)[::-1][:top]
     pairs = []
-    for flat_index in order:
+    for flat_index in np.argsort(off, axis=None)[::-1][:top]:
         true, predicted = np.unravel_index(flat_index, off.shape)
         if off[true, predicted] == 0:
             break
-        pairs.append(
-            {
-                "true": int(true),
-                "predicted": int(predicted),
-                "count": int(off[true, predicted]),
-                "share_of_true_class": round(float(off[true, predicted] / matrix[true].sum()), 5),
-            }
-        )
+        share = round(float(off[true, predicted] / matrix[true].sum()), 5)
+        pairs.append({"true": int(true), "predicted": int(predicted), "count": int(off[true, predicted]),
+                      "share_of_true_class": share})  # fmt: skip
     return pairs
 
 
@@ -109,7 +103,6 @@ def main() -> None:
     matrix = confusion_matrix(truth, predicted, labels=range(10))
     pairs = most_confused(matrix, TOP_PAIRS)
 
-    REPORTS_DIR.mkdir(exist_ok=True)
     write_json(CLASSIFICATION_REPORT, per_class_report(truth, predicted))
     plot_confusion(matrix, REPORTS_DIR / "confusion_matrix.png")
     lines = ["true\\predicted," + ",".join(map(str, range(10)))]

@@ -160,7 +160,6 @@ def main() -> None:
     write_json(ROBUST_METRICS, {k: round(v, 6) for k, v in metrics.items()})
     for curve, path in ROBUST_CURVES.items():
         write_csv(path, rows[curve], digits=6)
-    ROBUST_DIR.mkdir(exist_ok=True)
     n = len(pick)
     table = [{"corruption": c, "accuracy": a, "se": standard_error(a, n), "images": n} for c, a in scores.items()]
     write_csv(ROBUST_DIR / "corruptions.csv", table, digits=6)

@@ -60,9 +60,7 @@ def setup() -> str:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    artifact_location = None
-    if not uri:
-        uri, artifact_location = local_store()
+    uri, artifact_location = (uri, None) if uri else local_store()
     _check_sqlite(uri)
     mlflow.set_tracking_uri(uri)
     try:
@@ -161,11 +159,8 @@ def ended_as(run: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
     """End the run FINISHED, or KILLED on Ctrl-C / SIGTERM, or FAILED on an error."""
     try:
         yield run
-    except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
-        raise
-    except BaseException:
-        mlflow.end_run("FAILED")
+    except BaseException as error:
+        mlflow.end_run("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
     mlflow.end_run("FINISHED")
 
