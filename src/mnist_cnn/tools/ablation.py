@@ -38,7 +38,6 @@ METRICS = ("test_accuracy", "test_loss", "train_loss")
 
 @dataclass
 class RunSummary:
-    run_id: str
     params: dict[str, str]
     history: dict[str, list[float]]  # metric -> value per epoch (index 0 = epoch 1)
     confusions_4_9: int | None = None
@@ -47,12 +46,8 @@ class RunSummary:
 
 @dataclass
 class Group:
-    key: tuple[tuple[str, str], ...]
-    runs: list[RunSummary] = field(default_factory=list)
-
-    @property
-    def label(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.key) or "all runs"
+    label: str  # the params that vary, e.g. "augment=True"
+    runs: list[RunSummary]
 
 
 def fetch_runs(exp_names: list[str], tag: str | None) -> list[Run]:
@@ -74,7 +69,7 @@ def summarise(run: Run, client: mlflow.MlflowClient) -> RunSummary:
         for metric in METRICS
     }
     robust = {k: v for k, v in run.data.metrics.items() if k.startswith("robust_")}
-    return RunSummary(run.info.run_id, dict(run.data.params), history, confusions_4_9(run.info.run_id), robust)
+    return RunSummary(dict(run.data.params), history, confusions_4_9(run.info.run_id), robust)
 
 
 def confusions_4_9(run_id: str) -> int | None:
@@ -91,11 +86,10 @@ def group_runs(runs: list[RunSummary]) -> list[Group]:
     """Group by the params whose values differ between runs, the seed excepted."""
     keys = sorted({k for r in runs for k in r.params})
     varying = [k for k in keys if k != "seed" and len({r.params.get(k) for r in runs}) > 1]
-    groups: dict[tuple[tuple[str, str], ...], Group] = {}
+    groups: dict[tuple[tuple[str, str], ...], list[RunSummary]] = defaultdict(list)
     for r in runs:
-        key = tuple((k, r.params.get(k, "")) for k in varying)
-        groups.setdefault(key, Group(key)).runs.append(r)
-    return [groups[k] for k in sorted(groups)]
+        groups[tuple((k, r.params.get(k, "")) for k in varying)].append(r)
+    return [Group(", ".join(f"{k}={v}" for k, v in key) or "all runs", groups[key]) for key in sorted(groups)]
 
 
 def per_epoch(group: Group, metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -179,10 +173,10 @@ def _curve_size(name: str, curve: str) -> float:
     return float(tail)
 
 
-def plot_robustness(runs: list[RunSummary], path: Path) -> bool:
+def plot_robustness(runs: list[RunSummary], path: Path) -> None:
     """Each curve for augment on and off, mean ± 1 std over the runs."""
     if not any(r.robust for r in runs):
-        return False
+        return
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.6), sharey=True)
     for ax, curve in zip(axes, CURVES, strict=True):
         for setting, colour in (("True", "tab:blue"), ("False", "tab:orange")):
@@ -204,7 +198,6 @@ def plot_robustness(runs: list[RunSummary], path: Path) -> bool:
     axes[0].set_ylabel("accuracy (%), mean ± std")
     axes[0].legend(fontsize=8)
     save_figure(fig, path)
-    return True
 
 
 def markdown(groups: list[Group], paired: dict[str, float] | None, robust: list[str]) -> str:
