@@ -105,17 +105,13 @@ def save_inputs(directory: Path, fields: dict[str, np.ndarray]) -> None:
         picture.save(directory / f"{candidate}.png")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mnist-cnn-predict", description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPEG file, or - for stdin")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"registry URI or model.pt path ({DEFAULT_MODEL})")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--show-input", type=Path, metavar="DIR", help="write the 28x28 inputs the model saw")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = parser.parse_args(argv)
     if args.images.count("-") > 1:
         raise UserError("'-' (stdin) can be given only once")
     # Every picture is read before the (slow) model load: an unreadable file costs nothing. A blank

@@ -107,7 +107,7 @@ def timed(one_pass: Callable[[], int], device: torch.device) -> float:
     return seen / (time.perf_counter() - started)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mnist_cnn.tools.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default=None, help="default: params.yaml")
@@ -116,11 +116,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="reference DataLoader")
     parser.add_argument("--no-cuda-graph", action="store_true", help="project loop without graph capture")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = parser.parse_args(argv)
     if args.subset < MIN_SUBSET:
         raise UserError(f"--subset must be at least {MIN_SUBSET} (warm-up plus a timed pass)")
     if args.repeats < 1:

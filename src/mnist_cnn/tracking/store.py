@@ -61,10 +61,9 @@ def setup() -> str:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     uri, artifact_location = (uri, None) if uri else local_store()
-    _check_sqlite(uri)
     mlflow.set_tracking_uri(uri)
     try:
-        with _one_at_a_time(uri):  # MLflow creates a new store's tables when it first opens it
+        with _sqlite_opened(uri):  # MLflow creates a new store's tables when it first opens it
             experiment = mlflow.get_experiment_by_name(EXPERIMENT)
         if experiment is not None:
             return experiment.experiment_id
@@ -86,33 +85,18 @@ def ui_url(base: str) -> str:
     return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
-def _sqlite_file(uri: str) -> str | None:
-    """The database file of a sqlite:/// URI, as MLflow reads it (absolute after a 4th '/')."""
-    path = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else ""
-    return path if path and path != ":memory:" else None
-
-
 @contextmanager
-def _one_at_a_time(uri: str, timeout: float = 300) -> Iterator[None]:
-    """For a sqlite store, a lock file beside the database. Two stages that open a new store at once
-    (queued experiments in parallel in a fresh checkout) would both create its tables, and one would
-    fail on a table the other had just made ("table ... already exists")."""
-    path = _sqlite_file(uri)
-    if path is None:
+def _sqlite_opened(uri: str, timeout: float = 300) -> Iterator[None]:
+    """For a sqlite store: create and open the file once, then hold a lock file beside it.
+
+    MLflow retries a database it cannot open for ~100 s (meant for network databases); a local file
+    that cannot be opened fails here at once. Two stages that open a new store at once (queued
+    experiments in parallel in a fresh checkout) would both create its tables, and one would fail on
+    a table the other had just made ("table ... already exists").
+    """
+    path = uri.removeprefix("sqlite:///")  # as MLflow reads it: absolute after a 4th '/'
+    if path == uri or path in ("", ":memory:"):  # no database file
         yield
-        return
-    try:
-        with FileLock(f"{path}.lock", timeout=timeout):
-            yield
-    except Timeout:
-        raise UserError(f"MLflow store {uri}: {path}.lock held by another process for {timeout:.0f} s") from None
-
-
-def _check_sqlite(uri: str) -> None:
-    """Create and open a sqlite store once. MLflow retries a database it cannot open for ~100 s
-    (meant for network databases); a local file that cannot be opened fails here at once."""
-    path = _sqlite_file(uri)
-    if path is None:
         return
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -122,6 +106,11 @@ def _check_sqlite(uri: str) -> None:
         raise UserError(f"MLflow store {uri}: cannot create {error.filename} ({error.strerror})") from None
     except sqlite3.Error as error:
         raise UserError(f"MLflow store {uri}: cannot open {path} ({error})") from None
+    try:
+        with FileLock(f"{path}.lock", timeout=timeout):
+            yield
+    except Timeout:
+        raise UserError(f"MLflow store {uri}: {path}.lock held by another process for {timeout:.0f} s") from None
 
 
 def retried(
