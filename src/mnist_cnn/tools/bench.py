@@ -12,6 +12,7 @@ worker processes (the report's loop); the project's is the train stage's own cod
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -69,9 +70,7 @@ def reference_loop(params: Params, device: torch.device, subset: int, workers: i
 
         def one_pass(limit: int | None = None) -> int:
             seen = 0
-            for i, (x, y) in enumerate(loader):
-                if limit is not None and i >= limit:
-                    break
+            for x, y in itertools.islice(loader, limit):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 loss = F.nll_loss(model(x), y)
                 optimizer.zero_grad()
