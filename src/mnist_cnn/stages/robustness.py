@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt
 import mlflow
 import torch
 
-from mnist_cnn.config import UserError, load_params, run_stage
+from mnist_cnn.config import RobustnessParams, UserError, load_params, run_stage
 from mnist_cnn.core.model import accuracy, load_checkpoint, predict_log_probs
 from mnist_cnn.core.train_step import tune_cpu_allocator, use_bf16
 from mnist_cnn.core.training import pick_device
@@ -42,46 +42,36 @@ def standard_error(p: float, n: int) -> float:
     return math.sqrt(p * (1 - p) / n)
 
 
-def curve_rows(model, sets, labels, params, bf16) -> dict[str, list[dict[str, float]]]:
-    r, n = params.robustness, len(labels)
+def curves(
+    model: torch.nn.Module, sets: dict[str, torch.Tensor], labels: torch.Tensor, r: RobustnessParams, bf16: bool
+) -> tuple[dict[str, list[dict[str, float]]], dict[str, float]]:
+    """The curves' rows (accuracy and its standard error per size, per direction for shifts), and every point
+    as an MLflow-legal metric name: robust_rotation_ccw20 / _cw20, robust_shift_x_4, robust_scale_0.8."""
+    metrics: dict[str, float] = {}
 
-    def score(curve: str, size: float) -> float:
-        return scored(model, image_set(sets, f"{curve} {size:g}"), labels, bf16)
+    def point(curve: str, size: float, name: str) -> tuple[float, float]:
+        metrics[f"robust_{name}"] = acc = scored(model, image_set(sets, f"{curve} {size:g}"), labels, bf16)
+        return acc, standard_error(acc, len(labels))
 
-    rows = {"rotation": [], "shift": [], "scale": []}
+    rows: dict[str, list[dict[str, float]]] = {"rotation": [], "shift": [], "scale": []}
     for a in corruptions.both_ways(r.angles):
-        acc = score("rotation", a)
-        rows["rotation"].append({"degrees": a, "accuracy": acc, "se": standard_error(acc, n)})
+        acc, se = point("rotation", a, f"rotation_{'cw' if a < 0 else 'ccw'}{abs(a):g}")
+        rows["rotation"].append({"degrees": a, "accuracy": acc, "se": se})
     for k in r.shifts:
         row: dict[str, float] = {"pixels": k}
         for direction in corruptions.SHIFT_DIRECTIONS:
-            acc = score(f"shift_{direction}", k)
-            row[direction], row[f"{direction}_se"] = acc, standard_error(acc, n)
+            row[direction], row[f"{direction}_se"] = point(f"shift_{direction}", k, f"shift_{direction}_{k:g}")
         rows["shift"].append(row)
     for s in r.scales:
-        acc = score("scale", s)
-        rows["scale"].append({"factor": s, "accuracy": acc, "se": standard_error(acc, n)})
-    return rows
+        acc, se = point("scale", s, f"scale_{s:g}")
+        rows["scale"].append({"factor": s, "accuracy": acc, "se": se})
+    return rows, metrics
 
 
 def image_set(sets: dict[str, torch.Tensor], key: str) -> torch.Tensor:
     if key not in sets:
         raise UserError(f"{CORRUPTED} has no images for {key!r}: it predates params.yaml (dvc repro corrupt)")
     return sets[key]
-
-
-def curve_metrics(rows: dict[str, list[dict[str, float]]]) -> dict[str, float]:
-    """Every curve point as an MLflow-legal name: robust_rotation_ccw20 / _cw20, robust_shift_x_4, robust_scale_0.8."""
-    out = {}
-    for row in rows["rotation"]:
-        d = row["degrees"]
-        out[f"robust_rotation_{'cw' if d < 0 else 'ccw'}{abs(d):g}"] = row["accuracy"]
-    for row in rows["shift"]:
-        for direction in corruptions.SHIFT_DIRECTIONS:
-            out[f"robust_shift_{direction}_{row['pixels']:g}"] = row[direction]
-    for row in rows["scale"]:
-        out[f"robust_scale_{row['factor']:g}"] = row["accuracy"]
-    return out
 
 
 def headline(rows: dict[str, list[dict[str, float]]], angle: float, pixels: int) -> dict[str, float]:
@@ -145,7 +135,7 @@ def main() -> None:
     images, labels = images.squeeze(1).to(device), labels.to(device)
 
     clean = scored(model, images, labels, bf16)
-    rows = curve_rows(model, sets, labels[sets["curve_pick"]], params, bf16)
+    rows, point_metrics = curves(model, sets, labels[sets["curve_pick"]], r, bf16)
     pick = sets["corruption_pick"]
     scores = {n: scored(model, image_set(sets, n), labels[pick], bf16) for n in r.corruptions}
     mean = sum(scores.values()) / len(scores)
@@ -167,7 +157,7 @@ def main() -> None:
     plot_curves(rows, ROBUST_DIR / "curves.png")
 
     with store.reopen_run():
-        mlflow.log_metrics(metrics | curve_metrics(rows))
+        mlflow.log_metrics(metrics | point_metrics)
         mlflow.set_tag("robustness.bf16", str(bf16))  # a tag: a rerun of this stage alone may change it
         mlflow.log_artifact(str(ROBUST_METRICS), artifact_path="metrics")
         for path in ROBUST_CURVES.values():
