@@ -40,11 +40,8 @@ class SourceError(Exception):
 
 
 class WriteError(Exception):
-    """Writing a file into the output directory failed (full or read-only disk): no source can help."""
-
-    def __init__(self, name: str, error: OSError) -> None:
-        super().__init__(name, error)
-        self.name, self.error = name, error
+    """Writing a file into the output directory failed (full or read-only disk): no source can help.
+    Its args: the file's name, the OSError."""
 
 
 def copy_hashed(src: BinaryIO, dst: Path, expected_sha256: str | None) -> None:
@@ -168,7 +165,8 @@ def download(params: DataParams, out_dir: Path = RAW_DIR) -> str:
                 print(f"download: {label} failed ({error}); trying the next source", file=sys.stderr)
                 continue
             except WriteError as error:
-                raise cannot_write(out_dir / error.name, error.error) from None
+                name, cause = error.args
+                raise cannot_write(out_dir / name, cause) from None
             for name in MNIST_FILES:
                 try:
                     os.replace(staging / name, out_dir / name)

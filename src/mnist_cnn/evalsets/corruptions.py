@@ -151,8 +151,7 @@ def glass_blur(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         a, b = x[:, pos : pos + 1].clone(), x.gather(1, nb)
         x.scatter_(1, nb, torch.where(swap[step], a, b))
         x[:, pos : pos + 1] = torch.where(swap[step], b, a)
-    x = x.view(n, SIZE, SIZE)
-    return gaussian_blur(x / 255, sigma, axes=(1,))
+    return gaussian_blur(x.view(n, SIZE, SIZE) / 255, sigma, axes=(1,))
 
 
 def motion_blur(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

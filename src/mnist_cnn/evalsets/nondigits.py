@@ -35,17 +35,16 @@ def pictures(kind: str, count: int, seed: int = 0) -> Iterator[Image.Image]:
         side = int(rng.integers(28, 201))
         if kind == "noise":
             low = int(rng.choice([0, 0, 100, 180]))
-            yield Image.fromarray(rng.integers(low, 256, size=(side, side), dtype=np.uint8))
+            page = Image.fromarray(rng.integers(low, 256, size=(side, side), dtype=np.uint8))
         elif kind == "blank" and i % 2 == 0:
             paper = int(rng.integers(200, 256))
             faint = rng.integers(0, 24, size=(side, side))
-            yield Image.fromarray(np.clip(paper - faint, 0, 255).astype(np.uint8))
+            page = Image.fromarray(np.clip(paper - faint, 0, 255).astype(np.uint8))
         elif kind == "blank":
             page = Image.new("L", (side, side), 255)
             for _ in range(int(rng.integers(1, 4))):
                 x, y, r = rng.integers(0, side), rng.integers(0, side), rng.integers(1, 3)
                 ImageDraw.Draw(page).ellipse((x - r, y - r, x + r, y + r), fill=int(rng.integers(0, 100)))
-            yield page
         elif kind == "shapes":
             page = Image.new("L", (side, side), int(rng.integers(200, 256)))
             w = side * rng.uniform(0.4, 0.9)
@@ -57,12 +56,11 @@ def pictures(kind: str, count: int, seed: int = 0) -> Iterator[Image.Image]:
                 ImageDraw.Draw(page).polygon([(x0, y0 + h), (x0 + w, y0 + h), (x0 + w / 2, y0)], fill=fill)
             else:
                 getattr(ImageDraw.Draw(page), shape)(box, fill=fill)
-            yield page
         else:
             size = int(rng.integers(24, 121))
             page = Image.new("L", (size * 2, size * 2), 255)
             ImageDraw.Draw(page).text((size // 3, size // 4), LETTERS[i % len(LETTERS)], fill=0, font=_font(size))
-            yield page
+        yield page
 
 
 def prepared(kind: str, count: int, seed: int = 0) -> tuple[np.ndarray, int]:

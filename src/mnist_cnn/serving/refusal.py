@@ -142,9 +142,7 @@ def decide(
         else:
             reasons.append(None)
     refused = torch.tensor([r is not None for r in reasons], dtype=torch.bool)
-    digits = torch.where(refused, -1, digits).numpy()
-    probabilities = torch.where(refused, 0.0, probabilities).numpy()
-    return digits, probabilities, reasons
+    return torch.where(refused, -1, digits).numpy(), torch.where(refused, 0.0, probabilities).numpy(), reasons
 
 
 def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:

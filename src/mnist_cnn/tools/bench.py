@@ -40,11 +40,6 @@ WARMUP_BATCHES = 16
 MIN_SUBSET = 1024
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 @contextmanager
 def reference_loop(params: Params, device: torch.device, subset: int, workers: int) -> Iterator[Callable[[], float]]:
     """The report's loop over `subset` images, warmed up; yields a function that times one pass (images/s)."""
@@ -99,10 +94,12 @@ def project_loop(params: Params, device: torch.device, subset: int) -> Iterator[
 
 
 def timed(one_pass: Callable[[], int], device: torch.device) -> float:
-    sync(device)
+    """Images per second of one pass, from and to an idle GPU."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
     started = time.perf_counter()
     seen = one_pass()
-    sync(device)
+    sync()
     return seen / (time.perf_counter() - started)
 
 
