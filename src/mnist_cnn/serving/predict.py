@@ -3,11 +3,9 @@
     mnist-cnn-predict [--model URI|PATH] [--json] [--show-input DIR] IMAGE...
 
 IMAGE is a PNG/JPEG of any size and either polarity, or `-` for stdin, prepared as MNIST was
-(serving.picture; `--show-input` writes the 28x28 field the model saw). A picture that is not a
-digit is refused (`refused: <reason>`; in JSON `"digit": null` and a `reason`); the others are
-still answered. --model is a registry URI (default models:/mnist-cnn@champion, from
-MLFLOW_TRACKING_URI or this checkout's store) or a models/model.pt path, whose refusal statistics
-(models/refusal.pt) are read from beside it.
+(serving.picture). A picture that is not a digit is refused (`refused: <reason>`; in JSON `"digit":
+null` and a `reason`); the others are still answered. --model is a registry URI (from
+MLFLOW_TRACKING_URI or this checkout's store) or a models/model.pt path, with models/refusal.pt beside it.
 """
 
 from __future__ import annotations

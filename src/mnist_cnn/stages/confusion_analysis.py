@@ -1,9 +1,8 @@
 """Stage confusion-analysis: what the model gets wrong, as pictures and tables.
 
-plots/confusion.csv (evaluate's predictions, in test-set order) + the test images +
-plots/train_history.csv -> reports/: classification_report.json (scikit-learn's per-class report),
-confusion_matrix.png, confusion_counts.csv, confused_pairs.json, misclassified.png and
-training_curves.png, all logged to the pipeline's MLflow run.
+plots/confusion.csv + the test images + plots/train_history.csv -> reports/ (logged to the MLflow
+run): classification_report.json, confusion_matrix.png, confusion_counts.csv, confused_pairs.json,
+misclassified.png and training_curves.png.
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
-"""Stage corrupt: the test images the robustness stage scores, transformed and corrupted once per
-dataset and robustness params; every experiment that changes only the model reuses them from
-DVC's cache.
-
-params robustness (all but precision) + data/processed/ -> data/corrupted.pt: uint8 (N, 28, 28)
-images under "rotation 20", "shift_x 4", "scale 0.8", ... (the curve points, each on the same
-curve_samples test images) and under each MNIST-C corruption's name (corruption_samples images),
-with the test-set indices of both samples ("curve_pick", "corruption_pick").
+"""Stage corrupt: params robustness (all but precision) + data/processed/ -> data/corrupted.pt, the
+test images the robustness stage scores, made once per dataset and robustness params (an experiment
+that changes only the model reuses them from DVC's cache): uint8 (N, 28, 28) images under "rotation
+20", "shift_x 4", "scale 0.8", ... (curve_samples test images) and under each MNIST-C corruption's
+name (corruption_samples images), with the samples' test-set indices ("curve_pick", "corruption_pick").
 """
 
 from __future__ import annotations

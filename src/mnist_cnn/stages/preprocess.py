@@ -1,8 +1,5 @@
-"""Stage preprocess: IDX files -> uint8 image and int64 label tensors, plus statistics.
-
-Outputs in data/processed/: train.pt and test.pt ({"images": (N, 28, 28) uint8,
-"labels": (N,) int64}) and stats.json with counts and the measured pixel mean
-and standard deviation of the training set (the report uses 0.1307 / 0.3081).
+"""Stage preprocess: IDX files -> data/processed/: train.pt and test.pt ({"images": (N, 28, 28) uint8,
+"labels": (N,) int64}) and stats.json (counts, the training set's pixel mean and standard deviation).
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """Stage register: the only stage that writes to the model registry, and the last.
 
-models/model.pt + models/refusal.pt + metrics/eval.json + metrics/robustness.json +
-plots/confusion.csv -> a version of `mnist-cnn` that serves exactly these weights and refusal
-statistics (mnist_cnn.serving.served), tagged with every metric of evaluate and robustness, the
-`challenger` alias on it and `champion` where the gate puts it (registry.gate), and
-models/registered.json naming them. A rerun whose model files are unchanged (a metric or the
-gate changed) publishes no new version: it re-tags the one it made before.
+models/model.pt + models/refusal.pt + metrics/{eval,robustness}.json + plots/confusion.csv -> a
+version of `mnist-cnn` that serves exactly these weights and refusal statistics (serving.served),
+tagged with every metric, `challenger` on it and `champion` where registry.gate puts it, and
+models/registered.json naming them. A rerun with unchanged model files re-tags its earlier version.
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
-"""Stage robustness: accuracy under rotation, shift, scale and the MNIST-C corruptions.
+"""Stage robustness: accuracy under rotation, shift, scale and the MNIST-C corruptions (docs/robustness.md).
 
-params robustness, train.device + data/processed/ + data/corrupted.pt (the corrupt stage's images)
-+ models/model.pt -> metrics/robustness.json
-(robust_*: each corruption, their mean, clean - mean, robust_rotation_20, robust_shift_4),
-plots/robustness_{rotation,shift,scale}.csv (accuracy per size, with its standard error) and
-robustness/ (examples.png, curves.png, corruptions.csv), all logged to the pipeline's MLflow run
-(docs/robustness.md).
+params robustness, train.device + data/processed/ + data/corrupted.pt + models/model.pt ->
+metrics/robustness.json (robust_*: each corruption, their mean, clean - mean, robust_rotation_20,
+robust_shift_4), plots/robustness_{rotation,shift,scale}.csv (accuracy per size, with its standard
+error) and robustness/ (examples.png, curves.png, corruptions.csv), all logged to the MLflow run.
 """
 
 from __future__ import annotations

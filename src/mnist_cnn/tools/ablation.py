@@ -2,12 +2,11 @@
 
     python -m mnist_cnn.tools.ablation [--exp-name NAME ...] [--tag KEY=VALUE] [--out DIR]
 
-Groups the finished runs of the experiment `mnist-cnn` (or those of the named DVC experiments, or
-with a tag) by the params that differ, the seed excepted, and writes DIR/ablation.md (per group
-and epoch the mean ± std of test accuracy and loss and training loss; augment on - off paired by
-seed with a 95% CI and p-value, scipy's paired t-test, for the clean accuracy and every robust_*
-metric; 4/9 confusions), DIR/ablation.png and DIR/ablation_robustness.png. The summary is logged
-as its own MLflow run, tagged `mnist_cnn.kind=ablation-summary`.
+Groups the finished runs of the experiment `mnist-cnn` (or of the named DVC experiments, or with a
+tag) by the params that differ, the seed excepted, and writes DIR/ablation.md (per group and epoch
+the mean ± std of the losses and test accuracy; augment on - off paired by seed, scipy's paired
+t-test, for the accuracy and every robust_* metric; 4/9 confusions), DIR/ablation.png and
+DIR/ablation_robustness.png, logged as an MLflow run tagged `mnist_cnn.kind=ablation-summary`.
 """
 
 from __future__ import annotations

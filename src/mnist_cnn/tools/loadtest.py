@@ -4,14 +4,11 @@
                                        [--duration 20] [--batch 1,16] [--timeout 30] [--rate R]
 
 Closed loop (the default): each client posts back to back on one keep-alive connection, cycling
-through the --batch sizes. Open loop (--rate R): requests arrive at R per second whatever the
-server does, on up to --clients connections, and each latency runs from the request's scheduled
-time, so the time a request waits once the server saturates counts (a closed loop hides it). Bodies:
-uint8 pixels as the served model takes them (MNIST test digits from data/processed/ when there,
-else random pixels), encoded before the clock starts: the client shares the cores with the server
-it measures, and reports its own CPU time. Loopback targets only; every request has a timeout.
-An error is any answer but 200, or a failed or timed-out request. Prints a summary, then one JSON
-line for scripts (docs/serving.md).
+through the --batch sizes. Open loop (--rate R): requests arrive at R per second whatever the server
+does, and each latency runs from the request's scheduled time, so the wait once the server saturates
+counts (a closed loop hides it). Bodies (MNIST test digits from data/processed/, else random pixels)
+are encoded before the clock starts: the client shares the cores with the server it measures, and
+reports its own CPU time. Loopback targets only. Prints a summary, then one JSON line (docs/serving.md).
 """
 
 from __future__ import annotations
