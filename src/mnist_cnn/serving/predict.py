@@ -127,8 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         except OSError as error:
             raise UserError(f"--show-input {args.show_input}: cannot write ({error.strerror})") from None
     if fields:
-        predictor = load_predictor(args.model)
-        digits, probabilities, reasons = predictor(np.stack(list(fields.values())))
+        digits, probabilities, reasons = load_predictor(args.model)(np.stack(list(fields.values())))
         for name, digit, probability, reason in zip(fields, digits, probabilities, reasons, strict=True):
             answers[name] = (None, None, reason) if reason else (int(digit), round(float(probability), 6), None)
     for name in args.images:

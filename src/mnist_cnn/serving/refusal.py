@@ -100,8 +100,7 @@ def fit(net: Net, images: torch.Tensor, labels: torch.Tensor, seed: int) -> dict
     # The training augmentation works on [0, 1] pixels with zero fill, as train_step applies it.
     seen = random_affine(images[pick].float() / 255.0, generator)
     seen_features, seen_log_probs = features_and_log_probs(net, standardize(seen))
-    seen_distances = all_distances(seen_features, stats)
-    thresholds = union_thresholds([seen_distances[k] for k in LAYERS], REFUSED_TRAINING)
+    thresholds = union_thresholds(list(all_distances(seen_features, stats).values()), REFUSED_TRAINING)
     stats |= {f"{k}_threshold": t for k, t in zip(LAYERS, thresholds, strict=True)}
     stats["ink_range"] = torch.quantile(ink_coverage(seen), torch.tensor(INK_QUANTILES))
     stats["temperature"] = torch.tensor(fit_temperature(seen_log_probs, labels[pick]))
@@ -125,7 +124,7 @@ def decide(
 ) -> Answers:
     """answer() for a forward pass already made."""
     probabilities, digits = torch.softmax(log_probs / stats["temperature"], dim=1).max(dim=1)
-    distance = torch.stack([all_distances(features, stats)[k] for k in LAYERS], 1).tolist()
+    distance = torch.stack(list(all_distances(features, stats).values()), 1).tolist()
     thresholds = [stats[f"{k}_threshold"].item() for k in LAYERS]
     span = (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3))) * MNIST_STD
     coverage = ink_coverage(unstandardize(x))

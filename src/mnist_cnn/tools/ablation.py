@@ -156,20 +156,15 @@ def robustness_section(runs: list[RunSummary]) -> list[str]:
 def _robust_order(name: str) -> tuple[int, float, str]:
     """Corruptions and summaries first, then each curve by size."""
     curve = next((c for c in CURVES if name.startswith(f"robust_{c}_")), None)
-    if curve is None:
-        return (0, 0.0, name)
-    return (1 + CURVES.index(curve), _curve_size(name, curve), name)
+    return (0, 0.0, name) if curve is None else (1 + CURVES.index(curve), _curve_size(name, curve), name)
 
 
 CURVES = ("rotation", "shift_x", "shift_y", "shift_diagonal", "scale")
 
 
 def _curve_size(name: str, curve: str) -> float:
-    tail = name.removeprefix(f"robust_{curve}_")
-    if curve == "rotation":  # ccw20 -> +20, cw20 -> -20; the headline "20" (both senses) sorts after
-        sign = -1 if tail.startswith("cw") else 1
-        return sign * float(tail.removeprefix("ccw").removeprefix("cw"))
-    return float(tail)
+    tail = name.removeprefix(f"robust_{curve}_")  # rotation: ccw20 -> +20, cw20 -> -20, the headline 20 -> 20
+    return (-1 if tail.startswith("cw") else 1) * float(tail.removeprefix("ccw").removeprefix("cw"))
 
 
 def plot_robustness(runs: list[RunSummary], path: Path) -> None:
