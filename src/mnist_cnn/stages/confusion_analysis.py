@@ -7,7 +7,6 @@ misclassified.png and training_curves.png.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import matplotlib
@@ -20,7 +19,7 @@ from sklearn.metrics import ConfusionMatrixDisplay, classification_report, confu
 
 from mnist_cnn.config import UserError, load_params, run_stage
 from mnist_cnn.data.mnist import load_processed
-from mnist_cnn.files import read_predictions, save_figure, write_json, write_text
+from mnist_cnn.files import read_predictions, save_figure, write_csv, write_json
 from mnist_cnn.paths import CLASSIFICATION_REPORT, CONFUSION_CSV, REPORTS_DIR, TRAIN_HISTORY
 from mnist_cnn.tracking import store
 
@@ -77,15 +76,14 @@ def plot_gallery(images: np.ndarray, truth: np.ndarray, predicted: np.ndarray, p
 
 
 def plot_curves(history_path: Path, path: Path) -> None:
-    with history_path.open() as f:
-        rows = list(csv.DictReader(f))
-    epochs = [int(r["epoch"]) for r in rows]
+    history = np.genfromtxt(history_path, delimiter=",", names=True, ndmin=1)
+    epochs = history["epoch"].astype(int)
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    loss_ax.plot(epochs, [float(r["train_loss"]) for r in rows], "o-", label="train loss")
-    loss_ax.plot(epochs, [float(r["test_loss"]) for r in rows], "o-", label="test loss")
+    loss_ax.plot(epochs, history["train_loss"], "o-", label="train loss")
+    loss_ax.plot(epochs, history["test_loss"], "o-", label="test loss")
     loss_ax.set(xlabel="epoch", ylabel="NLL loss", title="Loss")
     loss_ax.legend()
-    acc_ax.plot(epochs, [100 * float(r["test_accuracy"]) for r in rows], "o-", color="green")
+    acc_ax.plot(epochs, 100 * history["test_accuracy"], "o-", color="green")
     acc_ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
     for ax in (loss_ax, acc_ax):
         ax.set_xticks(epochs)
@@ -104,9 +102,8 @@ def main() -> None:
 
     write_json(CLASSIFICATION_REPORT, per_class_report(truth, predicted))
     plot_confusion(matrix, REPORTS_DIR / "confusion_matrix.png")
-    lines = ["true\\predicted," + ",".join(map(str, range(10)))]
-    lines += [f"{digit}," + ",".join(map(str, row)) for digit, row in enumerate(matrix)]
-    write_text(REPORTS_DIR / "confusion_counts.csv", "\n".join(lines) + "\n")
+    counts = [{"true\\predicted": digit, **dict(enumerate(row))} for digit, row in enumerate(matrix)]
+    write_csv(REPORTS_DIR / "confusion_counts.csv", counts)
     write_json(REPORTS_DIR / "confused_pairs.json", {"most_confused": pairs})
     plot_gallery(images.squeeze(1).numpy(), truth, predicted, REPORTS_DIR / "misclassified.png")
     plot_curves(TRAIN_HISTORY, REPORTS_DIR / "training_curves.png")

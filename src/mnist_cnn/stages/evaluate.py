@@ -19,7 +19,7 @@ from mnist_cnn.core.train_step import tune_cpu_allocator
 from mnist_cnn.data.mnist import load_processed
 from mnist_cnn.evalsets import nondigits
 from mnist_cnn.evalsets.ood import ood_accuracy
-from mnist_cnn.files import save_tensors, write_json, write_text
+from mnist_cnn.files import save_tensors, write_csv, write_json
 from mnist_cnn.paths import CONFUSION_CSV, EVAL_METRICS, MODEL_PATH, REFUSAL_STATS
 from mnist_cnn.serving import refusal
 from mnist_cnn.tracking import lineage, store
@@ -48,8 +48,7 @@ def main() -> None:
         "test_refused": calibration["refused"],  # test digits refused as "not a digit"
     }
     write_json(EVAL_METRICS, metrics)
-    rows = "".join(f"{t},{p}\n" for t, p in zip(truth, predicted, strict=True))
-    write_text(CONFUSION_CSV, "actual,predicted\n" + rows)
+    write_csv(CONFUSION_CSV, [{"actual": t, "predicted": p} for t, p in zip(truth, predicted, strict=True)])
 
     with store.reopen_run():
         lineage.log_input(lineage.dataset(params, "test", images.numpy(), truth), context="evaluation")
