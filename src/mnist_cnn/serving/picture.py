@@ -48,11 +48,8 @@ def crop_to_ink(pixels: np.ndarray) -> np.ndarray:
 
 
 def thicken(ink: np.ndarray) -> np.ndarray:
-    """Widen strokes that would be thinner than MIN_STROKE once the digit is scaled to FIT px.
-
-    A pen line on a large photo shrinks to a faint sub-pixel trace, unlike MNIST's
-    2-4 px strokes; the stroke width is measured as twice the ink's distance to the paper.
-    """
+    """Widen strokes that would be thinner than MIN_STROKE once the digit is scaled to FIT px (a pen line
+    on a large photo shrinks to a faint sub-pixel trace); a stroke is twice the ink's distance to the paper."""
     mask = ink > 127.5
     stroke = 2 * float(np.percentile(ndimage.distance_transform_edt(mask)[mask], 95))
     # Growing by r on each side makes the scaled stroke (stroke + 2r) * FIT / (side + 2r): solve for MIN_STROKE.

@@ -1,11 +1,10 @@
-"""The registered model: what `mlflow models serve` and `predict --model models:/...` run.
+"""The registered model: the network and its refusal statistics in one MLflow python model, what
+`mlflow models serve` and `predict --model models:/...` run.
 
-The network and its refusal statistics in one MLflow python model. Input: MNIST pixels, uint8
-(N, 28, 28), light ink on black (what predict's preprocessing makes of a picture); over HTTP
-{"inputs": [...]}. Output: one record per image, {"digit": 0-9 or -1 when refused,
-"probability": temperature-calibrated (0 when refused), "reason": None or why it was refused}:
-plain records, which the scoring server writes as they are (a DataFrame costs more to build and
-serialise than the forward pass on one digit). One forward pass serves both the digit and the refusal.
+Input: uint8 MNIST pixels (N, 28, 28), light ink on black (predict's preprocessing of a picture).
+Output: one record per image, {"digit": 0-9 or -1 when refused, "probability": calibrated (0 when
+refused), "reason": None or why it was refused}: plain records, which the scoring server writes as
+they are (a DataFrame costs more to build and serialise than the forward pass on one digit).
 """
 
 from __future__ import annotations

@@ -79,10 +79,9 @@ def dataset(params: Params, split: str, images: np.ndarray, labels: np.ndarray) 
 
 
 def log_input(dataset: mlflow.data.Dataset, context: str) -> None:
-    """mlflow.log_input, again if it lost a race: MLflow's SQL store looks the dataset up and inserts it
-    when missing, so two runs logging the same new dataset at once (two experiments started together
-    against a fresh server) can both insert it, and the second fails on the unique key (experiment,
-    name, digest). The retry finds the row the first one wrote."""
+    """mlflow.log_input, again if it lost a race: two runs logging the same new dataset at once (two
+    experiments started together) can both insert it, and the second fails on the unique key
+    (experiment, name, digest). The retry finds the row the first one wrote."""
     retried(
         lambda: mlflow.log_input(dataset, context=context),
         attempts=2,

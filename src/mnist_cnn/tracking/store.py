@@ -1,8 +1,5 @@
-"""MLflow: where the store is, and the one run that spans a pipeline execution.
-
-The train stage creates the run and writes its id to models/mlflow_run.json;
-evaluate and confusion-analysis reopen it, so one `dvc repro` or
-`dvc exp run` is one MLflow run with every metric, plot and the model.
+"""MLflow: where the store is, and the one run that spans a pipeline execution: the train stage
+creates it and writes its id to models/mlflow_run.json, the later stages reopen it.
 """
 
 from __future__ import annotations
