@@ -48,15 +48,14 @@ def features_and_log_probs(
     return {"conv": torch.cat(conv).float(), "logits": all_logits}, torch.log_softmax(all_logits, dim=1)
 
 
-def distances(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
-    """Mahalanobis distance (N,) of each feature vector to its nearest class mean."""
-    diff = features[:, None, :] - means[None]  # (N, 10, D)
-    squared = torch.einsum("ncd,de,nce->nc", diff, precision, diff)
-    return squared.min(dim=1).values.clamp_min(0).sqrt()
-
-
 def all_distances(features: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: distances(features[k], stats[f"{k}_means"], stats[f"{k}_precision"]) for k in LAYERS}
+    """Per layer, the Mahalanobis distance (N,) of each feature vector to its nearest class mean."""
+    out = {}
+    for k in LAYERS:
+        diff = features[k][:, None, :] - stats[f"{k}_means"][None]  # (N, 10, D)
+        squared = torch.einsum("ncd,de,nce->nc", diff, stats[f"{k}_precision"], diff)
+        out[k] = squared.min(dim=1).values.clamp_min(0).sqrt()
+    return out
 
 
 def class_statistics(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,10 +1,9 @@
 """Stage evaluate: how good the trained model is, and when it should say "not a digit".
 
-params seed, train.eval_batch_size + data/processed/ + models/model.pt -> metrics/eval.json
-(test_accuracy, test_loss, macro_f1, ood_accuracy on other writers' digits, ece, test_refused),
+params seed, train.eval_batch_size + data/processed/ + models/model.pt -> metrics/eval.json,
 plots/confusion.csv (one row per test image) and models/refusal.pt (the "not a digit" statistics,
-fitted on the training set and the final weights). Logs the test set, the calibration and the
-refusal rates on generated non-digits to the pipeline's MLflow run.
+fitted on the training set). Logs the test set, the calibration and the refusal rates on generated
+non-digits to the MLflow run.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """Stage train: the report's CNN, Adam, NLLLoss, with on-device augmentation.
 
-params (seed, augment*, data.subset, model, train) + data/processed/ -> models/model.pt (weights
-and architecture), models/mlflow_run.json (the run the later stages reopen), metrics/train.json
-(last epoch's train_loss, train_seconds), plots/train_history.csv (one row per epoch). The whole
-training set lives on the device as uint8; each batch is indexed, augmented and normalised there,
-so there is no DataLoader (mnist_cnn.core.training).
+params (seed, augment*, data.subset, model, train) + data/processed/ -> models/model.pt,
+models/mlflow_run.json (the run the later stages reopen), metrics/train.json, plots/train_history.csv.
+The whole training set lives on the device as uint8; each batch is indexed, augmented and normalised
+there, so there is no DataLoader (mnist_cnn.core.training).
 """
 
 from __future__ import annotations

@@ -2,11 +2,10 @@
 
     python -m mnist_cnn.tools.bench [--device cpu|cuda] [--precision fp32|bf16|auto] [--subset N] [--repeats R] [--json]
 
-Both loops run in this process on the same images, device, network, Adam and batch size, with
-augmentation as in params.yaml, each warmed up and timed over R passes (the median is reported):
-the reference is torchvision's MNIST dataset with per-image PIL transforms and a DataLoader with
-worker processes (the report's loop); the project's is the train stage's own code
-(core.training). Prints a table, then one JSON line for scripts (docs/speed.md).
+Both loops run in this process on the same images, device, network, Adam, batch size and
+augmentation, each warmed up and timed over R passes (the median is reported): the reference is
+torchvision's MNIST dataset with per-image PIL transforms and a DataLoader with worker processes;
+the project's is the train stage's own code. Prints a table, then one JSON line (docs/speed.md).
 """
 
 from __future__ import annotations

@@ -2,9 +2,8 @@
 
     python -m mnist_cnn.tools.remote [-r NAME]
 
-`dvc pull` from a remote it cannot reach reports missing cache files and hides the cause unless
-run with -v. This asks the remote itself, through DVC's own filesystem for it, and names the
-remote, its URL and the cause. It reads only; exit 0 when the remote answers.
+`dvc pull` from a remote it cannot reach reports missing cache files and hides the cause unless run
+with -v. This asks the remote itself, through DVC's filesystem, and names the remote, its URL and the cause.
 """
 
 from __future__ import annotations
