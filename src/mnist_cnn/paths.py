@@ -19,11 +19,7 @@ REFUSAL_STATS = Path("models/refusal.pt")  # evaluate: the "not a digit" statist
 
 CORRUPTED = Path("data/corrupted.pt")  # corrupt: the test images transformed and corrupted, by name
 ROBUST_METRICS = Path("metrics/robustness.json")  # robustness: flat robust_* accuracies
-ROBUST_CURVES = {  # one CSV per curve, for `dvc plots`
-    "rotation": Path("plots/robustness_rotation.csv"),
-    "shift": Path("plots/robustness_shift.csv"),
-    "scale": Path("plots/robustness_scale.csv"),
-}
+ROBUST_CURVES = {c: Path(f"plots/robustness_{c}.csv") for c in ("rotation", "shift", "scale")}  # for `dvc plots`
 ROBUST_DIR = Path("robustness")  # the example grid, the curves figure, the per-corruption table
 
 REPORTS_DIR = Path("reports")  # confusion-analysis: figures and tables

@@ -61,11 +61,9 @@ def pictures() -> Iterator[tuple[Image.Image, int]]:
 @lru_cache(maxsize=1)
 def load_ood_set() -> tuple[np.ndarray, np.ndarray]:
     """uint8 (N, 28, 28) MNIST-like fields, as predict feeds the model, and int64 (N,) labels."""
-    fields, labels = [], []
-    for index, (picture, label) in enumerate(pictures()):
-        fields.append(to_mnist(picture, f"ood digit {index}"))
-        labels.append(label)
-    images, targets = np.stack(fields), np.asarray(labels, dtype=np.int64)
+    prepared = [(to_mnist(picture, f"ood digit {i}"), label) for i, (picture, label) in enumerate(pictures())]
+    images = np.stack([field for field, _ in prepared])
+    targets = np.array([label for _, label in prepared], dtype=np.int64)
     images.flags.writeable = targets.flags.writeable = False  # one cached copy per process: keep it intact
     return images, targets
 

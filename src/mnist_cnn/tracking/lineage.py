@@ -67,15 +67,9 @@ def data_digest(lock: Path = DVC_LOCK, directory: Path = PROCESSED_DIR) -> str:
 
 def dataset(params: Params, split: str, images: np.ndarray, labels: np.ndarray) -> mlflow.data.Dataset:
     """One split as an MLflow dataset (schema and size from the arrays, digest from DVC)."""
-    origins = [label for label, _ in sources(params.data)]
+    source = DvcDataSource(str(PROCESSED_DIR / f"{split}.pt"), [label for label, _ in sources(params.data)])
     name = f"mnist-{split}" + (f"[:{params.data.subset}]" if split == "train" and params.data.subset else "")
-    return mlflow.data.from_numpy(
-        images,
-        targets=labels,
-        source=DvcDataSource(str(PROCESSED_DIR / f"{split}.pt"), origins),
-        name=name,
-        digest=data_digest(),
-    )
+    return mlflow.data.from_numpy(images, targets=labels, source=source, name=name, digest=data_digest())
 
 
 def log_input(dataset: mlflow.data.Dataset, context: str) -> None:
