@@ -2,11 +2,10 @@
 
     python -m mnist_cnn.evalsets.ood [--model models/model.pt]   # prints the checkpoint's ood_accuracy
 
-scikit-learn's `load_digits` (1,797 digits by 43 writers, 8x8 blocks of 16 grey levels), each
-rendered as a user's picture (enlarged to 60-200 px, somewhere on a larger, slightly grey page,
-ink of varying strength, now and then reversed, sensor noise) and put through picture.to_mnist,
-as a user's file is. One fixed seed: the same set on every run; evaluation only, never trained
-on. MNIST's test set shares its writers' habits with the training set; this one does not (docs/ood.md).
+scikit-learn's `load_digits` (1,797 digits by 43 writers, 8x8 blocks of 16 grey levels), each rendered
+as a user's picture (enlarged, somewhere on a larger greyish page, ink of varying strength, now and then
+reversed, sensor noise) and put through picture.to_mnist. One fixed seed; evaluation only. MNIST's test
+set shares its writers' habits with the training set; this one does not (docs/ood.md).
 """
 
 from __future__ import annotations

@@ -74,8 +74,7 @@ def checkpoint_predictor(path: str) -> Predictor:
     print(f"warning: no {stats_path} (run evaluate): pictures that are not digits are not refused", file=sys.stderr)
 
     def predict(fields: np.ndarray) -> refusal.Answers:
-        _, log_probs = refusal.features_and_log_probs(net, normalize_fields(fields))
-        probabilities, digits = log_probs.exp().max(dim=1)
+        probabilities, digits = refusal.features_and_log_probs(net, normalize_fields(fields))[1].exp().max(dim=1)
         return digits.numpy(), probabilities.numpy(), [None] * len(digits)
 
     return predict

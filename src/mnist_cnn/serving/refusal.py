@@ -29,12 +29,11 @@ LAYERS = ("conv", "logits")  # the distances, in the order their reasons are giv
 # Per image: digit (-1 when refused), calibrated probability (0 when refused), reason (None when answered).
 Answers = tuple[np.ndarray, np.ndarray, list[str | None]]
 BLANK = "blank (no ink found: the picture is nearly uniform)"
+Tensors = dict[str, torch.Tensor]  # by name: a layer's features, or the refusal statistics
 
 
 @torch.inference_mode()
-def features_and_log_probs(
-    net: Net, x: torch.Tensor, batch_size: int = CPU_BATCH
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def features_and_log_probs(net: Net, x: torch.Tensor, batch_size: int = CPU_BATCH) -> tuple[Tensors, torch.Tensor]:
     """({"conv": (N, 64) averaged feature maps, "logits": (N, 10)}, log-probabilities (N, 10)) of
     normalised images, from one forward pass per batch. No hooks or other state on the net: the
     scoring server calls this from concurrent threads on one net."""
@@ -48,7 +47,7 @@ def features_and_log_probs(
     return {"conv": torch.cat(conv).float(), "logits": all_logits}, torch.log_softmax(all_logits, dim=1)
 
 
-def all_distances(features: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def all_distances(features: Tensors, stats: Tensors) -> Tensors:
     """Per layer, the Mahalanobis distance (N,) of each feature vector to its nearest class mean."""
     out = {}
     for k in LAYERS:
@@ -86,13 +85,13 @@ def fit_temperature(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
     return float(np.exp(minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x))
 
 
-def fit(net: Net, images: torch.Tensor, labels: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+def fit(net: Net, images: torch.Tensor, labels: torch.Tensor, seed: int) -> Tensors:
     """The refusal statistics of `net` from the training set: uint8 images (N, 1, 28, 28), labels (N,)."""
     generator = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(images), generator=generator)[:CALIBRATION_IMAGES]
     # A third of the training set pins down 10 means and a 64x64 covariance at a third of the cost.
     features, _ = features_and_log_probs(net, normalize(images[pick]))
-    stats: dict[str, torch.Tensor] = {}
+    stats: Tensors = {}
     for layer in LAYERS:
         stats[f"{layer}_means"], stats[f"{layer}_precision"] = class_statistics(features[layer], labels[pick])
 
@@ -111,16 +110,14 @@ def ink_coverage(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels > 0.5).flatten(1).float().mean(1)
 
 
-def answer(net: Net, stats: dict[str, torch.Tensor], x: torch.Tensor) -> Answers:
+def answer(net: Net, stats: Tensors, x: torch.Tensor) -> Answers:
     """(digits (N,), calibrated probabilities (N,), reasons) for normalised images (N, 1, 28, 28);
     a refused image has digit -1, probability 0 and a reason, the others reason None."""
     features, log_probs = features_and_log_probs(net, x)
     return decide(stats, x, features, log_probs)
 
 
-def decide(
-    stats: dict[str, torch.Tensor], x: torch.Tensor, features: dict[str, torch.Tensor], log_probs: torch.Tensor
-) -> Answers:
+def decide(stats: Tensors, x: torch.Tensor, features: Tensors, log_probs: torch.Tensor) -> Answers:
     """answer() for a forward pass already made."""
     probabilities, digits = torch.softmax(log_probs / stats["temperature"], dim=1).max(dim=1)
     distance = torch.stack(list(all_distances(features, stats).values()), 1).tolist()
@@ -155,7 +152,7 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bi
     return float(gap)
 
 
-def report(net: Net, stats: dict[str, torch.Tensor], images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+def report(net: Net, stats: Tensors, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """ECE before/after the temperature and the false-refusal rate on labelled uint8 images (N, 1, 28, 28)."""
     x = normalize(images)
     features, log_probs = features_and_log_probs(net, x)
@@ -168,7 +165,7 @@ def report(net: Net, stats: dict[str, torch.Tensor], images: torch.Tensor, label
     }
 
 
-def refused_fraction(net: Net, stats: dict[str, torch.Tensor], fields: np.ndarray) -> float:
+def refused_fraction(net: Net, stats: Tensors, fields: np.ndarray) -> float:
     """The fraction of uint8 28x28 pictures (already through picture.to_mnist) that are refused."""
     digits, _, _ = answer(net, stats, normalize_fields(fields))
     return float((digits < 0).mean())

@@ -76,16 +76,9 @@ def fit(params: Params) -> list[EpochResult]:
             f"test_accuracy={test_accuracy:.2%} (trained in {train_seconds:.1f} s, {speed:,.0f} img/s)",
             flush=True,
         )
-        mlflow.log_metrics(
-            {
-                "train_loss": train_loss,
-                "test_loss": test_loss,
-                "test_accuracy": test_accuracy,
-                "epoch_seconds": train_seconds,
-                "lr": float(step.optimizer.param_groups[0]["lr"]),  # the rate the next step will use
-            },
-            step=epoch,
-        )
+        lr = float(step.optimizer.param_groups[0]["lr"])  # the rate the next step will use
+        measured = {"train_loss": train_loss, "test_loss": test_loss, "test_accuracy": test_accuracy}
+        mlflow.log_metrics(measured | {"epoch_seconds": train_seconds, "lr": lr}, step=epoch)
         write_csv(TRAIN_HISTORY, [asdict(r) for r in history])
 
     if lead:

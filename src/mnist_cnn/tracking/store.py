@@ -84,13 +84,9 @@ def ui_url(base: str) -> str:
 
 @contextmanager
 def _sqlite_opened(uri: str, timeout: float = 300) -> Iterator[None]:
-    """For a sqlite store: create and open the file once, then hold a lock file beside it.
-
-    MLflow retries a database it cannot open for ~100 s (meant for network databases); a local file
-    that cannot be opened fails here at once. Two stages that open a new store at once (queued
-    experiments in parallel in a fresh checkout) would both create its tables, and one would fail on
-    a table the other had just made ("table ... already exists").
-    """
+    """For a sqlite store: create and open the file once (MLflow retries a database it cannot open for
+    ~100 s, meant for network databases), then hold a lock file beside it: two stages opening a new store
+    at once (queued experiments in a fresh checkout) would both create its tables, and one would fail."""
     path = uri.removeprefix("sqlite:///")  # as MLflow reads it: absolute after a 4th '/'
     if path == uri or path in ("", ":memory:"):  # no database file
         yield
@@ -155,10 +151,8 @@ def mark_dead_runs_failed(experiment_id: str) -> list[str]:
     """Runs left RUNNING by a train stage on this host whose process is gone (kill -9, power loss)
     are marked FAILED, so the UI never shows a dead run as running. Returns their ids."""
     client = mlflow.MlflowClient()
-    host = socket.gethostname()
-    stale = client.search_runs(
-        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.host = '{host}'", max_results=1000
-    )
+    running_here = f"attributes.status = 'RUNNING' and tags.host = '{socket.gethostname()}'"
+    stale = client.search_runs([experiment_id], filter_string=running_here, max_results=1000)
     dead = [r.info.run_id for r in stale if not psutil.pid_exists(int(r.data.tags.get("pid", "0") or 0))]
     for run_id in dead:
         client.set_tag(run_id, "ended_by", "process gone; marked FAILED by a later train stage")
