@@ -33,8 +33,7 @@ def main() -> None:
     predicted, truth = log_probs.argmax(1).numpy(), labels.numpy()
 
     # The refusal statistics come from the training set (never the test set) and the final weights.
-    train_images, train_labels = load_processed("train")
-    stats = refusal.fit(model, train_images, train_labels, params.seed)
+    stats = refusal.fit(model, *load_processed("train"), params.seed)
     save_tensors(REFUSAL_STATS, stats)
     calibration = refusal.report(model, stats, images, labels)
 

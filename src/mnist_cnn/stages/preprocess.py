@@ -20,10 +20,8 @@ def main() -> None:
     splits = {split: load_split(RAW_DIR, split) for split in ("train", "test")}
     stats: dict[str, object] = {}
     for split, (images, labels) in splits.items():
-        save_tensors(
-            PROCESSED_DIR / f"{split}.pt",
-            {"images": torch.from_numpy(images.copy()), "labels": torch.from_numpy(labels.astype(np.int64))},
-        )
+        tensors = {"images": torch.from_numpy(images.copy()), "labels": torch.from_numpy(labels.astype(np.int64))}
+        save_tensors(PROCESSED_DIR / f"{split}.pt", tensors)
         stats[f"{split}_count"] = len(images)
         stats[f"{split}_class_counts"] = np.bincount(labels, minlength=10).tolist()
         if split == "train":  # the pixels scaled to [0, 1], in float64: exact enough

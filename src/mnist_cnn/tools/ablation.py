@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -39,8 +39,8 @@ METRICS = ("test_accuracy", "test_loss", "train_loss")
 class RunSummary:
     params: dict[str, str]
     history: dict[str, list[float]]  # metric -> value per epoch (index 0 = epoch 1)
-    confusions_4_9: int | None = None
-    robust: dict[str, float] = field(default_factory=dict)  # the robustness stage's robust_* metrics
+    confusions_4_9: int | None
+    robust: dict[str, float]  # the robustness stage's robust_* metrics
 
 
 @dataclass

@@ -25,6 +25,7 @@ import aiohttp
 import numpy as np
 
 from mnist_cnn.config import UserError, run_stage
+from mnist_cnn.files import load_tensors
 from mnist_cnn.paths import PROCESSED_DIR
 
 DEFAULT_URL = "http://127.0.0.1:5001/invocations"
@@ -50,10 +51,7 @@ def digits(count: int) -> np.ndarray:
     """`count` uint8 images (N, 28, 28): MNIST test digits if data/processed has them, else random pixels."""
     path = PROCESSED_DIR / "test.pt"
     if path.exists():
-        import torch  # only here: the client stays light when it has no data to read
-
-        images = torch.load(path, map_location="cpu", weights_only=True)["images"].numpy()
-        return np.resize(images, (count, 28, 28))  # repeats when the set is smaller
+        return np.resize(load_tensors(path)["images"].numpy(), (count, 28, 28))  # repeats when the set is smaller
     return np.random.default_rng(0).integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
 
 
