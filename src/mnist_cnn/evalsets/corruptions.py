@@ -1,11 +1,9 @@
-"""Corrupted copies of the test images: the robustness curves and the MNIST-C corruptions.
+"""Corrupted copies of the test images, uint8 (N, 28, 28) in and out (the float work in [0, 1]).
 
 Curves: rotation, shift and scale of a given size, one affine_grid + grid_sample call per batch
-(bilinear, zero fill, as MNIST-C's skimage warp). MNIST-C (Mu & Gilmer 2019,
-google-research/mnist-c): the fifteen corruptions at the published severities, reimplemented in
-torch for whole batches. Where the paper draws a random number per image, so do we, from a
-generator seeded per corruption: every model is scored on identical bytes. All functions take
-and return uint8 images (N, 28, 28); the float work is in [0, 1].
+(bilinear, zero fill, as MNIST-C's skimage warp). MNIST-C (Mu & Gilmer 2019): the fifteen corruptions
+at the published severities, in torch for whole batches. Where the paper draws a random number per
+image, so do we, from a generator seeded per corruption: every model is scored on identical bytes.
 """
 
 from __future__ import annotations
@@ -29,12 +27,10 @@ CHUNK = 2000  # images corrupted at once
 
 
 def warp(images: torch.Tensor, inverse: torch.Tensor, inverse_shift: torch.Tensor) -> torch.Tensor:
-    """Sample each output pixel p at input inverse @ (p - c) + c + inverse_shift (pixels, x right, y down).
-
-    `inverse` (N, 2, 2) and `inverse_shift` (N, 2) map output to input coordinates, as
-    skimage's warp(inverse_map=...) and affine_grid do; about the centre, a linear map is
-    the same matrix in affine_grid's normalised coordinates, and a shift scales by 2/size.
-    """
+    """Sample each output pixel p at input inverse @ (p - c) + c + inverse_shift: `inverse` (N, 2, 2) and
+    `inverse_shift` (N, 2; pixels, x right, y down) map output to input coordinates, as skimage's
+    warp(inverse_map=...) and affine_grid do. About the centre a linear map is the same matrix in
+    affine_grid's normalised coordinates; a shift scales by 2/size."""
     n = images.shape[0]
     theta = torch.cat([inverse, (inverse_shift * (2.0 / SIZE)).unsqueeze(2)], dim=2).to(torch.float32)
     x = images.to(torch.float32).unsqueeze(1) / 255.0
@@ -98,11 +94,9 @@ def gaussian_blur(x: torch.Tensor, sigma: float, axes: tuple[int, ...] = (1, 2))
 
 
 def line_masks(c0: torch.Tensor, r0: torch.Tensor, c1: torch.Tensor, r1: torch.Tensor) -> torch.Tensor:
-    """MNIST-C's anti-aliased line from (c0, r0) to (c1, r1), one per row of the (N,) inputs.
-
-    Intensity log(1 - d/2.3) + 1 at vertical distance d from the line, clipped to [0, 1],
-    between columns floor(c0) and ceil(c1); a vertical segment (c0 == c1) draws nothing.
-    """
+    """MNIST-C's anti-aliased line from (c0, r0) to (c1, r1), one per row of the (N,) inputs: intensity
+    log(1 - d/2.3) + 1 at vertical distance d, clipped to [0, 1], between columns floor(c0) and ceil(c1);
+    a vertical segment (c0 == c1) draws nothing."""
     device = c0.device
     cols = torch.arange(SIZE, dtype=torch.float64, device=device).view(1, 1, SIZE)
     rows = torch.arange(SIZE, dtype=torch.float64, device=device).view(1, SIZE, 1)

@@ -1,8 +1,7 @@
-"""Picture preparation: any picture of one digit -> the 28x28 field MNIST's digits are.
-
-Greyscale, light ink on black, cropped to the ink, thin strokes widened, scaled to fit 20x20
-(aspect kept), placed on 28x28 with its centre of mass at the centre. predict, the served
-model's callers, the out-of-distribution set and the generated non-digits all go through it.
+"""Picture preparation: any picture of one digit -> the 28x28 field MNIST's digits are: greyscale,
+light ink on black, cropped to the ink, thin strokes widened, scaled to fit 20x20 (aspect kept),
+placed with its centre of mass at the centre. predict, the served model's callers, the
+out-of-distribution set and the generated non-digits all go through it.
 """
 
 from __future__ import annotations
