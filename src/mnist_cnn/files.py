@@ -1,7 +1,6 @@
-"""Writing outputs safely: to a temp name beside the target, renamed over it only when complete.
-
-A failed write (a full or read-only disk, a file where a directory should be) becomes one
-UserError naming the output, and the earlier good file stays as it was.
+"""Writing outputs safely: to a temp name beside the target, renamed over it only when complete. A failed
+write (a full or read-only disk, a file where a directory should be) becomes one UserError naming the
+output, and the earlier good file stays as it was. Reading the earlier stages' outputs, one error line too.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
-"""Pictures that are not digits, generated deterministically, to measure how often they are refused.
-
-Each kind is pictures as a user would send them (any size, dark on light paper), put through
-picture.to_mnist as a user's file is: noise (random pixels, full range or a band of greys), blank
-(nearly blank pages, faint noise, specks of dust), shapes (one large solid rectangle, ellipse or
-triangle, no thinner than 1:2: a thin bar is a 1) and letters that do not look like a digit.
+"""Pictures that are not digits, generated deterministically, to measure how often they are refused:
+as a user would send them (any size, dark on light paper) and put through picture.to_mnist. Kinds:
+noise (random pixels, full range or a band of greys), blank (nearly blank pages, faint noise, specks of
+dust), shapes (one large solid rectangle, ellipse or triangle, no thinner than 1:2: a thin bar is a 1)
+and letters that do not look like a digit.
 """
 
 from __future__ import annotations

@@ -113,8 +113,7 @@ def ink_coverage(pixels: torch.Tensor) -> torch.Tensor:
 def answer(net: Net, stats: Tensors, x: torch.Tensor) -> Answers:
     """(digits (N,), calibrated probabilities (N,), reasons) for normalised images (N, 1, 28, 28);
     a refused image has digit -1, probability 0 and a reason, the others reason None."""
-    features, log_probs = features_and_log_probs(net, x)
-    return decide(stats, x, features, log_probs)
+    return decide(stats, x, *features_and_log_probs(net, x))
 
 
 def decide(stats: Tensors, x: torch.Tensor, features: Tensors, log_probs: torch.Tensor) -> Answers:
@@ -167,5 +166,4 @@ def report(net: Net, stats: Tensors, images: torch.Tensor, labels: torch.Tensor)
 
 def refused_fraction(net: Net, stats: Tensors, fields: np.ndarray) -> float:
     """The fraction of uint8 28x28 pictures (already through picture.to_mnist) that are refused."""
-    digits, _, _ = answer(net, stats, normalize_fields(fields))
-    return float((digits < 0).mean())
+    return float((answer(net, stats, normalize_fields(fields))[0] < 0).mean())

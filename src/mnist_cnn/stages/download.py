@@ -14,8 +14,7 @@ def main() -> None:
     params = load_params()
     if not params.data.verify_sha256:
         print("download: WARNING data.verify_sha256 is false: checksums not verified", file=sys.stderr)
-    label = download(params.data)
-    print(f"download: {len(MNIST_FILES)} files in {RAW_DIR}/ from {label}")
+    print(f"download: {len(MNIST_FILES)} files in {RAW_DIR}/ from {download(params.data)}")
 
 
 if __name__ == "__main__":

@@ -78,8 +78,7 @@ def setup() -> str:
 def ui_url(base: str) -> str:
     """The experiment's page in the MLflow UI at `base`, in the training view (runs, metrics, models)
     rather than the GenAI view MLflow 3 opens by default."""
-    experiment_id = setup()
-    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning"
+    return f"{base}/#/experiments/{setup()}?workflowType=machine_learning"
 
 
 @contextmanager
