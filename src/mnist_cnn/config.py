@@ -1,9 +1,5 @@
-"""params.yaml, validated in one place.
-
-Every stage calls `load_params()` before doing any work, so a typo or a bad
-value stops the pipeline with one line that names the key, never a traceback
-halfway through training.
-"""
+"""params.yaml, validated in one place: every stage calls `load_params()` before any work, so a typo
+or a bad value stops the pipeline with one line that names the key, not a traceback mid-training."""
 
 from __future__ import annotations
 
@@ -21,10 +17,7 @@ from pydantic_core import PydanticCustomError
 
 
 class UserError(Exception):
-    """A mistake the user can fix (bad params, bad data, unreachable source).
-
-    Stages print it as one line and exit non-zero; see `run_stage`.
-    """
+    """A mistake the user can fix (bad params, bad data, unreachable source): one line, see `run_stage`."""
 
 
 class _Section(BaseModel):
@@ -92,6 +85,7 @@ CORRUPTIONS = (
     "shot_noise", "impulse_noise", "glass_blur", "motion_blur", "shear", "scale", "rotate", "brightness",
     "translate", "stripe", "fog", "spatter", "dotted_line", "zigzag", "canny_edges",
 )  # fmt: skip
+AFFINE_CORRUPTIONS = ("shear", "scale", "rotate", "translate")  # the geometric ones; the rest are photometric
 
 
 class RobustnessParams(_Section):
@@ -196,11 +190,8 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's main(): a UserError becomes one line on stderr and exit 2.
-
-    SIGTERM (`dvc queue kill`, a scheduler) is handled like Ctrl-C, so the
-    stage unwinds and its MLflow run is marked KILLED rather than left RUNNING.
-    """
+    """Run a stage's main(): a UserError becomes one line on stderr and exit 2. SIGTERM (`dvc queue
+    kill`, a scheduler) is handled like Ctrl-C, so the stage's MLflow run ends KILLED, not RUNNING."""
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         main()

@@ -27,13 +27,11 @@ INPUT_NORMS = ("none", "range", "background")
 class Net(nn.Module):
     """Conv(1->32) ReLU, Conv(32->64) ReLU, MaxPool 2, FC 12544->128 ReLU, FC 128->10, LogSoftmax.
 
-    The report's proposed improvements are options, off by default (then the layers are identities
-    and the weights exactly the report's model): `batchnorm` after each conv, before its ReLU;
-    `dropout` of the pooled features and of the 128 hidden units; `depth=3`, a third block
-    Conv(64->64) [BN] ReLU MaxPool 2, whose 64x7x7 features are invariant to larger shifts.
-
-    Input: normalised float images (N, 1, 28, 28). Output: log-probabilities (N, 10).
-    """
+    The report's proposed improvements and more are options, off by default (then the weights are the
+    report's model exactly): `batchnorm` after each conv, before its ReLU; `dropout` of the pooled features
+    and the 128 hidden units; `depth=3`, a third block Conv(64->64) [BN] ReLU MaxPool 2 (its 64x7x7 features
+    are invariant to larger shifts); `input_norm`, each picture's range (and page) normalised in the network.
+    Input: normalised float images (N, 1, 28, 28). Output: log-probabilities (N, 10)."""
 
     def __init__(self, batchnorm: bool = False, dropout: float = 0.0, depth: int = 2, input_norm: str = "none") -> None:
         super().__init__()

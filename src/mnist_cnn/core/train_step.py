@@ -149,14 +149,9 @@ def mean_nll(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def tune_cpu_allocator() -> None:
-    """Keep freed activation buffers in the heap instead of returning them to the OS.
-
-    Each CPU step allocates and frees a few multi-MB activations; glibc hands
-    blocks that large back with munmap and page-faults fresh ones on the next
-    step, which shows up as system time. Raising the mmap and trim thresholds
-    (mallopt, process-wide) stops that (docs/speed.md has the gain). A no-op where
-    the C library is not glibc.
-    """
+    """Keep freed activation buffers in the heap: each CPU step frees a few multi-MB activations, which
+    glibc returns with munmap and page-faults back on the next step (system time). Raising the mmap and
+    trim thresholds (mallopt, process-wide) stops that (docs/speed.md has the gain); a no-op without glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 from mlflow.entities.model_registry import ModelVersion
 
+from mnist_cnn.config import AFFINE_CORRUPTIONS, CORRUPTIONS
+
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 ACCURACY_TAG = "test_accuracy"
@@ -24,15 +26,8 @@ GATE_TAG = "gate"
 # The groups of conditions the gate compares (docs/registry.md: why not one mean over all of robustness).
 GROUPS = {
     "clean": (ACCURACY_TAG,),
-    "geometric": tuple(f"robust_{m}" for m in ("rotation_20", "shift_4", "shear", "scale", "rotate", "translate")),
-    "photometric": tuple(  # and noise: the other 11 MNIST-C corruptions
-        f"robust_{m}"
-        for names in (
-            ("shot_noise", "impulse_noise", "glass_blur", "motion_blur", "brightness", "stripe", "fog"),
-            ("spatter", "dotted_line", "zigzag", "canny_edges"),
-        )
-        for m in names
-    ),
+    "geometric": tuple(f"robust_{m}" for m in ("rotation_20", "shift_4", *AFFINE_CORRUPTIONS)),
+    "photometric": tuple(f"robust_{c}" for c in CORRUPTIONS if c not in AFFINE_CORRUPTIONS),  # and noise
     "ood": ("ood_accuracy",),  # other writers' digits
 }
 GATE_METRICS = tuple(m for members in GROUPS.values() for m in members)  # the tags the gate reads

@@ -123,7 +123,7 @@ class Promotion:
 def version_tags(
     metrics: Mapping[str, float], params: Params, exp_name: str, commit: str, data_digest: str
 ) -> dict[str, str]:
-    """The tags promote writes on a version: every metric it was given (the gate reads its own three),
+    """The tags promote writes on a version: every metric it was given (the gate reads gate.GATE_METRICS),
     test_accuracy last, as it makes the version a candidate."""
     tags = {"git.commit": commit, "augment": str(params.augment)}
     if exp_name:
@@ -194,9 +194,9 @@ def promote(
     data_digest: str = "",
 ) -> Promotion:
     """Tag `version` with its metrics, point `challenger` at it, and set `champion` to the version the
-    gate selects from all versions. `metrics` needs test_accuracy; the other gate metrics
-    (ood_accuracy, robust_mean_accuracy) are optional, and any other metric is a tag the gate does
-    not read. exp_name defaults to $DVC_EXP_NAME, commit to store.git_commit()."""
+    gate selects from all versions. `metrics` needs test_accuracy; the other gate metrics are optional
+    (a group missing one is not compared), and the rest are tags the gate does not read. exp_name
+    defaults to $DVC_EXP_NAME, commit to store.git_commit()."""
     version = str(version)
     if gate.ACCURACY_TAG not in metrics:
         raise ValueError(f"promote: metrics need '{gate.ACCURACY_TAG}', got {sorted(metrics)}")
@@ -207,9 +207,10 @@ def promote(
 
     previous = _alias(client, name, gate.CHAMPION)
     tags = version_tags(metrics, params, exp_name, commit, data_digest)
-    # Re-evaluating a version: drop the optional tags this evaluation does not give.
-    stale = {gate.SUBSET_TAG, "dvc.exp_name", "data.digest", *gate.GATE_METRICS} - set(tags)
-    for key in stale & set(client.get_model_version(name, version).tags):
+    # Re-evaluating a version: drop the optional tags and metrics this evaluation does not give.
+    optional = {gate.SUBSET_TAG, "dvc.exp_name", "data.digest", *gate.GATE_METRICS}
+    stale = {k for k in client.get_model_version(name, version).tags if k in optional or k.startswith("robust_")}
+    for key in stale - set(tags):
         retried(lambda key=key: client.delete_model_version_tag(name, version, key), attempts=WRITE_TRIES)
     for key, value in tags.items():
         retried(lambda k=key, v=value: client.set_model_version_tag(name, version, k, v), attempts=WRITE_TRIES)

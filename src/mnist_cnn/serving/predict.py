@@ -1,7 +1,5 @@
 """Predict: which digit is in each picture, with the model from the registry or a checkpoint.
 
-    mnist-cnn-predict [--model URI|PATH] [--json] [--show-input DIR] IMAGE...
-
 IMAGE is a PNG/JPEG of any size and either polarity, or `-` for stdin, prepared as MNIST was
 (serving.picture). A picture that is not a digit is refused (`refused: <reason>`; in JSON `"digit":
 null` and a `reason`); the others are still answered. --model is a registry URI (from

@@ -1,7 +1,5 @@
 """Ablation summary: many seeds per setting, mean and spread, and a paired augment on/off test.
 
-    python -m mnist_cnn.tools.ablation [--exp-name NAME ...] [--tag KEY=VALUE] [--out DIR]
-
 Groups the finished runs of the experiment `mnist-cnn` (or of the named DVC experiments, or with a
 tag) by the params that differ, the seed excepted, and writes DIR/ablation.md (per group and epoch
 the mean ± std of the losses and test accuracy; augment on - off paired by seed, scipy's paired

@@ -1,7 +1,5 @@
 """Training throughput: the tutorial-style loop of the report against the train stage's loop.
 
-    python -m mnist_cnn.tools.bench [--device cpu|cuda] [--precision fp32|bf16|auto] [--subset N] [--repeats R] [--json]
-
 Both loops run in this process on the same images, device, network, Adam, batch size and
 augmentation, each warmed up and timed over R passes (the median is reported): the reference is
 torchvision's MNIST dataset with per-image PIL transforms and a DataLoader with worker processes;

@@ -1,8 +1,5 @@
 """Bounded load on a scoring server (`make serve`): C clients post digits for D seconds.
 
-    python -m mnist_cnn.tools.loadtest [--url http://127.0.0.1:5001/invocations] [--clients 50]
-                                       [--duration 20] [--batch 1,16] [--timeout 30] [--rate R]
-
 Closed loop (the default): each client posts back to back on one keep-alive connection, cycling
 through the --batch sizes. Open loop (--rate R): requests arrive at R per second whatever the server
 does, and each latency runs from the request's scheduled time, so the wait once the server saturates

@@ -1,7 +1,5 @@
 """Is the DVC remote there? One clear line before `dvc pull` / `dvc push` (`make pull`, `make push`).
 
-    python -m mnist_cnn.tools.remote [-r NAME]
-
 `dvc pull` from a remote it cannot reach reports missing cache files and hides the cause unless run
 with -v. This asks the remote itself, through DVC's filesystem, and names the remote, its URL and the cause.
 """

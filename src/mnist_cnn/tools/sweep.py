@@ -1,7 +1,5 @@
 """Run DVC's experiment queue to its end, unattended (`make ablation`).
 
-    python -m mnist_cnn.tools.sweep [-j JOBS] [--poll SECONDS]
-
 A `dvc queue start` worker can end while experiments are still queued: `dvc queue status` then
 shows them Queued beside "Worker status: 0 active, 0 idle", and a loop waiting for the queue to
 drain waits forever. This starts the workers, then polls the status until nothing is queued or
