@@ -75,16 +75,18 @@ bench: setup
 	python -m mnist_cnn.tools.bench $(BENCH_ARGS)
 
 # The report's ablation with error bars: augment on/off x 5 seeds through DVC's queue
-# (JOBS workers, one sqlite store created first), then the summary in ablation/.
-# E.g. make ablation JOBS=2 ABLATION_ARGS="-S train.precision=auto" (JOBS > 1 pays only with spare cores or GPUs)
+# (JOBS workers, one sqlite store created first), then the summary in ablation/. KNOB=KEY=A,B
+# measures another param, A against B, e.g. make ablation KNOB=model.input_norm=background,none
+# ABLATION_ARGS="-S train.precision=auto" (JOBS > 1 pays only with spare cores or GPUs)
 JOBS ?= 1
+KNOB ?= augment=true,false
 ABLATION_ARGS ?=
 ablation: setup
 	dvc repro preprocess
 	python -c "from mnist_cnn.tracking import store; store.setup()"
-	dvc exp run --queue -S augment=true,false -S seed=0,1,2,3,4 $(ABLATION_ARGS)
+	dvc exp run --queue -S $(KNOB) -S seed=0,1,2,3,4 $(ABLATION_ARGS)
 	python -m mnist_cnn.tools.sweep -j $(JOBS)   # starts workers again if they end with runs queued
-	python -m mnist_cnn.tools.ablation
+	python -m mnist_cnn.tools.ablation --knob $(KNOB)
 
 # The MLflow UI over this checkout's store, on loopback only; it prints the experiment's URL in the
 # training view (MLflow 3 otherwise opens on its GenAI view).

@@ -47,9 +47,18 @@ def test_groups_means_and_paired_difference(mlflow_store: str, tmp_path: Path) -
     assert len(summary) == 1
     assert summary[0].data.metrics["augment_diff_mean"] == pytest.approx(0.02)
 
-    # A second summary ignores the first one's run.
-    ablation.main(["--out", str(tmp_path / "out2")])
-    assert "## augment=False (3 runs)" in (tmp_path / "out2" / "ablation.md").read_text()
+    # A second summary ignores the first one's run; --knob names the side measured and its baseline
+    # as params.yaml spells them (false matches MLflow's "False").
+    ablation.main(["--out", str(tmp_path / "out2"), "--knob", "augment=false,true"])
+    text = (tmp_path / "out2" / "ablation.md").read_text()
+    assert "## augment=False (3 runs)" in text and "**augment=false - augment=true**" in text
+    assert "-2.000 points, 95% CI [-4.484, +0.484]" in text
+
+
+@pytest.mark.parametrize("knob", ["augment", "augment=true,", "=a,b", "augment=a,b,c"])
+def test_a_knob_needs_a_key_and_two_values(knob: str) -> None:  # refused before any store is opened
+    with pytest.raises(UserError, match="--knob: expected KEY=A,B"):
+        ablation.main(["--knob", knob])
 
 
 def test_no_runs_is_a_user_error(mlflow_store: str) -> None:

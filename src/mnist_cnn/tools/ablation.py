@@ -1,11 +1,10 @@
-"""Ablation summary: many seeds per setting, mean and spread, and a paired augment on/off test.
+"""Ablation summary: many seeds per setting, mean and spread, and a paired test of one knob.
 
 Groups the finished runs of the experiment `mnist-cnn` (or of the named DVC experiments, or with a
-tag) by the params that differ, the seed excepted, and writes DIR/ablation.md (per group and epoch
-the mean ± std of the losses and test accuracy; augment on - off paired by seed, scipy's paired
-t-test, for the accuracy and every robust_* metric; 4/9 confusions), DIR/ablation.png and
-DIR/ablation_robustness.png, logged as an MLflow run tagged `mnist_cnn.kind=ablation-summary`.
-"""
+tag) by the params that differ, the seed excepted, and writes DIR/ablation.md (per group and epoch the
+mean ± std of the losses and test accuracy; --knob KEY=A,B (default augment=true,false): A - B paired by
+seed, scipy's paired t-test, for the accuracy and every robust_* metric; 4/9 confusions), DIR/ablation.png
+and DIR/ablation_robustness.png, logged as an MLflow run tagged `mnist_cnn.kind=ablation-summary`."""
 
 from __future__ import annotations
 
@@ -21,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
+import yaml
 from matplotlib.ticker import MaxNLocator
 from mlflow.entities import Run
 from scipy import stats
@@ -45,6 +45,28 @@ class RunSummary:
 class Group:
     label: str  # the params that vary, e.g. "augment=True"
     runs: list[RunSummary]
+
+
+@dataclass(frozen=True)
+class Knob:
+    """The param an ablation measures: KEY=A,B compares runs with A (side 0) and B (side 1), paired on the rest."""
+
+    key: str
+    values: list[str]
+
+    def side(self, run: RunSummary) -> int | None:
+        """Values compared as YAML reads them (true = True, 0 = 0.0)."""
+        return next((i for i, v in enumerate(self.values) if _yaml(run.params.get(self.key, "~")) == _yaml(v)), None)
+
+    def label(self, side: int) -> str:
+        return f"{self.key}={self.values[side]}"
+
+
+def _yaml(text: str) -> object:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def fetch_runs(exp_names: list[str], tag: str | None) -> list[Run]:
@@ -97,15 +119,13 @@ def per_epoch(group: Group, metric: str) -> tuple[np.ndarray, np.ndarray]:
     return values.mean(axis=0), std
 
 
-def by_augment(runs: list[RunSummary], value) -> tuple[list[float], list[float]]:
-    """value(run) for augment on and off, paired by seed (and every other param); None = skip."""
-    by_setting: dict[tuple, dict[str, float]] = defaultdict(dict)
+def paired(runs: list[RunSummary], knob: Knob, value) -> tuple[list[float], list[float]]:
+    """value(run) for the knob's two settings, paired by seed (and every other param); None = skip."""
+    by_setting: dict[tuple, dict[int, float]] = defaultdict(dict)
     for r in runs:
-        v = value(r)
-        if v is not None:
-            others = tuple(sorted((k, v) for k, v in r.params.items() if k != "augment"))
-            by_setting[others][r.params.get("augment", "")] = v
-    pairs = [(v["True"], v["False"]) for v in by_setting.values() if {"True", "False"} <= set(v)]
+        if (side := knob.side(r)) is not None and (v := value(r)) is not None:
+            by_setting[tuple(sorted((k, p) for k, p in r.params.items() if k != knob.key))][side] = v
+    pairs = [(v[0], v[1]) for v in by_setting.values() if len(v) == 2]
     return [on for on, _ in pairs], [off for _, off in pairs]
 
 
@@ -123,28 +143,27 @@ def paired_difference(on: list[float], off: list[float]) -> dict[str, float] | N
             "p": float(test.pvalue)}  # fmt: skip
 
 
-def robustness_section(runs: list[RunSummary]) -> list[str]:
+def robustness_section(runs: list[RunSummary], knob: Knob) -> list[str]:
     names = sorted({k for r in runs for k in r.robust}, key=_robust_order)
     if not names:
         return []
-    lines = ["## Robustness: augment on - off, paired by seed", ""]
-    lines += [
-        "| metric | on (%) mean ± std | off (%) mean ± std | on - off (points) | 95% CI | p |",
-        "|---|---|---|---|---|---|",
-    ]
+    a, b = knob.label(0), knob.label(1)
+    lines = [f"## Robustness: {a} - {b}, paired by seed", ""]
+    lines += [f"| metric | {a} (%) mean ± std | {b} (%) mean ± std | difference (points) | 95% CI | p |"]
+    lines += ["|---|---|---|---|---|---|"]
     for name in names:
-        on, off = by_augment(runs, lambda r, name=name: r.robust.get(name))
+        on, off = paired(runs, knob, lambda r, name=name: r.robust.get(name))
         if (d := paired_difference(on, off)) is not None:
             lines.append(
                 f"| {name} | {100 * np.mean(on):.2f} ± {100 * np.std(on, ddof=1):.2f} | "
                 f"{100 * np.mean(off):.2f} ± {100 * np.std(off, ddof=1):.2f} | {100 * d['mean']:+.2f} | "
                 f"[{100 * d['low']:+.2f}, {100 * d['high']:+.2f}] | {d['p']:.2g} |"
             )
-    lines += ["", "### Worst augmented run vs best non-augmented run", ""]
-    lines += ["| point | worst augmented (%) | best non-augmented (%) | worst on > best off |", "|---|---|---|---|"]
+    lines += ["", f"### Worst {a} run vs best {b} run", ""]
+    lines += [f"| point | worst {a} (%) | best {b} (%) | worst > best |", "|---|---|---|---|"]
     for name, label in (("robust_rotation_20", "rotation ±20 degrees"), ("robust_shift_4", "shift 4 pixels")):
-        on = [r.robust[name] for r in runs if name in r.robust and r.params.get("augment") == "True"]
-        off = [r.robust[name] for r in runs if name in r.robust and r.params.get("augment") == "False"]
+        on = [r.robust[name] for r in runs if name in r.robust and knob.side(r) == 0]
+        off = [r.robust[name] for r in runs if name in r.robust and knob.side(r) == 1]
         if on and off:
             lines.append(f"| {label} | {100 * min(on):.2f} (n={len(on)}) | {100 * max(off):.2f} (n={len(off)}) | "
                          f"{'yes' if min(on) > max(off) else 'no'} |")  # fmt: skip
@@ -165,14 +184,14 @@ def _curve_size(name: str, curve: str) -> float:
     return (-1 if tail.startswith("cw") else 1) * float(tail.removeprefix("ccw").removeprefix("cw"))
 
 
-def plot_robustness(runs: list[RunSummary], path: Path) -> None:
-    """Each curve for augment on and off, mean ± 1 std over the runs."""
+def plot_robustness(runs: list[RunSummary], knob: Knob, path: Path) -> None:
+    """Each curve for the knob's two settings, mean ± 1 std over the runs."""
     if not any(r.robust for r in runs):
         return
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.6), sharey=True)
     for ax, curve in zip(axes, CURVES, strict=True):
-        for setting, colour in (("True", "tab:blue"), ("False", "tab:orange")):
-            group = [r for r in runs if r.params.get("augment") == setting]
+        for side, colour in ((0, "tab:blue"), (1, "tab:orange")):
+            group = [r for r in runs if knob.side(r) == side]
             # (the rotation curve's points are cwN/ccwN; robust_rotation_20 is their mean)
             points = {k for r in group for k in r.robust if k.startswith(f"robust_{curve}_")}
             names = sorted(
@@ -183,7 +202,7 @@ def plot_robustness(runs: list[RunSummary], path: Path) -> None:
             x = [_curve_size(k, curve) for k in names]
             values = np.array([[r.robust.get(k, np.nan) for k in names] for r in group]) * 100
             mean, std = np.nanmean(values, 0), np.nanstd(values, 0, ddof=1) if len(group) > 1 else np.zeros(len(x))
-            ax.plot(x, mean, marker="o", ms=3, color=colour, label=f"augment={setting} (n={len(group)})")
+            ax.plot(x, mean, marker="o", ms=3, color=colour, label=f"{knob.label(side)} (n={len(group)})")
             ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.25)
         ax.set(title=curve, xlabel="degrees" if curve == "rotation" else "factor" if curve == "scale" else "pixels")
         ax.grid(alpha=0.3)
@@ -192,7 +211,7 @@ def plot_robustness(runs: list[RunSummary], path: Path) -> None:
     save_figure(fig, path)
 
 
-def markdown(groups: list[Group], paired: dict[str, float] | None, robust: list[str]) -> str:
+def markdown(groups: list[Group], knob: Knob, difference: dict[str, float] | None, robust: list[str]) -> str:
     lines = ["# Ablation summary", ""]
     for g in groups:
         (acc_mean, acc_std), (loss_mean, loss_std), (train_mean, train_std) = (per_epoch(g, m) for m in METRICS)
@@ -209,14 +228,14 @@ def markdown(groups: list[Group], paired: dict[str, float] | None, robust: list[
         if counts:
             lines.append(f"\n4 and 9 confused (both directions), per run: mean {np.mean(counts):.1f}, runs {counts}")
         lines.append("")
-    if paired:
+    a, b, d = knob.label(0), knob.label(1), difference
+    if d:
         lines.append(
-            f"**Augment on - off**, final test accuracy, paired over {paired['pairs']} seeds: "
-            f"{100 * paired['mean']:+.3f} points, 95% CI [{100 * paired['low']:+.3f}, {100 * paired['high']:+.3f}]"
-            f" (paired t-test, p = {paired['p']:.2g})."
+            f"**{a} - {b}**, final test accuracy, paired over {d['pairs']} seeds: {100 * d['mean']:+.3f} points,"
+            f" 95% CI [{100 * d['low']:+.3f}, {100 * d['high']:+.3f}] (paired t-test, p = {d['p']:.2g})."
         )
     else:
-        lines.append("No paired augment on/off comparison: needs at least 2 seeds run both ways.")
+        lines.append(f"No paired comparison of {a} and {b}: needs at least 2 seeds run both ways.")
     lines += ["", *robust]
     return "\n".join(lines) + "\n"
 
@@ -239,7 +258,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--exp-name", action="append", default=[], help="DVC experiment name (repeatable)")
     parser.add_argument("--tag", help="only runs with this tag, KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("ablation"), help="output directory")
+    parser.add_argument("--knob", default="augment=true,false", help="KEY=A,B: A - B, paired by seed")
     args = parser.parse_args(argv)
+    key, _, values = args.knob.partition("=")
+    knob = Knob(key, values.split(","))
+    if not key or len(knob.values) != 2 or not all(knob.values):
+        raise UserError(f"--knob: expected KEY=A,B (e.g. augment=true,false), got {args.knob!r}")
 
     runs = fetch_runs(args.exp_name, args.tag)
     if not runs:
@@ -247,21 +271,22 @@ def main(argv: list[str] | None = None) -> None:
     client = mlflow.MlflowClient()
     summaries = [summarise(r, client) for r in runs if r.data.metrics.get("test_accuracy") is not None]
     groups = group_runs(summaries)
-    paired = paired_difference(*by_augment(summaries, lambda r: r.history["test_accuracy"][-1]))
-    text = markdown(groups, paired, robustness_section(summaries))
+    difference = paired_difference(*paired(summaries, knob, lambda r: r.history["test_accuracy"][-1]))
+    text = markdown(groups, knob, difference, robustness_section(summaries, knob))
     write_text(args.out / "ablation.md", text)
     plot(groups, args.out / "ablation.png")
-    plot_robustness(summaries, args.out / "ablation_robustness.png")
+    plot_robustness(summaries, knob, args.out / "ablation_robustness.png")
     with mlflow.start_run(
         experiment_id=store.setup(), run_name="ablation-summary", tags={KIND_TAG: "ablation-summary"}
     ):
-        mlflow.log_param("runs", len(summaries))
-        if paired:
-            mlflow.log_metrics({f"augment_diff_{k}": v for k, v in paired.items() if k != "pairs"})
+        mlflow.log_params({"runs": len(summaries), "knob": args.knob})
+        prefix = f"{knob.key.replace('.', '_')}_diff"
+        if difference:
+            mlflow.log_metrics({f"{prefix}_{k}": v for k, v in difference.items() if k != "pairs"})
         for name in ("robust_mean_accuracy", "robust_rotation_20", "robust_shift_4"):
-            d = paired_difference(*by_augment(summaries, lambda r, name=name: r.robust.get(name)))
+            d = paired_difference(*paired(summaries, knob, lambda r, name=name: r.robust.get(name)))
             if d:
-                mlflow.log_metrics({f"augment_diff_{name}_{k}": v for k, v in d.items() if k != "pairs"})
+                mlflow.log_metrics({f"{prefix}_{name}_{k}": v for k, v in d.items() if k != "pairs"})
         mlflow.log_artifacts(str(args.out), artifact_path="ablation")
     print(text)
 
