@@ -185,14 +185,10 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return validate(raw if raw is not None else {}, source=str(path))
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's main(): a UserError becomes one line on stderr and exit 2. SIGTERM (`dvc queue
     kill`, a scheduler) is handled like Ctrl-C, so the stage's MLflow run ends KILLED, not RUNNING."""
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
     try:
         main()
     except UserError as error:

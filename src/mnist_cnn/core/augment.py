@@ -1,11 +1,9 @@
 """Batched random rotation + translation on the training device.
 
-Equivalent, per image, to torchvision's RandomRotation(10) followed by
-RandomAffine(0, translate=(0.1, 0.1)): an angle uniform in [-10, 10] degrees and
-a whole-pixel shift uniform in +-10% of the width and height, nearest-neighbour
-sampling, zero fill. One affine_grid + grid_sample call transforms the whole
-batch, each image with its own random transform, so the data never leaves the
-device and no per-image PIL work or DataLoader workers are needed.
+Equivalent, per image, to torchvision's RandomRotation(10) followed by RandomAffine(0, translate=(0.1, 0.1)):
+an angle uniform in [-10, 10] degrees and a whole-pixel shift uniform in +-10% of the width and height,
+nearest-neighbour sampling, zero fill. One affine_grid + grid_sample call transforms the whole batch, each
+image its own transform, so the data never leaves the device (no per-image PIL work or DataLoader workers).
 """
 
 from __future__ import annotations

@@ -1,11 +1,10 @@
 """Data-parallel training with torch.distributed, launched by torchrun.
 
-`train.nproc: N` makes the train stage start itself again under `torchrun --standalone
---nproc-per-node N` (one machine); on several machines run torchrun yourself
-(docs/operations.md). `train.batch_size` stays the global batch: each of the W processes takes
-batch_size / W images of its shard per step and DDP averages the gradients, so an epoch has the
-same optimizer steps and `train.lr` means what it means for one process. Only rank 0 evaluates,
-logs to MLflow and writes the stage's outputs.
+`train.nproc: N` makes the train stage start itself again under `torchrun --standalone --nproc-per-node N`
+(one machine); on several machines run torchrun yourself (docs/operations.md). `train.batch_size` stays
+the global batch: each of the W processes takes batch_size / W images of its shard per step and DDP
+averages the gradients, so an epoch has the same optimizer steps and `train.lr` means what it means for
+one process. Only rank 0 evaluates, logs to MLflow and writes the stage's outputs.
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """One optimisation step on a batch of training-set indices, eager or as a CUDA graph.
 
-The training set stays on the device as uint8; a step gathers, augments (one affine grid + sample
-for the batch), normalises, runs forward, NLLLoss, backward and Adam, and adds the loss to a sum
-on the device, so the host never waits inside an epoch. With `train.cuda_graph` on CUDA the whole
-step is captured once and replayed, one launch for many small kernels; the epoch's last, shorter
-batch runs eagerly through the same model and optimizer, so no image is dropped.
-"""
+The training set stays on the device as uint8; a step gathers, augments (one affine grid + sample for the
+batch), normalises, runs forward, NLLLoss, backward and Adam, and adds the loss to a sum on the device, so
+the host never waits inside an epoch. With `train.cuda_graph` on CUDA the step is captured once and
+replayed; the epoch's last, shorter batch runs eagerly through the same model and optimizer."""
 
 from __future__ import annotations
 
@@ -139,10 +137,8 @@ class TrainStep:
 
 
 def mean_nll(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """NLLLoss, mean over the batch. PyTorch documents CUDA's NLLLoss as raising under
-    deterministic algorithms (train.deterministic turns them on); in that mode the same mean
-    is written as a gather, which has a deterministic kernel (on the CPU both are
-    deterministic; only the last bits differ)."""
+    """NLLLoss, mean over the batch. CUDA's NLLLoss raises under deterministic algorithms (which
+    train.deterministic turns on); then the same mean is a gather, which has a deterministic kernel."""
     if torch.are_deterministic_algorithms_enabled():
         return -log_probs.float().gather(1, labels[:, None]).mean()
     return F.nll_loss(log_probs, labels)
@@ -196,12 +192,9 @@ def cpu_name() -> str:
 def make_optimizer(
     model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device, cuda_graph: bool, bf16: bool
 ) -> torch.optim.Adam:
-    """Adam as in the report (AdamW when weight_decay > 0).
-
-    The fused kernel (one pass over all parameters) on CUDA, capturable when graphed,
-    and on the CPU under bf16. CPU fp32 keeps the default multi-tensor Adam: the fused
-    one rounds differently in the last bits, and fp32 reproduces the report's runs exactly.
-    """
+    """Adam as in the report (AdamW when weight_decay > 0): the fused kernel on CUDA (capturable when
+    graphed) and on the CPU under bf16. CPU fp32 keeps the multi-tensor Adam: the fused one rounds
+    differently in the last bits, and fp32 reproduces the report's runs exactly."""
     kwargs: dict = {"lr": lr}
     if device.type == "cuda":
         kwargs.update(fused=True, capturable=cuda_graph)
@@ -232,7 +225,3 @@ def make_scheduler(
         # would behave differently with and without graphs.
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=total, cycle_momentum=False)
     return None
-
-
-def epoch_order(n: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randperm(n, device=device, generator=generator)

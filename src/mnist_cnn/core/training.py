@@ -47,15 +47,14 @@ def use_deterministic_algorithms() -> None:
 
 
 def train_epoch(step: TrainStep, n: int, batch_size: int, progress: tqdm | None = None, epoch: int = 1) -> float:
-    """One pass over the shuffled training set; returns the mean training loss.
-
-    Raises UserError naming the epoch and step if the loss became NaN or infinite.
-    """
+    """One pass over the shuffled training set: the mean training loss, or a UserError naming the epoch
+    and step where the loss became NaN or infinite."""
     step.model.train()
     step.start_epoch()
     # Under DDP every rank draws the same permutation and trains on its shard of it,
     # batch_size / world images per step (see distributed.py).
-    order = distributed.shard(train_step.epoch_order(n, step.device, step.shuffle_generator), step.rank, step.world)
+    permutation = torch.randperm(n, device=step.device, generator=step.shuffle_generator)
+    order = distributed.shard(permutation, step.rank, step.world)
     local_batch = batch_size // step.world
     for start in range(0, len(order), local_batch):
         step(order[start : start + local_batch])

@@ -1,13 +1,11 @@
 """Not a digit: calibrated probabilities, and a refusal for pictures unlike any training digit.
 
 Fitted on the TRAINING set (never the test set) after training: a temperature T (softmax(logits / T)
-minimises the NLL), and two Mahalanobis distances to the nearest class mean (a shared Ledoit-Wolf
-covariance, since ReLU features are often exactly 0): "conv", the last conv block's 64 feature maps
-averaged over the picture, and "logits". Softmax confidence cannot refuse: far from the training data a
-ReLU network's logits grow without bound. T and the thresholds come from training images as training saw
-them (augmented, a fixed seed), since clean training images are the network's easiest. A picture with
-(almost) no ink is refused as "blank", one with too little or too much ink (INK_QUANTILES) as not a
-digit. docs/refusal.md has the method and its measured rates.
+minimises the NLL), and two Mahalanobis distances to the nearest class mean (shared Ledoit-Wolf covariance):
+"conv", the last conv block's 64 feature maps averaged over the picture, and "logits". Softmax confidence
+cannot refuse: far from the training data a ReLU network's logits grow without bound. T and the thresholds
+come from training images as training saw them (augmented, a fixed seed). A picture with (almost) no ink
+is "blank", one with too little or too much ink (INK_QUANTILES) not a digit. docs/refusal.md has more.
 """
 
 from __future__ import annotations

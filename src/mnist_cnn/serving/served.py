@@ -1,10 +1,9 @@
 """The registered model: the network and its refusal statistics in one MLflow python model, what
 `mlflow models serve` and `predict --model models:/...` run.
 
-Input: uint8 MNIST pixels (N, 28, 28), light ink on black (predict's preprocessing of a picture).
-Output: one record per image, {"digit": 0-9 or -1 when refused, "probability": calibrated (0 when
-refused), "reason": None or why it was refused}: plain records, which the scoring server writes as
-they are (a DataFrame costs more to build and serialise than the forward pass on one digit).
+Input: uint8 MNIST pixels (N, 28, 28), light ink on black (predict's preprocessing of a picture). Output:
+one record per image, {"digit": 0-9 or -1 when refused, "probability": calibrated (0 when refused),
+"reason": None or why it was refused}: plain records, which the scoring server writes as they are.
 """
 
 from __future__ import annotations

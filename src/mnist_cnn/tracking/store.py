@@ -1,6 +1,5 @@
 """MLflow: where the store is, and the one run that spans a pipeline execution: the train stage
-creates it and writes its id to models/mlflow_run.json, the later stages reopen it.
-"""
+creates it and writes its id to models/mlflow_run.json, the later stages reopen it."""
 
 from __future__ import annotations
 
@@ -52,8 +51,7 @@ def local_store() -> tuple[str, str]:
 def setup() -> str:
     """Point MLflow at the store (MLFLOW_TRACKING_URI wins) and return the experiment id."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
-    # A tracking server that is down should fail the stage in seconds, not after
-    # MLflow's default of 7 retries with backoff (minutes). Explicit settings win.
+    # A tracking server that is down fails the stage in seconds, not after 7 retries (minutes).
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
