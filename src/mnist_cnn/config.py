@@ -114,6 +114,10 @@ class Params(_Section):
     # More of what users' pictures vary in; 0 = off (the report's augmentation exactly).
     augment_scale: float = Field(ge=0, lt=1, description="scale by a factor in [1 - s, 1 + s]; 0 = off")
     augment_thickness: float = Field(ge=0, le=1, description="strokes bolder/finer by up to this; 0 = off")
+    augment_blur: float = Field(ge=0, le=3, description="Gaussian blur, sigma up to this many pixels; 0 = off")
+    augment_invert: float = Field(ge=0, le=1, description="chance of one inverted rectangle; 0 = off")
+    augment_erase: float = Field(ge=0, le=1, description="chance of one flat grey rectangle; 0 = off")
+    augment_noise: float = Field(ge=0, le=1, description="Gaussian pixel noise, std up to this; 0 = off")
     data: DataParams
     model: ModelParams
     train: TrainParams
@@ -121,8 +125,9 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _extras_need_augment(self) -> Params:
-        if not self.augment and (self.augment_scale or self.augment_thickness):
-            raise PydanticCustomError("combination", "augment_scale and augment_thickness need augment: true")
+        extras = [key for key in type(self).model_fields if key.startswith("augment_") and getattr(self, key)]
+        if not self.augment and extras:
+            raise PydanticCustomError("combination", f"{', '.join(extras)} need augment: true")
         return self
 
 

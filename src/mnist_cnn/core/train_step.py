@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from mnist_cnn.config import UserError
-from mnist_cnn.core.augment import random_affine, random_thickness
+from mnist_cnn.core.augment import Extras, augment
 from mnist_cnn.core.model import standardize
 
 WARMUP_STEPS = 3  # eager steps on a side stream before capture, as CUDA graphs require
@@ -39,15 +39,14 @@ class TrainStep:
         shuffle_generator: torch.Generator | None = None,
         rank: int = 0,
         world: int = 1,
-        augment_scale: float = 0.0,
-        augment_thickness: float = 0.0,
+        extras: Extras | None = None,
     ) -> None:
         self.net = model  # the bare network: evaluate and save this one
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.rank, self.world = rank, world
         self.images, self.labels = images, labels
         self.augment, self.bf16, self.batch_size = augment, bf16, batch_size
-        self.augment_scale, self.augment_thickness = augment_scale, augment_thickness
+        self.extras = extras or Extras()
         self.device = images.device
         # bf16 is the fast path: channels_last pays on GPUs (tensor-core convolutions) and
         # on CPUs (oneDNN's NHWC convolution and max-pool kernels; docs/speed.md). fp32 keeps
@@ -75,10 +74,7 @@ class TrainStep:
     def _step(self, index: torch.Tensor) -> None:
         x = self.images[index].float().div_(255.0)
         if self.augment:
-            if self.augment_thickness > 0:  # before the affine: pixel-sized strokes, as the data's
-                x = random_thickness(x, self.generator, self.augment_thickness)
-            # On [0, 1] pixels: the zero fill is background.
-            x = random_affine(x, self.generator, max_scale=self.augment_scale)
+            x = augment(x, self.generator, self.extras)
         x = standardize(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

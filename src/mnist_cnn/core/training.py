@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from mnist_cnn.config import Params, UserError
 from mnist_cnn.core import distributed, train_step
+from mnist_cnn.core.augment import Extras
 from mnist_cnn.core.model import Net
 from mnist_cnn.core.train_step import TrainStep
 
@@ -111,6 +112,12 @@ def build(params: Params, images: torch.Tensor, labels: torch.Tensor) -> TrainSt
         shuffle_generator=shuffle_generator,
         rank=rank,
         world=world,
-        augment_scale=params.augment_scale,
-        augment_thickness=params.augment_thickness,
+        extras=Extras(
+            scale=params.augment_scale,
+            thickness=params.augment_thickness,
+            blur=params.augment_blur,
+            invert=params.augment_invert,
+            erase=params.augment_erase,
+            noise=params.augment_noise,
+        ),
     )
