@@ -90,6 +90,12 @@ def stage_module(command: str) -> str:
     return command.split(" -m ")[1].split()[0]
 
 
+def runs_first(module: str) -> set[Path]:
+    """What `python -m a.b.c` runs before a/b/c.py: a/__init__.py and a/b/__init__.py."""
+    parts = module.split(".")
+    return {found for end in range(1, len(parts)) if (found := module_file(".".join(parts[:end]))) is not None}
+
+
 def test_every_stage_module_is_a_dvc_stage_and_back() -> None:
     modules = {stage_module(stage["cmd"]) for stage in dvc_stages().values()}
     assert modules == {f"mnist_cnn.stages.{name}" for name in STAGES}
@@ -101,7 +107,8 @@ def test_the_deps_cover_every_module_the_stage_imports(name: str) -> None:
     start = module_file(stage_module(stage["cmd"]))
     assert start is not None, stage["cmd"]
     deps = code_deps(stage)
-    missing = sorted(str(p.relative_to(REPO)) for p in closure(start) if not covers(deps, p))
+    run = closure(start).union(*(closure(init) for init in runs_first(stage_module(stage["cmd"]))))
+    missing = sorted(str(p.relative_to(REPO)) for p in run if not covers(deps, p))
     assert not missing, f"stage {name}: dvc.yaml's deps miss {', '.join(missing)}"
     assert all(dep.exists() for dep in deps), deps
 
@@ -137,3 +144,5 @@ def test_the_walker_sees_lazy_and_from_package_imports(tmp_path: Path) -> None:
         "__init__.py",
     } <= found  # `from mnist_cnn.serving import refusal`
     assert "tools/loadtest.py" not in {str(p.relative_to(PACKAGE)) for p in closure(predict)}
+    # `python -m mnist_cnn.stages.train` runs both packages' __init__.py before the module
+    assert runs_first("mnist_cnn.stages.train") == {PACKAGE / "__init__.py", PACKAGE / "stages" / "__init__.py"}
