@@ -28,7 +28,8 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 from PIL import Image, ImageDraw, ImageFont
 
-from mnist_cnn.config import Params, run_stage, validate
+from mnist_cnn.cli import run_stage
+from mnist_cnn.config import Params, validate
 from mnist_cnn.core.model import Net
 from mnist_cnn.files import atomic_path
 

@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import overridden, stage_error, tool_env
-from mnist_cnn.config import Params, UserError, flat, load_params, run_stage, validate
+from mnist_cnn.cli import UserError, run_stage
+from mnist_cnn.config import Params, flat, load_params, validate
 from mnist_cnn.stages import preprocess
 
 REPO = Path(__file__).resolve().parents[1]

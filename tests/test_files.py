@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnist_cnn.config import UserError
-from mnist_cnn.files import atomic_path, read_predictions, save_tensors, write_json
+from mnist_cnn.cli import UserError
+from mnist_cnn.files import atomic_path, read_int_columns, save_tensors, write_json
 
 # --- atomic writes --------------------------------------------------------------
 
@@ -74,13 +74,14 @@ def test_atomic_path_gives_the_usual_file_mode(tmp_path: Path) -> None:
     assert (tmp_path / "atomic").stat().st_mode == reference.stat().st_mode
 
 
-def test_read_predictions(tmp_path: Path) -> None:
+def test_read_int_columns_by_name(tmp_path: Path) -> None:
     path = tmp_path / "confusion.csv"
-    path.write_text("actual,predicted\n4,9\n7,7\n")
-    truth, predicted = read_predictions(path, "evaluate")
+    path.write_text("predicted,actual\n9,4\n7,7\n")  # found by the header, in any order
+    truth, predicted = read_int_columns(path, "evaluate", "actual", "predicted")
     assert truth.tolist() == [4, 7] and predicted.tolist() == [9, 7]
-    path.write_text("actual,predicted\n4,nine\n")
-    with pytest.raises(UserError, match=r"confusion\.csv: missing or unreadable \(run evaluate first\)"):
-        read_predictions(path, "evaluate")
+    for text in ("actual,predicted\n4,nine\n", "actual,guess\n4,9\n", ""):
+        path.write_text(text)
+        with pytest.raises(UserError, match=r"confusion\.csv: missing or unreadable \(run evaluate first\)"):
+            read_int_columns(path, "evaluate", "actual", "predicted")
     with pytest.raises(UserError, match="evaluate"):
-        read_predictions(tmp_path / "missing.csv", "evaluate")
+        read_int_columns(tmp_path / "missing.csv", "evaluate", "actual")

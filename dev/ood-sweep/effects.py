@@ -15,7 +15,7 @@ from scipy import ndimage
 
 from mnist_cnn.core.model import load_checkpoint, normalize
 from mnist_cnn.data.mnist import load_processed
-from mnist_cnn.evalsets.ood import load_ood_set
+from mnist_cnn.evaluation.ood import load_ood_set
 
 CROSS = ndimage.generate_binary_structure(2, 1)[None]  # 4-neighbourhood, per picture
 EFFECTS = {

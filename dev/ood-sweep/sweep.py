@@ -23,7 +23,7 @@ from mnist_cnn.core.augment import affine_theta
 from mnist_cnn.core.model import predict_log_probs
 from mnist_cnn.core.training import build, train_epoch
 from mnist_cnn.data.mnist import load_processed
-from mnist_cnn.evalsets.ood import ood_accuracy
+from mnist_cnn.evaluation.ood import ood_accuracy
 
 # Rough robustness: each test image rotated, or shifted diagonally (nearest, zero fill).
 TRANSFORMS = {"rot+15": (15.0, 0), "rot-15": (-15.0, 0), "shift4": (0.0, 4)}

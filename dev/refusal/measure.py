@@ -5,7 +5,7 @@
 
 Fits the refusal statistics from the training set (or, without --fit, reads models/refusal.pt
 beside the checkpoint), then prints: ECE before/after the temperature on the MNIST test set, the
-false-refusal rate on the test set and on the OOD handwriting set (mnist_cnn.evalsets.ood when present,
+false-refusal rate on the test set and on the OOD handwriting set (mnist_cnn.evaluation.ood when present,
 else an approximation: scikit-learn's load_digits drawn dark on white at 64 px, through predict's
 preprocessing), the refusal rate on each kind of generated non-digit (mnist_cnn.nondigits), and on
 raw 28x28 uniform noise as the served model could be sent it (no preprocessing), and on each
@@ -23,19 +23,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mnist_cnn.core import refusal
 from mnist_cnn.core.model import load_checkpoint, normalize
-from mnist_cnn.evalsets import nondigits
+from mnist_cnn.core.picture import to_mnist
+from mnist_cnn.evaluation import calibration, nondigits
 from mnist_cnn.files import load_tensors
 from mnist_cnn.paths import REFUSAL_STATS
-from mnist_cnn.serving import refusal
-from mnist_cnn.serving.picture import to_mnist
 
 
 def ood_set() -> tuple[np.ndarray, str]:
     try:
-        from mnist_cnn.evalsets import ood
+        from mnist_cnn.evaluation import ood
 
-        return ood.load_ood_set()[0], "mnist_cnn.evalsets.ood.load_ood_set()"
+        return ood.load_ood_set()[0], "mnist_cnn.evaluation.ood.load_ood_set()"
     except ImportError:
         from sklearn.datasets import load_digits
 
@@ -72,7 +72,7 @@ def main() -> None:
     result = {"fit_seconds": round(fitted, 1), "temperature": stats["temperature"].item()}
     result["refused_training"] = args.refused_training if args.fit else None
     result |= {f"{k}_threshold": stats[f"{k}_threshold"].item() for k in refusal.LAYERS}
-    result.update(refusal.report(net, stats, test["images"].unsqueeze(1), test["labels"]))
+    result.update(calibration.report(net, stats, test["images"].unsqueeze(1), test["labels"]))
     fields, source = ood_set()
     result["ood_source"] = source
     result["ood_refused"] = refusal.refused_fraction(net, stats, fields)

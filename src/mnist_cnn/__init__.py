@@ -1,5 +1,5 @@
 """Reproducible MNIST CNN pipeline: DVC stages, PyTorch training, MLflow tracking and registry.
 
 Layers, each importing only those above it (docs/development.md draws them):
-config, paths, files -> data -> core -> tracking -> serving -> evalsets -> registry -> stages, tools.
+cli, config, paths, files -> data -> core -> tracking | evaluation -> serving -> registry -> stages | tools.
 """

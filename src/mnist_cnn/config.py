@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import difflib
 import reprlib
-import signal
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -15,9 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-
-class UserError(Exception):
-    """A mistake the user can fix (bad params, bad data, unreachable source): one line, see `run_stage`."""
+from mnist_cnn.cli import UserError
 
 
 class _Section(BaseModel):
@@ -79,13 +74,17 @@ def parallel_problem(batch_size: int, cuda_graph: bool, processes: int, named: s
     return None
 
 
-# The MNIST-C corruptions, by the names params use: the one list (mnist_cnn.evalsets.corruptions implements
+# The MNIST-C corruptions, by the names params use: the one list (mnist_cnn.evaluation.corruptions implements
 # each as the function of its name), here so that params validate without importing torch.
 CORRUPTIONS = (
     "shot_noise", "impulse_noise", "glass_blur", "motion_blur", "shear", "scale", "rotate", "brightness",
     "translate", "stripe", "fog", "spatter", "dotted_line", "zigzag", "canny_edges",
 )  # fmt: skip
 AFFINE_CORRUPTIONS = ("shear", "scale", "rotate", "translate")  # the geometric ones; the rest are photometric
+# The robustness curves' headline points, just past the training augmentation's edge (10 degrees, 10% = 2.8 px):
+# the mean over both rotation senses at 20 degrees, and over the three shift directions at 4 pixels.
+HEADLINE_ROTATION, HEADLINE_SHIFT = 20, 4
+ROBUST_ROTATION, ROBUST_SHIFT = f"robust_rotation_{HEADLINE_ROTATION}", f"robust_shift_{HEADLINE_SHIFT}"
 
 
 class RobustnessParams(_Section):
@@ -188,20 +187,6 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         problem = getattr(error, "problem", None) or "invalid YAML"
         raise UserError(f"{path}: YAML syntax error{where}: {problem}") from None
     return validate(raw if raw is not None else {}, source=str(path))
-
-
-def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's main(): a UserError becomes one line on stderr and exit 2. SIGTERM (`dvc queue
-    kill`, a scheduler) is handled like Ctrl-C, so the stage's MLflow run ends KILLED, not RUNNING."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
-    try:
-        main()
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
 
 
 def flat(params: Params) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from mnist_cnn.config import UserError
+from mnist_cnn.cli import UserError
 
 
 def _umask() -> int:
@@ -82,13 +82,18 @@ def read_json(path: Path, earlier: str) -> dict[str, Any]:
     return data
 
 
-def read_predictions(path: Path, earlier: str) -> tuple[np.ndarray, np.ndarray]:
-    """The (truth, predicted) columns of evaluate's plots/confusion.csv: one UserError line if unreadable."""
+def read_int_columns(path: Path, earlier: str, *columns: str) -> list[np.ndarray]:
+    """The named integer columns of a CSV with a header that `earlier` writes: one UserError line if the file
+    is missing, unreadable or lacks a column."""
     try:
-        truth, predicted = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2).T
+        with path.open() as file:
+            header = file.readline().strip().split(",")
+        table = np.loadtxt(
+            path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2, usecols=[header.index(c) for c in columns]
+        )
     except (OSError, ValueError):
         raise UserError(f"{path}: missing or unreadable (run {earlier} first)") from None
-    return truth, predicted
+    return list(table.T)
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]], digits: int | None = None) -> None:

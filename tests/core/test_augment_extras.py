@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from helpers import REPO, make_params
-from mnist_cnn.config import UserError, validate
+from mnist_cnn.cli import UserError
+from mnist_cnn.config import validate
 from mnist_cnn.core.augment import Extras, augment, random_affine, random_blur, random_boxes, random_thickness
 from mnist_cnn.core.training import build, train_epoch
 

@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from helpers import REPO, make_pipeline_repo, overridden, run, stage_error, write_params
-from mnist_cnn.config import UserError, validate
+from mnist_cnn.cli import UserError
+from mnist_cnn.config import validate
 from mnist_cnn.core import distributed
 from mnist_cnn.core.distributed import shard
 from mnist_cnn.core.model import Net

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from helpers import make_params
-from mnist_cnn.config import UserError
-from mnist_cnn.core.train_step import native_bf16, use_bf16
-from mnist_cnn.core.training import build, pick_device, train_epoch
+from mnist_cnn.cli import UserError
+from mnist_cnn.core.runtime import native_bf16, pick_device, use_bf16
+from mnist_cnn.core.training import build, train_epoch
 from mnist_cnn.stages.train import measure_test_set
 
 # Every proposed improvement switched on at once.

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import write_idx
-from mnist_cnn.config import UserError
+from mnist_cnn.cli import UserError
 from mnist_cnn.data.mnist import load_split, read_idx
 from mnist_cnn.files import load_tensors, save_tensors
 

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from helpers import REPO
-from mnist_cnn.config import DataParams, UserError, load_params
+from mnist_cnn.cli import UserError
+from mnist_cnn.config import DataParams, load_params
 from mnist_cnn.data.sources import MNIST_FILES, SourceError, download, extract_npm_files, from_directory, sources
 
 REPO_DATA = load_params(REPO / "params.yaml").data

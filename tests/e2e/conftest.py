@@ -65,10 +65,10 @@ def rerun(tmp_path_factory: pytest.TempPathFactory, synthetic_mnist: Path) -> di
     seen["registered_first"] = json.loads((repo / "models/registered.json").read_text())
     seen["status_after_edit"] = {
         module: status_after_appending(repo, module)
-        for module in ("core/augment.py", "serving/refusal.py", "registry/gate.py", "tools/loadtest.py")
+        for module in ("core/augment.py", "core/refusal.py", "registry/gate.py", "tools/loadtest.py")
     }
 
-    refusal = repo / "src/mnist_cnn/serving/refusal.py"
+    refusal = repo / "src/mnist_cnn/core/refusal.py"
     assert REFUSAL_LINE in refusal.read_text()
     refusal.write_text(refusal.read_text().replace(REFUSAL_LINE, "REFUSED_TRAINING = 0.02"))
     run(["git", "commit", "-qam", "refuse more"], repo)

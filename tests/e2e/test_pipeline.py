@@ -114,7 +114,7 @@ def test_an_edit_reruns_the_stages_that_import_it_and_no_others(rerun: dict) -> 
     """dvc.yaml's code deps in a real DVC repository: `dvc status` after a one-line edit of a module."""
     changed = {module: set(status) for module, status in rerun["status_after_edit"].items()}
     assert changed["core/augment.py"] == {"train", "evaluate", "robustness", "register"}
-    assert changed["serving/refusal.py"] == {"evaluate", "register"}
+    assert changed["core/refusal.py"] == {"evaluate", "register"}
     assert changed["registry/gate.py"] == {"register"}
     assert changed["tools/loadtest.py"] == set()  # a tool is no stage's dependency
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from helpers import REPO, VENV_BIN, free_port, http_server
+from mnist_cnn.core import refusal
 from mnist_cnn.files import load_tensors
-from mnist_cnn.serving import refusal
 from mnist_cnn.tools import loadtest
 
 

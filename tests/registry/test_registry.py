@@ -19,11 +19,12 @@ from mlflow import MlflowClient
 from PIL import Image, ImageDraw
 
 from helpers import TeamServer, make_params
-from mnist_cnn.config import run_stage
+from mnist_cnn.cli import run_stage
+from mnist_cnn.core import refusal
 from mnist_cnn.core.model import Net
 from mnist_cnn.files import save_tensors
 from mnist_cnn.registry import gate, publish
-from mnist_cnn.serving import predict, refusal
+from mnist_cnn.serving import predict
 
 CLEAN, OOD = gate.ACCURACY_TAG, "ood_accuracy"
 EXPERIMENT = "registry-tests"

@@ -14,8 +14,8 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from scipy import ndimage
 
 from helpers import tool_env
-from mnist_cnn.config import UserError, run_stage
-from mnist_cnn.serving.picture import read_image, to_mnist
+from mnist_cnn.cli import UserError, run_stage
+from mnist_cnn.core.picture import read_image, to_mnist
 from mnist_cnn.serving.predict import main
 
 CENTRE = 13.5  # centre of a 28x28 field in pixel-index coordinates

@@ -11,7 +11,7 @@ import torch
 from helpers import stage_error, write_params, write_synthetic_mnist
 from mnist_cnn.core.model import Net
 from mnist_cnn.data.mnist import load_processed
-from mnist_cnn.evalsets import corruptions
+from mnist_cnn.evaluation import corruptions
 from mnist_cnn.files import load_tensors
 from mnist_cnn.paths import CORRUPTED
 from mnist_cnn.stages import corrupt, download, preprocess, robustness

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import REPO, stage_error, write_idx, write_synthetic_mnist
-from mnist_cnn.config import run_stage
+from mnist_cnn.cli import run_stage
 from mnist_cnn.stages import preprocess
 
 

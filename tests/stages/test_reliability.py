@@ -27,7 +27,8 @@ from mlflow import MlflowClient
 from PIL import Image, ImageDraw
 
 from helpers import REPO, all_runs, stage_error, store_client, tool_env, write_params, write_synthetic_mnist
-from mnist_cnn.config import run_stage, validate
+from mnist_cnn.cli import run_stage
+from mnist_cnn.config import validate
 from mnist_cnn.core.model import Net
 from mnist_cnn.registry import gate, publish
 from mnist_cnn.serving import predict

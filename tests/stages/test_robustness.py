@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from helpers import REPO
-from mnist_cnn.config import CORRUPTIONS, run_stage
+from mnist_cnn.cli import run_stage
+from mnist_cnn.config import CORRUPTIONS
 from mnist_cnn.stages import robustness
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from mnist_cnn.config import UserError
+from mnist_cnn.cli import UserError
 from mnist_cnn.tools import ablation
 
 

@@ -12,7 +12,7 @@ from typing import ClassVar
 import pytest
 
 from helpers import free_port
-from mnist_cnn.config import UserError, run_stage
+from mnist_cnn.cli import UserError, run_stage
 from mnist_cnn.tools import loadtest
 
 

@@ -13,7 +13,7 @@ import pytest
 from dvc.repo import Repo
 
 from helpers import free_port, run
-from mnist_cnn.config import run_stage
+from mnist_cnn.cli import run_stage
 from mnist_cnn.tools import remote
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from helpers import run, tool_env
-from mnist_cnn.config import UserError
+from mnist_cnn.cli import UserError
 from mnist_cnn.tools.sweep import parse_status
 
 STATUS = """Task     Name                 Created       Status

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from helpers import REPO, tool_env
-from mnist_cnn.config import UserError, validate
+from mnist_cnn.cli import UserError
+from mnist_cnn.config import validate
 from mnist_cnn.paths import RUN_FILE
 from mnist_cnn.tracking import store
 

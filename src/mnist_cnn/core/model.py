@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_cnn.config import UserError
+from mnist_cnn.cli import UserError
 
 # The report normalises with the standard MNIST statistics; preprocess measures
 # them again on the training set and checks they agree.
@@ -151,7 +151,7 @@ def predict_log_probs(
     """Log-probabilities (N, 10) for uint8 images (N, 1, 28, 28), in batches to bound memory.
 
     bf16: autocast on channels_last inputs and weights (oneDNN's and cuDNN's fast layout for bf16
-    convolutions); only worth it where the device has bf16 natively (train_step.native_bf16).
+    convolutions); only worth it where the device has bf16 natively (runtime.native_bf16).
     """
     model.eval()
     device = next(model.parameters()).device

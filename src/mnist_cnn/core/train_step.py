@@ -7,15 +7,11 @@ replayed; the epoch's last, shorter batch runs eagerly through the same model an
 
 from __future__ import annotations
 
-import ctypes
-import platform
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from mnist_cnn.config import UserError
 from mnist_cnn.core.augment import Extras, augment
 from mnist_cnn.core.model import standardize
 
@@ -138,86 +134,3 @@ def mean_nll(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if torch.are_deterministic_algorithms_enabled():
         return -log_probs.float().gather(1, labels[:, None]).mean()
     return F.nll_loss(log_probs, labels)
-
-
-def tune_cpu_allocator() -> None:
-    """Keep freed activation buffers in the heap: each CPU step frees a few multi-MB activations, which
-    glibc returns with munmap and page-faults back on the next step (system time). Raising the mmap and
-    trim thresholds (mallopt, process-wide) stops that (docs/speed.md has the gain); a no-op without glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum
-    libc.mallopt(m_trim_threshold, 256 << 20)
-    libc.mallopt(m_top_pad, 64 << 20)
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether the device computes bfloat16 natively: on CUDA, torch's check; on a CPU, oneDNN with
-    AVX512-BF16 or AMX, and ATen dispatching above AVX2 (ATEN_CPU_CAPABILITY=avx2 limits it to that).
-    Elsewhere bf16 is emulated and slower than fp32 (docs/speed.md)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    cpu = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    avx512 = torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2")
-    return torch.backends.mkldnn.is_available() and cpu and avx512
-
-
-def use_bf16(precision: str, device: torch.device, key: str) -> bool:
-    """Whether `key` (train.precision, robustness.precision) means bf16 on `device`: auto picks it
-    only where it is native; bf16 where it would be emulated (about 12x slower) is an error."""
-    if precision == "auto":
-        return native_bf16(device)
-    x86 = platform.machine().lower() in ("x86_64", "amd64")  # other CPUs: no check here
-    if precision == "bf16" and device.type == "cpu" and x86 and not native_bf16(device):
-        raise UserError(
-            f"{key} bf16: this CPU ({cpu_name()}) has no native bfloat16 (AVX512-BF16 or AMX), and"
-            f" emulated it runs many times slower than fp32; use {key}: auto (bf16 where native) or fp32"
-        )
-    return precision == "bf16"
-
-
-def cpu_name() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
-    return names[0] if names else platform.processor() or platform.machine()
-
-
-def make_optimizer(
-    model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device, cuda_graph: bool, bf16: bool
-) -> torch.optim.Adam:
-    """Adam as in the report (AdamW when weight_decay > 0): the fused kernel on CUDA (capturable when
-    graphed) and on the CPU under bf16. CPU fp32 keeps the multi-tensor Adam: the fused one rounds
-    differently in the last bits, and fp32 reproduces the report's runs exactly."""
-    kwargs: dict = {"lr": lr}
-    if device.type == "cuda":
-        kwargs.update(fused=True, capturable=cuda_graph)
-        if cuda_graph:  # a graph reads the rate from this tensor, so a schedule can change it between replays
-            kwargs["lr"] = torch.tensor(lr, dtype=torch.float32, device=device)  # the fused kernel reads float32
-    elif bf16:
-        kwargs["fused"] = True
-    if weight_decay > 0:
-        return torch.optim.AdamW(model.parameters(), weight_decay=weight_decay, **kwargs)
-    return torch.optim.Adam(model.parameters(), **kwargs)
-
-
-STEP_GAMMA = 0.7  # `step`: the rate times 0.7 after every epoch, as in PyTorch's MNIST example
-
-
-def make_scheduler(
-    optimizer: torch.optim.Optimizer, schedule: str, epochs: int, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """The learning-rate schedule, stepped after every batch (None for `none`)."""
-    total = epochs * steps_per_epoch
-    if schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=steps_per_epoch, gamma=STEP_GAMMA)
-    if schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-    if schedule == "onecycle":
-        peak = float(optimizer.param_groups[0]["lr"])
-        # cycle_momentum=False: a captured graph bakes Adam's betas in, so cycling them
-        # would behave differently with and without graphs.
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=total, cycle_momentum=False)
-    return None

@@ -1,5 +1,5 @@
-"""The training loop's pieces, shared by the train stage and the benchmark: the device, the
-seeded generators, the model and optimizer in a TrainStep, and one epoch over the training set.
+"""The training loop's pieces, shared by the train stage and the benchmark: the seeded generators, the
+model, the optimizer and its schedule in a TrainStep, and one epoch over the training set.
 """
 
 from __future__ import annotations
@@ -11,21 +11,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mnist_cnn.config import Params, UserError
-from mnist_cnn.core import distributed, train_step
+from mnist_cnn.cli import UserError
+from mnist_cnn.config import Params
+from mnist_cnn.core import distributed, runtime
 from mnist_cnn.core.augment import Extras
 from mnist_cnn.core.model import Net
 from mnist_cnn.core.train_step import TrainStep
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device: 'cuda' requested but no CUDA device is available")
-    if name == "cuda":
-        return torch.device("cuda", distributed.local_rank())  # one GPU per torchrun process
-    return torch.device(name)
 
 
 def seed_everything(seed: int, device: torch.device) -> torch.Generator:
@@ -81,9 +72,9 @@ def build(params: Params, images: torch.Tensor, labels: torch.Tensor) -> TrainSt
     """The report's model and optimizer, wrapped in the step the train stage (and bench) runs."""
     device = images.device
     rank, world = distributed.rank(), distributed.world_size()
-    bf16 = train_step.use_bf16(params.train.precision, device, "train.precision")
+    bf16 = runtime.use_bf16(params.train.precision, device, "train.precision")
     if device.type == "cpu":
-        train_step.tune_cpu_allocator()
+        runtime.tune_cpu_allocator()
     generator = seed_everything(params.seed, device)
     shuffle_generator = None
     if world > 1:  # the same shuffle everywhere, a different augmentation stream per rank
@@ -93,11 +84,9 @@ def build(params: Params, images: torch.Tensor, labels: torch.Tensor) -> TrainSt
     if params.train.deterministic:
         use_deterministic_algorithms()
     model = Net(**params.model.model_dump()).to(device)
-    optimizer = train_step.make_optimizer(
-        model, params.train.lr, params.train.weight_decay, device, params.train.cuda_graph, bf16
-    )
+    optimizer = make_optimizer(model, params.train.lr, params.train.weight_decay, device, params.train.cuda_graph, bf16)
     steps = steps_per_epoch(len(images), params.train.batch_size, world)
-    scheduler = train_step.make_scheduler(optimizer, params.train.lr_schedule, params.train.epochs, steps)
+    scheduler = make_scheduler(optimizer, params.train.lr_schedule, params.train.epochs, steps)
     return TrainStep(
         model,
         optimizer,
@@ -121,3 +110,41 @@ def build(params: Params, images: torch.Tensor, labels: torch.Tensor) -> TrainSt
             noise=params.augment_noise,
         ),
     )
+
+
+def make_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device, cuda_graph: bool, bf16: bool
+) -> torch.optim.Adam:
+    """Adam as in the report (AdamW when weight_decay > 0): the fused kernel on CUDA (capturable when
+    graphed) and on the CPU under bf16. CPU fp32 keeps the multi-tensor Adam: the fused one rounds
+    differently in the last bits, and fp32 reproduces the report's runs exactly."""
+    kwargs: dict = {"lr": lr}
+    if device.type == "cuda":
+        kwargs.update(fused=True, capturable=cuda_graph)
+        if cuda_graph:  # a graph reads the rate from this tensor, so a schedule can change it between replays
+            kwargs["lr"] = torch.tensor(lr, dtype=torch.float32, device=device)  # the fused kernel reads float32
+    elif bf16:
+        kwargs["fused"] = True
+    if weight_decay > 0:
+        return torch.optim.AdamW(model.parameters(), weight_decay=weight_decay, **kwargs)
+    return torch.optim.Adam(model.parameters(), **kwargs)
+
+
+STEP_GAMMA = 0.7  # `step`: the rate times 0.7 after every epoch, as in PyTorch's MNIST example
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, epochs: int, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The learning-rate schedule, stepped after every batch (None for `none`)."""
+    total = epochs * steps_per_epoch
+    if schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=steps_per_epoch, gamma=STEP_GAMMA)
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    if schedule == "onecycle":
+        peak = float(optimizer.param_groups[0]["lr"])
+        # cycle_momentum=False: a captured graph bakes Adam's betas in, so cycling them
+        # would behave differently with and without graphs.
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=total, cycle_momentum=False)
+    return None

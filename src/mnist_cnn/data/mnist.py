@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mnist_cnn.config import UserError
+from mnist_cnn.cli import UserError
 from mnist_cnn.files import load_tensors
 from mnist_cnn.paths import PROCESSED_DIR
 

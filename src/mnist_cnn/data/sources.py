@@ -20,7 +20,8 @@ from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
-from mnist_cnn.config import DataParams, UserError
+from mnist_cnn.cli import UserError
+from mnist_cnn.config import DataParams
 from mnist_cnn.files import cannot_write
 from mnist_cnn.paths import RAW_DIR
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from mlflow.entities.model_registry import ModelVersion
 
-from mnist_cnn.config import AFFINE_CORRUPTIONS, CORRUPTIONS
+from mnist_cnn.config import AFFINE_CORRUPTIONS, CORRUPTIONS, ROBUST_ROTATION, ROBUST_SHIFT
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -26,7 +26,7 @@ GATE_TAG = "gate"
 # The groups of conditions the gate compares (docs/registry.md: why not one mean over all of robustness).
 GROUPS = {
     "clean": (ACCURACY_TAG,),
-    "geometric": tuple(f"robust_{m}" for m in ("rotation_20", "shift_4", *AFFINE_CORRUPTIONS)),
+    "geometric": (ROBUST_ROTATION, ROBUST_SHIFT, *(f"robust_{c}" for c in AFFINE_CORRUPTIONS)),
     "photometric": tuple(f"robust_{c}" for c in CORRUPTIONS if c not in AFFINE_CORRUPTIONS),  # and noise
     "ood": ("ood_accuracy",),  # other writers' digits
 }

@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mnist_cnn.config import UserError, run_stage
+from mnist_cnn.cli import UserError, run_stage
+from mnist_cnn.core import refusal
 from mnist_cnn.core.model import load_checkpoint, normalize_fields
+from mnist_cnn.core.picture import SIZE, NoInk, read_image, to_mnist
 from mnist_cnn.files import load_tensors
 from mnist_cnn.paths import REFUSAL_STATS
-from mnist_cnn.serving import refusal
-from mnist_cnn.serving.picture import SIZE, NoInk, read_image, to_mnist
 
 DEFAULT_MODEL = "models:/mnist-cnn@champion"
 SHOW_SCALE = 10

@@ -14,8 +14,8 @@ import mlflow
 import numpy as np
 import torch
 
+from mnist_cnn.core import refusal
 from mnist_cnn.core.model import Net, load_model, normalize_fields
-from mnist_cnn.serving import refusal
 
 Record = dict[str, int | float | str | None]
 

@@ -17,9 +17,10 @@ import mlflow
 import numpy as np
 from sklearn.metrics import ConfusionMatrixDisplay, classification_report, confusion_matrix
 
-from mnist_cnn.config import UserError, load_params, run_stage
+from mnist_cnn.cli import UserError, run_stage
+from mnist_cnn.config import load_params
 from mnist_cnn.data.mnist import load_processed
-from mnist_cnn.files import read_predictions, save_figure, write_csv, write_json
+from mnist_cnn.files import read_int_columns, save_figure, write_csv, write_json
 from mnist_cnn.paths import CLASSIFICATION_REPORT, CONFUSION_CSV, REPORTS_DIR, TRAIN_HISTORY
 from mnist_cnn.tracking import store
 
@@ -93,7 +94,7 @@ def plot_curves(history_path: Path, path: Path) -> None:
 
 def main() -> None:
     load_params()
-    truth, predicted = read_predictions(CONFUSION_CSV, "the evaluate stage")
+    truth, predicted = read_int_columns(CONFUSION_CSV, "the evaluate stage", "actual", "predicted")
     images, _ = load_processed("test")
     if len(images) != len(truth):
         raise UserError(f"{CONFUSION_CSV}: {len(truth)} rows but {len(images)} test images; rerun evaluate")

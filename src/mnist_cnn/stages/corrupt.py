@@ -11,9 +11,10 @@ import time
 
 import torch
 
-from mnist_cnn.config import load_params, run_stage
+from mnist_cnn.cli import run_stage
+from mnist_cnn.config import load_params
 from mnist_cnn.data.mnist import load_processed
-from mnist_cnn.evalsets import corruptions
+from mnist_cnn.evaluation import corruptions
 from mnist_cnn.files import save_tensors
 from mnist_cnn.paths import CORRUPTED
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import sys
 
-from mnist_cnn.config import load_params, run_stage
+from mnist_cnn.cli import run_stage
+from mnist_cnn.config import load_params
 from mnist_cnn.data.sources import MNIST_FILES, download
 from mnist_cnn.paths import RAW_DIR
 

@@ -12,21 +12,23 @@ import mlflow
 import torch.nn.functional as F
 from sklearn.metrics import f1_score
 
-from mnist_cnn.config import load_params, run_stage
+from mnist_cnn.cli import run_stage
+from mnist_cnn.config import load_params
+from mnist_cnn.core import refusal
 from mnist_cnn.core.model import accuracy, load_checkpoint, predict_log_probs
-from mnist_cnn.core.train_step import tune_cpu_allocator
+from mnist_cnn.core.runtime import tune_cpu_allocator
 from mnist_cnn.data.mnist import load_processed
-from mnist_cnn.evalsets import nondigits
-from mnist_cnn.evalsets.ood import ood_accuracy
+from mnist_cnn.evaluation import nondigits
+from mnist_cnn.evaluation.calibration import report
+from mnist_cnn.evaluation.ood import ood_accuracy
 from mnist_cnn.files import save_tensors, write_csv, write_json
 from mnist_cnn.paths import CONFUSION_CSV, EVAL_METRICS, MODEL_PATH, REFUSAL_STATS
-from mnist_cnn.serving import refusal
 from mnist_cnn.tracking import lineage, store
 
 
 def main() -> None:
     params = load_params()
-    tune_cpu_allocator()  # freed activations stay in the heap (core.train_step)
+    tune_cpu_allocator()  # freed activations stay in the heap (core.runtime)
     images, labels = load_processed("test")
     model = load_checkpoint(str(MODEL_PATH))
     log_probs = predict_log_probs(model, images, params.train.eval_batch_size)
@@ -35,7 +37,7 @@ def main() -> None:
     # The refusal statistics come from the training set (never the test set) and the final weights.
     stats = refusal.fit(model, *load_processed("train"), params.seed)
     save_tensors(REFUSAL_STATS, stats)
-    calibration = refusal.report(model, stats, images, labels)
+    calibration = report(model, stats, images, labels)
 
     metrics = {
         "test_accuracy": accuracy(log_probs, labels),

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mnist_cnn.config import load_params, run_stage
+from mnist_cnn.cli import run_stage
+from mnist_cnn.config import load_params
 from mnist_cnn.data.mnist import load_split
 from mnist_cnn.files import save_tensors, write_json
 from mnist_cnn.paths import PROCESSED_DIR, RAW_DIR

@@ -11,10 +11,11 @@ from __future__ import annotations
 import mlflow
 from sklearn.metrics import f1_score
 
-from mnist_cnn.config import load_params, run_stage
+from mnist_cnn.cli import run_stage
+from mnist_cnn.config import load_params
 from mnist_cnn.core.model import load_checkpoint
 from mnist_cnn.data.mnist import load_processed
-from mnist_cnn.files import load_tensors, read_json, read_predictions, write_json
+from mnist_cnn.files import load_tensors, read_int_columns, read_json, write_json
 from mnist_cnn.paths import CONFUSION_CSV, DVC_LOCK, EVAL_METRICS, MODEL_PATH, REFUSAL_STATS, REGISTERED, ROBUST_METRICS
 from mnist_cnn.registry import publish
 from mnist_cnn.tracking import lineage, store
@@ -23,7 +24,7 @@ from mnist_cnn.tracking import lineage, store
 def main() -> None:
     params = load_params()
     metrics = {k: float(v) for p in (EVAL_METRICS, ROBUST_METRICS) for k, v in read_json(p, "dvc repro").items()}
-    truth, predicted = read_predictions(CONFUSION_CSV, "dvc repro")
+    truth, predicted = read_int_columns(CONFUSION_CSV, "dvc repro", "actual", "predicted")
     digest = publish.artifacts_digest(MODEL_PATH, REFUSAL_STATS)
     images, labels = load_processed("test")
 

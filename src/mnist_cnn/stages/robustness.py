@@ -1,8 +1,8 @@
 """Stage robustness: accuracy under rotation, shift, scale and the MNIST-C corruptions (docs/robustness.md).
 
 params robustness, train.device + data/processed/ + data/corrupted.pt + models/model.pt ->
-metrics/robustness.json (robust_*: each corruption, their mean, clean - mean, robust_rotation_20,
-robust_shift_4), plots/robustness_{rotation,shift,scale}.csv (accuracy per size, with its standard
+metrics/robustness.json (robust_*: each corruption, their mean, clean - mean, the headline rotation
+and shift), plots/robustness_{rotation,shift,scale}.csv (accuracy per size, with its standard
 error) and robustness/ (examples.png, curves.png, corruptions.csv), all logged to the MLflow run.
 """
 
@@ -18,12 +18,19 @@ import matplotlib.pyplot as plt
 import mlflow
 import torch
 
-from mnist_cnn.config import RobustnessParams, UserError, load_params, run_stage
+from mnist_cnn.cli import UserError, run_stage
+from mnist_cnn.config import (
+    HEADLINE_ROTATION,
+    HEADLINE_SHIFT,
+    ROBUST_ROTATION,
+    ROBUST_SHIFT,
+    RobustnessParams,
+    load_params,
+)
 from mnist_cnn.core.model import accuracy, load_checkpoint, predict_log_probs
-from mnist_cnn.core.train_step import tune_cpu_allocator, use_bf16
-from mnist_cnn.core.training import pick_device
+from mnist_cnn.core.runtime import pick_device, tune_cpu_allocator, use_bf16
 from mnist_cnn.data.mnist import load_processed
-from mnist_cnn.evalsets import corruptions
+from mnist_cnn.evaluation import corruptions
 from mnist_cnn.files import load_tensors, save_figure, write_csv, write_json
 from mnist_cnn.paths import CORRUPTED, MODEL_PATH, ROBUST_CURVES, ROBUST_DIR, ROBUST_METRICS
 from mnist_cnn.tracking import store
@@ -72,15 +79,15 @@ def image_set(sets: dict[str, torch.Tensor], key: str) -> torch.Tensor:
     return sets[key]
 
 
-def headline(rows: dict[str, list[dict[str, float]]], angle: float, pixels: int) -> dict[str, float]:
+def headline(rows: dict[str, list[dict[str, float]]]) -> dict[str, float]:
     """The augmentation edge's far side: mean over both rotation senses, and over the three shift directions."""
     out = {}
-    rot = [r["accuracy"] for r in rows["rotation"] if abs(r["degrees"]) == angle]
+    rot = [r["accuracy"] for r in rows["rotation"] if abs(r["degrees"]) == HEADLINE_ROTATION]
     if rot:
-        out[f"robust_rotation_{angle:g}"] = sum(rot) / len(rot)
-    shift = [r for r in rows["shift"] if r["pixels"] == pixels]
+        out[ROBUST_ROTATION] = sum(rot) / len(rot)
+    shift = [r for r in rows["shift"] if r["pixels"] == HEADLINE_SHIFT]
     if shift:
-        out[f"robust_shift_{pixels}"] = sum(shift[0][d] for d in corruptions.SHIFT_DIRECTIONS) / 3
+        out[ROBUST_SHIFT] = sum(shift[0][d] for d in corruptions.SHIFT_DIRECTIONS) / 3
     return out
 
 
@@ -142,7 +149,7 @@ def main() -> None:
         **{f"robust_{n}": a for n, a in scores.items()},
         "robust_mean_accuracy": mean,
         "robust_degradation": clean - mean,
-        **headline(rows, 20, 4),
+        **headline(rows),
     }
 
     write_json(ROBUST_METRICS, {k: round(v, 6) for k, v in metrics.items()})

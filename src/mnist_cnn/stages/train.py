@@ -16,11 +16,13 @@ import mlflow
 import torch
 from tqdm import tqdm
 
-from mnist_cnn.config import Params, UserError, load_params, parallel_problem, run_stage
+from mnist_cnn.cli import UserError, run_stage
+from mnist_cnn.config import Params, load_params, parallel_problem
 from mnist_cnn.core import distributed
 from mnist_cnn.core.model import Net, accuracy, predict_log_probs
+from mnist_cnn.core.runtime import pick_device
 from mnist_cnn.core.train_step import mean_nll
-from mnist_cnn.core.training import build, pick_device, steps_per_epoch, train_epoch
+from mnist_cnn.core.training import build, steps_per_epoch, train_epoch
 from mnist_cnn.data.mnist import load_processed
 from mnist_cnn.files import save_tensors, write_csv, write_json
 from mnist_cnn.paths import MODEL_PATH, TRAIN_HISTORY, TRAIN_METRICS

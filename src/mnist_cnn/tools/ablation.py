@@ -25,7 +25,8 @@ from matplotlib.ticker import MaxNLocator
 from mlflow.entities import Run
 from scipy import stats
 
-from mnist_cnn.config import UserError, run_stage
+from mnist_cnn.cli import UserError, run_stage
+from mnist_cnn.config import HEADLINE_ROTATION, HEADLINE_SHIFT, ROBUST_ROTATION, ROBUST_SHIFT
 from mnist_cnn.files import save_figure, write_text
 from mnist_cnn.tracking import store
 
@@ -161,7 +162,11 @@ def robustness_section(runs: list[RunSummary], knob: Knob) -> list[str]:
             )
     lines += ["", f"### Worst {a} run vs best {b} run", ""]
     lines += [f"| point | worst {a} (%) | best {b} (%) | worst > best |", "|---|---|---|---|"]
-    for name, label in (("robust_rotation_20", "rotation ±20 degrees"), ("robust_shift_4", "shift 4 pixels")):
+    headlines = (
+        (ROBUST_ROTATION, f"rotation ±{HEADLINE_ROTATION} degrees"),
+        (ROBUST_SHIFT, f"shift {HEADLINE_SHIFT} pixels"),
+    )
+    for name, label in headlines:
         on = [r.robust[name] for r in runs if name in r.robust and knob.side(r) == 0]
         off = [r.robust[name] for r in runs if name in r.robust and knob.side(r) == 1]
         if on and off:
@@ -192,7 +197,7 @@ def plot_robustness(runs: list[RunSummary], knob: Knob, path: Path) -> None:
     for ax, curve in zip(axes, CURVES, strict=True):
         for side, colour in ((0, "tab:blue"), (1, "tab:orange")):
             group = [r for r in runs if knob.side(r) == side]
-            # (the rotation curve's points are cwN/ccwN; robust_rotation_20 is their mean)
+            # (the rotation curve's points are cwN/ccwN; the headline ROBUST_ROTATION is their mean)
             points = {k for r in group for k in r.robust if k.startswith(f"robust_{curve}_")}
             names = sorted(
                 (k for k in points if curve != "rotation" or "cw" in k), key=lambda k, c=curve: _curve_size(k, c)
@@ -283,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         prefix = f"{knob.key.replace('.', '_')}_diff"
         if difference:
             mlflow.log_metrics({f"{prefix}_{k}": v for k, v in difference.items() if k != "pairs"})
-        for name in ("robust_mean_accuracy", "robust_rotation_20", "robust_shift_4"):
+        for name in ("robust_mean_accuracy", ROBUST_ROTATION, ROBUST_SHIFT):
             d = paired_difference(*paired(summaries, knob, lambda r, name=name: r.robust.get(name)))
             if d:
                 mlflow.log_metrics({f"{prefix}_{name}_{k}": v for k, v in d.items() if k != "pairs"})

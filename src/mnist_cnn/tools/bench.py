@@ -25,10 +25,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
-from mnist_cnn.config import Params, UserError, load_params, run_stage
+from mnist_cnn.cli import UserError, run_stage
+from mnist_cnn.config import Params, load_params
 from mnist_cnn.core.model import MNIST_MEAN, MNIST_STD, Net
-from mnist_cnn.core.train_step import use_bf16
-from mnist_cnn.core.training import build, pick_device, train_epoch
+from mnist_cnn.core.runtime import pick_device, use_bf16
+from mnist_cnn.core.training import build, train_epoch
 from mnist_cnn.data.mnist import load_processed
 from mnist_cnn.data.sources import MNIST_FILES
 from mnist_cnn.paths import RAW_DIR
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Each rate is the median of several passes (a shared machine's speed drifts). The
     # reference runs first and alone: the project's loop tunes the process-wide allocator
-    # (core.train_step.tune_cpu_allocator), which would speed up a tutorial loop run after it.
+    # (core.runtime.tune_cpu_allocator), which would speed up a tutorial loop run after it.
     rates: dict[str, list[float]] = {}
     with reference_loop(params, device, args.subset, args.workers) as reference_pass:
         rates["reference"] = [reference_pass() for _ in range(args.repeats)]

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import numpy as np
 
-from mnist_cnn.config import UserError, run_stage
+from mnist_cnn.cli import UserError, run_stage
 from mnist_cnn.files import load_tensors
 from mnist_cnn.paths import PROCESSED_DIR
 

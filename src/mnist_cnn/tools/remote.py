@@ -14,7 +14,7 @@ from dvc.data_cloud import Remote
 from dvc.exceptions import DvcException
 from dvc.repo import Repo
 
-from mnist_cnn.config import UserError, run_stage
+from mnist_cnn.cli import UserError, run_stage
 
 
 def _exists(remote: Remote) -> bool:

@@ -15,7 +15,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from mnist_cnn.config import UserError, run_stage
+from mnist_cnn.cli import UserError, run_stage
 
 WAITING = ("Queued", "Running")
 

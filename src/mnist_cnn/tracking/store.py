@@ -19,7 +19,8 @@ import psutil
 from filelock import FileLock, Timeout
 from mlflow.exceptions import MlflowException
 
-from mnist_cnn.config import Params, UserError, flat
+from mnist_cnn.cli import UserError
+from mnist_cnn.config import Params, flat
 from mnist_cnn.files import read_json, write_json
 from mnist_cnn.paths import RUN_FILE
 

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
-from mnist_cnn.config import UserError
+from mnist_cnn.cli import UserError
 
 FIT = 20  # MNIST: the digit's bounding box fits 20x20 ...
 SIZE = 28  # ... inside a 28x28 field, centred by centre of mass

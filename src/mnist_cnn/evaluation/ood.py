@@ -1,7 +1,5 @@
 """Out-of-distribution handwriting: real digits by other writers, as a user would send them.
 
-    python -m mnist_cnn.evalsets.ood [--model models/model.pt]   # prints the checkpoint's ood_accuracy
-
 scikit-learn's `load_digits` (1,797 digits by 43 writers, 8x8 blocks of 16 grey levels), each rendered
 as a user's picture (enlarged, somewhere on a larger greyish page, ink of varying strength, now and then
 reversed, sensor noise) and put through picture.to_mnist. One fixed seed; evaluation only. MNIST's test
@@ -10,19 +8,16 @@ set shares its writers' habits with the training set; this one does not (docs/oo
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Iterator
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from mnist_cnn.config import run_stage
-from mnist_cnn.core.model import CPU_BATCH, accuracy, load_checkpoint, normalize_fields
-from mnist_cnn.serving.picture import to_mnist
+from mnist_cnn.core.model import CPU_BATCH, accuracy, normalize_fields
+from mnist_cnn.core.picture import to_mnist
 
 SEED = 20260
 MIN_SIDE, MAX_SIDE = 60, 200  # px of the enlarged 8x8 digit
@@ -73,15 +68,3 @@ def ood_accuracy(predict_log_probs_fn: Callable[[torch.Tensor], torch.Tensor]) -
     with torch.inference_mode():  # in small batches: see core.model.CPU_BATCH
         scores = torch.cat([predict_log_probs_fn(x) for x in torch.split(normalize_fields(images), CPU_BATCH)])
     return accuracy(scores, torch.tensor(labels))
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mnist_cnn.evalsets.ood", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=Path("models/model.pt"), help="a model.pt checkpoint")
-    args = parser.parse_args(argv)
-    net = load_checkpoint(str(args.model))
-    print(f"ood_accuracy {ood_accuracy(net):.4f} ({len(load_ood_set()[1])} digits)")
-
-
-if __name__ == "__main__":
-    run_stage(main)

@@ -11,7 +11,7 @@ from torch import nn
 
 from helpers import render_digits
 from mnist_cnn.core.model import normalize
-from mnist_cnn.evalsets import corruptions
+from mnist_cnn.evaluation import corruptions
 from mnist_cnn.stages.robustness import scored
 
 

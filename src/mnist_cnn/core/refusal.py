@@ -22,7 +22,6 @@ REFUSED_TRAINING = 0.01  # of the augmented training images, refused by the two 
 INK_QUANTILES = (0.001, 0.999)  # of the augmented training images' ink coverage: the range that is answered
 CALIBRATION_IMAGES = 20_000  # augmented training images for the temperature and the thresholds
 MIN_CONTRAST = 32 / 255  # an input whose pixels span less than this is blank (picture.MIN_CONTRAST)
-ECE_BINS = 15
 LAYERS = ("conv", "logits")  # the distances, in the order their reasons are given
 # Per image: digit (-1 when refused), calibrated probability (0 when refused), reason (None when answered).
 Answers = tuple[np.ndarray, np.ndarray, list[str | None]]
@@ -135,31 +134,6 @@ def decide(stats: Tensors, x: torch.Tensor, features: Tensors, log_probs: torch.
             reasons.append(None)
     refused = torch.tensor([r is not None for r in reasons], dtype=torch.bool)
     return torch.where(refused, -1, digits).numpy(), torch.where(refused, 0.0, probabilities).numpy(), reasons
-
-
-def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
-    """Top-label ECE: the confidence-weighted gap between stated confidence and accuracy, in equal-width bins."""
-    confidence, predicted = probabilities.max(1), probabilities.argmax(1)
-    which = np.minimum((confidence * bins).astype(int), bins - 1)
-    gap = 0.0
-    for b in range(bins):
-        members = which == b
-        if members.any():
-            gap += members.mean() * abs((predicted[members] == labels[members]).mean() - confidence[members].mean())
-    return float(gap)
-
-
-def report(net: Net, stats: Tensors, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """ECE before/after the temperature and the false-refusal rate on labelled uint8 images (N, 1, 28, 28)."""
-    x = normalize(images)
-    features, log_probs = features_and_log_probs(net, x)
-    truth = labels.numpy()
-    digits, _, _ = decide(stats, x, features, log_probs)
-    return {
-        "ece_uncalibrated": expected_calibration_error(log_probs.exp().numpy(), truth),
-        "ece": expected_calibration_error(torch.softmax(log_probs / stats["temperature"], 1).numpy(), truth),
-        "refused": float((digits < 0).mean()),
-    }
 
 
 def refused_fraction(net: Net, stats: Tensors, fields: np.ndarray) -> float:

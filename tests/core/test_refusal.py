@@ -12,11 +12,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from helpers import render_digits, trained_one_epoch
+from mnist_cnn.core import refusal
 from mnist_cnn.core.model import Net
+from mnist_cnn.core.picture import to_mnist
 from mnist_cnn.files import save_tensors
 from mnist_cnn.paths import REFUSAL_STATS
-from mnist_cnn.serving import refusal
-from mnist_cnn.serving.picture import to_mnist
 from mnist_cnn.serving.predict import main
 
 
@@ -141,28 +141,6 @@ def test_a_solid_shape_is_refused(model_dir: Path, tmp_path: Path, capsys: pytes
     for line in capsys.readouterr().out.splitlines():
         answer = json.loads(line)
         assert answer["digit"] is None and answer["reason"].startswith("not a digit"), answer
-
-
-def test_temperature_undoes_overconfidence() -> None:
-    """Labels drawn from softmax(z) are calibrated for z; a network stating softmax(3 z) needs T = 3."""
-    generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(20_000, 10, generator=generator) * 2
-    labels = torch.multinomial(torch.softmax(logits, 1), 1, generator=generator).squeeze(1)
-    overconfident = torch.log_softmax(3 * logits, 1)
-    assert refusal.fit_temperature(overconfident, labels) == pytest.approx(3, rel=0.05)
-    truth = labels.numpy()
-    before = refusal.expected_calibration_error(overconfident.exp().numpy(), truth)
-    after = refusal.expected_calibration_error(torch.softmax(overconfident / 3, 1).numpy(), truth)
-    assert after < 0.02 < 0.1 < before
-
-
-def test_ece_of_known_cases() -> None:
-    labels = np.array([0, 0, 0, 0])
-    sure = np.eye(10)[[0, 0, 0, 1]]  # 100% confident, right 3 times out of 4
-    assert refusal.expected_calibration_error(sure, labels) == pytest.approx(0.25)
-    stated = np.full((4, 10), 0.05)
-    stated[[0, 1, 2, 3], [0, 0, 0, 1]] = 0.55  # 55% sure each time, right 3 times out of 4
-    assert refusal.expected_calibration_error(stated, labels) == pytest.approx(0.20)
 
 
 def test_answers_are_right_when_threads_share_the_net() -> None:

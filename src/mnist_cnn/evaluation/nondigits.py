@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from mnist_cnn.serving import refusal
-from mnist_cnn.serving.picture import NoInk, to_mnist
+from mnist_cnn.core import refusal
+from mnist_cnn.core.picture import NoInk, to_mnist
 
 KINDS = ("noise", "blank", "shapes", "letters")
 COUNT = 200  # generated pictures of each kind

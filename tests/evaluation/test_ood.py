@@ -11,8 +11,8 @@ import torch
 from scipy import ndimage
 from sklearn.datasets import load_digits
 
-from mnist_cnn.evalsets import ood
-from mnist_cnn.serving.picture import to_mnist
+from mnist_cnn.core.picture import to_mnist
+from mnist_cnn.evaluation import ood
 
 EVERY = 97  # the rows recomputed from their pictures: a spread over writers and digits
 
