@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -69,29 +68,6 @@ def test_repo_params_yaml_validates(raw_params: dict[str, Any]) -> None:
     assert isinstance(params.train.lr, float)
     assert isinstance(params.data.timeout_s, float)
     assert isinstance(params.train.epochs, int)
-
-
-def readme_experiment_lines() -> list[str]:
-    """Every `dvc exp run ...` command block of README.md, continuation lines joined."""
-    text = (REPO / "README.md").read_text().replace("\\\n", " ")
-    return [line for line in text.splitlines() if line.startswith("dvc exp run ")]
-
-
-@pytest.mark.parametrize("line", readme_experiment_lines(), ids=lambda line: " ".join(line.split()[3:5]))
-def test_the_readme_experiments_are_valid_params(line: str) -> None:
-    """What a newcomer copies from the README: each -S names a real key, and together they validate."""
-    words = shlex.split(line)
-    pairs = [words[i + 1].split("=", 1) for i, word in enumerate(words) if word == "-S"]
-    assert pairs, line
-    overrides = {key: yaml.safe_load(value) for key, value in pairs}
-    assert set(overrides) <= set(yaml_leaves(yaml.safe_load(PARAMS_YAML.read_text()))), line
-    params = flat(validate(overridden(**overrides)))
-    assert all(params[key] == value for key, value in overrides.items())
-
-
-def test_the_readme_has_the_robust_and_improved_presets() -> None:
-    names = {shlex.split(line)[4] for line in readme_experiment_lines() if " -n " in line}
-    assert {"improved", "robust"} <= names
 
 
 def test_params_are_frozen(raw_params: dict[str, Any]) -> None:
