@@ -25,7 +25,7 @@ $(STAMP):
 lock: setup
 	python dev/lock.py
 
-# tests/test_ui.py drives /usr/bin/chromium (apt; .ci/run installs it) with playwright-core from npm,
+# tests/e2e/test_ui.py drives /usr/bin/chromium (apt; .ci/run installs it) with playwright-core from npm,
 # pinned exactly in tests/ui/package.json; no lockfile is written (it would record the registry host).
 UI_STAMP := tests/ui/node_modules/.installed-$(shell cksum < tests/ui/package.json | cut -d' ' -f1)
 
@@ -35,7 +35,7 @@ $(UI_STAMP): tests/ui/package.json
 	@if command -v npm >/dev/null; then \
 		npm install --no-package-lock --no-audit --no-fund --prefix tests/ui \
 		&& rm -f tests/ui/node_modules/.installed-* && touch $@; \
-	else echo "warning: npm not found; tests/test_ui.py will be skipped"; fi
+	else echo "warning: npm not found; tests/e2e/test_ui.py will be skipped"; fi
 
 repro: setup
 	dvc repro
@@ -61,13 +61,16 @@ PYTEST := pytest -q --dist loadgroup --no-loadscope-reorder
 test: setup ui-deps
 	ruff check src tests dev
 	ruff format --check src tests dev
+	python dev/check_refs.py
 	$(PYTEST) -n $(TEST_WORKERS)
 
 test-fast: setup
 	$(PYTEST) -n $(FAST_WORKERS) -m "not slow and not network"
 
+# ruff, and every path, module and make target that README.md, docs/, Makefile, .ci/run and tests/ui/ name
 lint: setup
 	ruff check src tests dev && ruff format --check src tests dev
+	python dev/check_refs.py
 
 # Throughput of the report's loop vs the train stage's loop (needs the data: preprocess stage).
 bench: setup

@@ -15,7 +15,7 @@ TRAIN_HISTORY = Path("plots/train_history.csv")  # one row per epoch
 
 EVAL_METRICS = Path("metrics/eval.json")  # evaluate
 CONFUSION_CSV = Path("plots/confusion.csv")  # one row per test image (DVC's confusion template)
-REFUSAL_STATS = Path("models/refusal.pt")  # evaluate: the "not a digit" statistics (serving.refusal)
+REFUSAL_STATS = Path("models/refusal.pt")  # evaluate: the "not a digit" statistics (core.refusal)
 
 CORRUPTED = Path("data/corrupted.pt")  # corrupt: the test images transformed and corrupted, by name
 ROBUST_METRICS = Path("metrics/robustness.json")  # robustness: flat robust_* accuracies

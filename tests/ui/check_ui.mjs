@@ -1,4 +1,4 @@
-// Drives the MLflow UI in headless Chromium and checks what tests/test_ui.py expects to see.
+// Drives the MLflow UI in headless Chromium and checks what tests/e2e/test_ui.py expects to see.
 //
 //   node tests/ui/check_ui.mjs <base-url> <experiment-id> <run-id> <out-dir> <model> <run-version> <alias>=<version>...
 //
