@@ -43,7 +43,7 @@ EXTENSIONS = (".py", ".md", ".mjs", ".json", ".yaml", ".yml", ".toml", ".lock", 
 SKIPPED = ("node_modules", "__pycache__")  # folders whose file names are nobody's reference
 
 PATH_TOKEN = re.compile(r"[\w.{},*@<>$-]*/[\w./{},*@<>$-]*(?:#[\w-]+)?")
-BARE_TOKEN = re.compile(r"(?<![\w./-])[\w-]+(?:\.[\w-]+)*\.(?:py|md|mjs)\b(?![/\w])")
+BARE_TOKEN = re.compile(rf"(?<![\w./-])[\w-]+(?:\.[\w-]+)*\.(?:{'|'.join(e[1:] for e in BARE_FILES)})\b(?![/\w])")
 MODULE_TOKEN = re.compile(r"(?<![\w./])mnist_cnn(?:\.\w+)+")
 DOTTED_SPAN = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+(?:\(\))?")
 MAKE_COMMAND = re.compile(r"(?:^|[;&|(`]|\bthen)\s*(?:[A-Z_]+=\S*\s+)*make\s+(?:-\S+\s+|[A-Z_]+=\S*\s+)*([a-z][\w-]*)")
@@ -65,7 +65,7 @@ class Dangling:
 
 def slug(heading: str) -> str:
     """GitHub's anchor for a heading: lower case, punctuation dropped, spaces as hyphens."""
-    text = re.sub(r"[`*_]|\]\([^)]*\)|\[", lambda m: "_" if m.group() == "_" else "", heading.strip().lower())
+    text = re.sub(r"[`*]|\]\([^)]*\)|\[", "", heading.strip().lower())
     return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
 
 
