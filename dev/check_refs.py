@@ -18,6 +18,7 @@ Each dangling reference is one line, `file:line: kind 'reference'`, and the exit
 from __future__ import annotations
 
 import ast
+import fnmatch
 import itertools
 import os
 import re
@@ -195,8 +196,12 @@ class Repository:
         return any(self.resolves(".".join([name, *rest])) for name in candidates)
 
     def is_output(self, path: str) -> bool:
+        """An output, under one (a file of an output folder), above one (models/), or a pattern of some."""
         path = path.strip("/")
-        return any(path == out or path.startswith(out + "/") or out.startswith(path + "/") for out in self.outputs)
+        return any(
+            path == out or path.startswith(out + "/") or out.startswith(path + "/") or fnmatch.fnmatch(out, path)
+            for out in self.outputs
+        )
 
     def path_exists(self, ref: str, here: Path) -> bool:
         bases = (here, self.root, self.package, self.root / "src", self.root / "tests")

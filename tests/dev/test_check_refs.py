@@ -27,7 +27,7 @@ make test        # the target exists
 UPGRADE=torch make lint
 ```
 
-Outputs: `reports/confusion_matrix.png`, `models/model.pt`, `mlruns/mlflow.db`; params: `train.epochs`;
+Outputs: `reports/confusion_matrix.png`, `models/*.pt`, `mlruns/mlflow.db`; params: `train.epochs`;
 a tag the code writes: `train.bf16`. Not paths: https://example.org/x/gone.py, `<run id>/model`,
 `tests/<package>/test_<module>.py`, on/off, 1,000 img/s, `torch.compile`, `/usr/bin/chromium`.
 """
