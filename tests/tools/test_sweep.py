@@ -1,6 +1,6 @@
-"""tools/sweep.py: reading `dvc queue status`, the checks before a sweep, and a real sweep of 4 toy
+"""tools/sweep.py: reading `dvc queue status`, the checks before a sweep, a real sweep of 4 toy
 experiments as one MLflow parent run, drained by 1 worker although that worker is stopped after the
-first (the state DVC's workers have been seen to leave)."""
+first (the state DVC's workers have been seen to leave), and a lost task queued again."""
 
 from __future__ import annotations
 
@@ -49,6 +49,17 @@ def test_parse_status_reads_tasks_states_and_workers() -> None:
         parse_status("ERROR: something else")
 
 
+def toy_repo(repo: Path, stage: str) -> Path:
+    repo.mkdir()
+    (repo / "params.yaml").write_text("n: 0\nseed: 0\n")
+    (repo / "dvc.yaml").write_text(stage)
+    (repo / ".gitignore").write_text("mlruns/\n")
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "repro", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "toy"]):  # fmt: skip
+        run(cmd, repo)
+    return repo
+
+
 def test_a_sweep_owns_the_queue_and_checks_its_options() -> None:
     with pytest.raises(UserError, match=r"2 experiments already queued or running \(robust-0, 22c83f3\)"):
         sweep.check_idle(parse_status(STATUS))
@@ -81,14 +92,8 @@ TOY_STAGE = """stages:
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_a_sweep_of_4_is_one_parent_run_and_finishes_with_its_worker_stopped_midway(tmp_path: Path) -> None:
-    repo, parents = tmp_path / "toy", tmp_path / "parents.txt"
-    repo.mkdir()
-    (repo / "params.yaml").write_text("n: 0\nseed: 0\n")
-    (repo / "dvc.yaml").write_text(TOY_STAGE.replace("PARENTS", str(parents)))
-    (repo / ".gitignore").write_text("mlruns/\n")
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "repro", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "toy"]):  # fmt: skip
-        run(cmd, repo)
+    parents = tmp_path / "parents.txt"
+    repo = toy_repo(tmp_path / "toy", TOY_STAGE.replace("PARENTS", str(parents)))
     parents.unlink()  # the baseline's own line
     command = [sys.executable, "-m", "mnist_cnn.tools.sweep", "--knob", "n=1,2", "--seeds", "0,1", "-j", "1"]
     sweep_process = subprocess.Popen(
@@ -120,3 +125,34 @@ def test_a_sweep_of_4_is_one_parent_run_and_finishes_with_its_worker_stopped_mid
     assert sorted(parent.data.tags["mnist_cnn.sweep.experiments"].split(",")) == sorted(r["Experiment"] for r in done)
     # Every stage process ran with the parent's id, whichever worker ran it (the first or the restarted one).
     assert parents.read_text().splitlines() == [parent.info.run_id] * 4
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_a_task_a_stopping_worker_took_and_never_ran_is_queued_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = toy_repo(tmp_path / "toy", TOY_STAGE.replace("PARENTS", str(tmp_path / "parents.txt")))
+    run(["dvc", "exp", "run", "--queue", "-n", "lost-1", "-S", "n=2", "-S", "seed=3"], repo)
+    # What a worker leaves when it takes the task just as it is told to stop: the broker has moved the
+    # message out of the queue's folder (into processed/, as on delivery), and nothing runs it.
+    broker = repo / ".dvc" / "tmp" / "exps" / "celery" / "broker"
+    (message,) = (broker / "in").glob("*.celery.msg")
+    (broker / "processed").mkdir(exist_ok=True)
+    message.rename(broker / "processed" / message.name)
+    lost = parse_status(run(["dvc", "queue", "status"], repo).stdout)
+    (task_id,) = lost.orphaned
+    assert lost.tasks[task_id] == Task("lost-1", "Running")
+
+    monkeypatch.chdir(repo)
+    for name, value in tool_env().items():
+        monkeypatch.setenv(name, value)
+    pending, status = sweep.drain([task_id], ["n", "seed"], jobs=1, poll=0.5, lost_after=1)
+    output = capsys.readouterr().out
+    assert "sweep: lost-1 was taken by a stopping worker and never ran; queued again (n=2 seed=3)" in output
+    (new,) = pending
+    assert status.tasks == {task_id: Task("lost-1", "Failed"), new: Task("lost-1", "Success")}
+    shown = csv.DictReader(io.StringIO(run(["dvc", "exp", "show", "--no-pager", "--csv"], repo).stdout))
+    assert [(r["n"], r["seed"]) for r in shown if r["Experiment"] == "lost-1" and r["State"] == "Success"] == [
+        ("2", "3")
+    ]
