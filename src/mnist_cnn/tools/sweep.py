@@ -9,7 +9,8 @@ the pipeline creates under them is its child. It ends FINISHED when every experi
 A `dvc queue start` worker can end while experiments are still queued: `dvc queue status` then
 shows them Queued beside "Worker status: 0 active, 0 idle", and a loop waiting for the queue to
 drain waits forever. This polls the status until nothing is queued or running, and starts workers
-again (saying so) whenever experiments wait and no worker is alive.
+again (saying so) whenever experiments wait and no worker is alive; an experiment a stopping worker
+took and never ran is queued again (`requeue_lost`, docs/operations.md).
 Exit 0 when every experiment succeeded, 1 (naming the failed ones) otherwise.
 """
 
@@ -103,11 +104,12 @@ def requeue_lost(task_id: str, status: QueueStatus, keys: list[str]) -> str | No
     the broker moved it out of the queue, and DVC's workers do not put back what they took at
     shutdown. If it never started a process (`dvc queue logs` has nothing), `dvc queue kill` marks
     it Failed, and it is queued again under its name with the sweep's params from its stash commit:
-    the new task's id. None when it did start (it is not lost)."""
+    the new task's id. None when it did start, or a worker says it runs it (it is not lost)."""
     logs = subprocess.run(["dvc", "queue", "logs", task_id], capture_output=True, text=True)
     if logs.returncode == 0 or "No output logs found" not in logs.stderr:
         return None
-    dvc("queue", "kill", task_id)
+    if subprocess.run(["dvc", "queue", "kill", task_id], capture_output=True, text=True).returncode != 0:
+        return None  # (DVC refuses when a worker reports the task as its own)
     shown = subprocess.run(["git", "show", f"{task_id}:params.yaml"], capture_output=True, text=True)
     if shown.returncode != 0:
         raise UserError(f"sweep: cannot read the params of lost task {task_id}: {shown.stderr.strip()[-200:]}")
@@ -142,7 +144,7 @@ def drain(
         for task_id in [t for t, since in orphaned_since.items() if t in pending and now - since >= lost_after]:
             if (new := requeue_lost(task_id, status, keys)) is not None:
                 pending = [new if t == task_id else t for t in pending]
-            del orphaned_since[task_id]  # (not lost: checked again after another lost_after)
+            del orphaned_since[task_id]  # (if it was not lost: checked again after another lost_after)
         if status.stalled:
             waiting = len(status.ids("Queued"))
             print(f"sweep: {waiting} experiments queued and no worker active; starting {jobs} again", flush=True)
@@ -155,7 +157,8 @@ def check_idle(status: QueueStatus) -> None:
     if waiting := [status.tasks[task_id].name for task_id in status.ids(*WAITING)]:
         raise UserError(
             f"sweep: {len(waiting)} experiments already queued or running ({', '.join(waiting[:5])}); "
-            "let them finish or remove them (dvc queue remove --queued) first"
+            "let them finish or remove them first (dvc queue remove --queued; dvc queue kill NAME for one "
+            "shown Running with no worker alive)"
         )
     if status.active_workers or status.idle_workers:
         raise UserError("sweep: a queue worker is still running (dvc queue stop, then retry)")
