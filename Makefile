@@ -77,18 +77,18 @@ bench: setup
 	dvc repro preprocess
 	python -m mnist_cnn.tools.bench $(BENCH_ARGS)
 
-# The report's ablation with error bars: augment on/off x 5 seeds through DVC's queue
-# (JOBS workers, one sqlite store created first), then the summary in ablation/. KNOB=KEY=A,B
-# measures another param, A against B, e.g. make ablation KNOB=model.input_norm=background,none
-# ABLATION_ARGS="-S train.precision=auto" (JOBS > 1 pays only with spare cores or GPUs)
+# The report's ablation with error bars: augment on/off x 5 seeds through DVC's queue as one MLflow
+# parent run (JOBS workers; each experiment's runs are its children), then the summary of that
+# parent's children in ablation/. KNOB=KEY=A,B measures another param, A against B, into a folder
+# of its own (ablation/<key>/), e.g. make ablation KNOB=model.input_norm=background,none; ABLATION_ARGS
+# holds fixed -S options, e.g. "-S train.precision=auto" (JOBS > 1 pays only with spare cores or GPUs)
 JOBS ?= 1
 KNOB ?= augment=true,false
+SEEDS ?= 0,1,2,3,4
 ABLATION_ARGS ?=
 ablation: setup
 	dvc repro preprocess
-	python -c "from mnist_cnn.tracking import store; store.setup()"
-	dvc exp run --queue -S $(KNOB) -S seed=0,1,2,3,4 $(ABLATION_ARGS)
-	python -m mnist_cnn.tools.sweep -j $(JOBS)   # starts workers again if they end with runs queued
+	python -m mnist_cnn.tools.sweep --knob $(KNOB) --seeds $(SEEDS) -j $(JOBS) $(ABLATION_ARGS)
 	python -m mnist_cnn.tools.ablation --knob $(KNOB)
 
 # The MLflow UI over this checkout's store, on loopback only; it prints the experiment's URL in the

@@ -267,7 +267,7 @@ def dangling_in_line(repo: Repository, path: Path, line: str, code: list[str]) -
         if token not in repo.file_names and token not in links:
             yield "file", token
     for module in MODULE_TOKEN.findall(line):
-        if not repo.resolves(module.rstrip(".")):
+        if not repo.resolves(module.rstrip(".")) and module.rstrip(".") not in repo.strings:  # a tag's name
             yield "module", module
     for segment in code:
         span = segment.strip()

@@ -1,15 +1,18 @@
 """Ablation summary: many seeds per setting, mean and spread, and a paired test of one knob.
 
-Groups the finished runs of the experiment `mnist-cnn` (or of the named DVC experiments, or with a
-tag) by the params that differ, the seed excepted, and writes DIR/ablation.md (per group and epoch the
-mean ± std of the losses and test accuracy; --knob KEY=A,B (default augment=true,false): A - B paired by
-seed, scipy's paired t-test, for the accuracy and every robust_* metric; 4/9 confusions), DIR/ablation.png
-and DIR/ablation_robustness.png, logged as an MLflow run tagged `mnist_cnn.kind=ablation-summary`."""
+Reads the child runs of one sweep's parent run (`--parent RUN_ID`, default the latest run tagged
+`mnist_cnn.kind=sweep`, which `tools.sweep` opens), or the runs of the named DVC experiments, and
+nothing else in the store. Groups them by the params that differ, the seed excepted, and writes
+DIR/ablation.md (per group and epoch the mean ± std of the losses and test accuracy; --knob KEY=A,B
+(default: the sweep's): A - B paired by seed, scipy's paired t-test, for the accuracy, every robust_*
+metric and every point of the robustness curves, read from each run's plots/robustness_*.csv; 4/9
+confusions), DIR/ablation.png and DIR/ablation_robustness.png, logged as an MLflow run tagged
+`mnist_cnn.kind=ablation-summary` (a child of the sweep's parent run). DIR is ablation/ for the
+report's knob augment=true,false and ablation/<key>/ for any other."""
 
 from __future__ import annotations
 
 import argparse
-import io
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,24 +25,25 @@ import mlflow
 import numpy as np
 import yaml
 from matplotlib.ticker import MaxNLocator
-from mlflow.entities import Run
 from scipy import stats
 
 from mnist_cnn.cli import UserError, run_stage
 from mnist_cnn.config import HEADLINE_ROTATION, HEADLINE_SHIFT, ROBUST_ROTATION, ROBUST_SHIFT
 from mnist_cnn.files import save_figure, write_text
+from mnist_cnn.tools.sweep import KIND_TAG, split_knob
+from mnist_cnn.tools.sweep_runs import (
+    CURVES,
+    METRICS,
+    RunSummary,
+    by_experiment,
+    fetch_runs,
+    find_parent,
+    point_name,
+    summarise,
+)
 from mnist_cnn.tracking import store
 
-KIND_TAG = "mnist_cnn.kind"
-METRICS = ("test_accuracy", "test_loss", "train_loss")
-
-
-@dataclass
-class RunSummary:
-    params: dict[str, str]
-    history: dict[str, list[float]]  # metric -> value per epoch (index 0 = epoch 1)
-    confusions_4_9: int | None
-    robust: dict[str, float]  # the robustness stage's robust_* metrics
+DEFAULT_KNOB = "augment=true,false"
 
 
 @dataclass
@@ -68,38 +72,6 @@ def _yaml(text: str) -> object:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-
-
-def fetch_runs(exp_names: list[str], tag: str | None) -> list[Run]:
-    experiment_id = store.setup()
-    filters = ["attributes.status = 'FINISHED'"]
-    if tag:
-        key, sep, value = tag.partition("=")
-        if not sep:
-            raise UserError(f"--tag: expected KEY=VALUE, got {tag!r}")
-        filters.append(f"tags.`{key}` = '{value}'")
-    runs = mlflow.search_runs([experiment_id], " and ".join(filters), output_format="list", max_results=5000)
-    runs = [r for r in runs if KIND_TAG not in r.data.tags]  # not earlier summaries
-    return [r for r in runs if not exp_names or r.data.tags.get("dvc.exp_name") in exp_names]
-
-
-def summarise(run: Run, client: mlflow.MlflowClient) -> RunSummary:
-    history = {
-        metric: [m.value for m in sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step)]
-        for metric in METRICS
-    }
-    robust = {k: v for k, v in run.data.metrics.items() if k.startswith("robust_")}
-    return RunSummary(dict(run.data.params), history, confusions_4_9(run.info.run_id), robust)
-
-
-def confusions_4_9(run_id: str) -> int | None:
-    """4 taken for 9 plus 9 taken for 4, from the run's reports/confusion_counts.csv."""
-    try:
-        text = mlflow.artifacts.load_text(f"runs:/{run_id}/reports/confusion_counts.csv")
-    except Exception:  # no such artifact (e.g. a run that stopped before confusion-analysis)
-        return None
-    matrix = np.loadtxt(io.StringIO(text), delimiter=",", skiprows=1, dtype=int)[:, 1:]
-    return int(matrix[4, 9] + matrix[9, 4])
 
 
 def group_runs(runs: list[RunSummary]) -> list[Group]:
@@ -145,15 +117,19 @@ def paired_difference(on: list[float], off: list[float]) -> dict[str, float] | N
 
 
 def robustness_section(runs: list[RunSummary], knob: Knob) -> list[str]:
-    names = sorted({k for r in runs for k in r.robust}, key=_robust_order)
-    if not names:
+    """The paired table: every robust_* metric by name, then each curve's points by size."""
+    rows = [(name, lambda r, name=name: r.robust.get(name)) for name in sorted({k for r in runs for k in r.robust})]
+    for curve in CURVES:
+        for size in sorted({s for r in runs for s in r.curves.get(curve, {})}):
+            rows.append((point_name(curve, size), lambda r, c=curve, s=size: r.curves.get(c, {}).get(s)))
+    if not rows:
         return []
     a, b = knob.label(0), knob.label(1)
     lines = [f"## Robustness: {a} - {b}, paired by seed", ""]
     lines += [f"| metric | {a} (%) mean ± std | {b} (%) mean ± std | difference (points) | 95% CI | p |"]
     lines += ["|---|---|---|---|---|---|"]
-    for name in names:
-        on, off = paired(runs, knob, lambda r, name=name: r.robust.get(name))
+    for name, value in rows:
+        on, off = paired(runs, knob, value)
         if (d := paired_difference(on, off)) is not None:
             lines.append(
                 f"| {name} | {100 * np.mean(on):.2f} ± {100 * np.std(on, ddof=1):.2f} | "
@@ -175,37 +151,18 @@ def robustness_section(runs: list[RunSummary], knob: Knob) -> list[str]:
     return [*lines, ""]
 
 
-def _robust_order(name: str) -> tuple[int, float, str]:
-    """Corruptions and summaries first, then each curve by size."""
-    curve = next((c for c in CURVES if name.startswith(f"robust_{c}_")), None)
-    return (0, 0.0, name) if curve is None else (1 + CURVES.index(curve), _curve_size(name, curve), name)
-
-
-CURVES = ("rotation", "shift_x", "shift_y", "shift_diagonal", "scale")
-
-
-def _curve_size(name: str, curve: str) -> float:
-    tail = name.removeprefix(f"robust_{curve}_")  # rotation: ccw20 -> +20, cw20 -> -20, the headline 20 -> 20
-    return (-1 if tail.startswith("cw") else 1) * float(tail.removeprefix("ccw").removeprefix("cw"))
-
-
 def plot_robustness(runs: list[RunSummary], knob: Knob, path: Path) -> None:
     """Each curve for the knob's two settings, mean ± 1 std over the runs."""
-    if not any(r.robust for r in runs):
+    if not any(r.curves for r in runs):
         return
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.6), sharey=True)
     for ax, curve in zip(axes, CURVES, strict=True):
         for side, colour in ((0, "tab:blue"), (1, "tab:orange")):
             group = [r for r in runs if knob.side(r) == side]
-            # (the rotation curve's points are cwN/ccwN; the headline ROBUST_ROTATION is their mean)
-            points = {k for r in group for k in r.robust if k.startswith(f"robust_{curve}_")}
-            names = sorted(
-                (k for k in points if curve != "rotation" or "cw" in k), key=lambda k, c=curve: _curve_size(k, c)
-            )
-            if not names:
+            x = sorted({s for r in group for s in r.curves.get(curve, {})})
+            if not x:
                 continue
-            x = [_curve_size(k, curve) for k in names]
-            values = np.array([[r.robust.get(k, np.nan) for k in names] for r in group]) * 100
+            values = np.array([[r.curves.get(curve, {}).get(s, np.nan) for s in x] for r in group]) * 100
             mean, std = np.nanmean(values, 0), np.nanstd(values, 0, ddof=1) if len(group) > 1 else np.zeros(len(x))
             ax.plot(x, mean, marker="o", ms=3, color=colour, label=f"{knob.label(side)} (n={len(group)})")
             ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.25)
@@ -258,33 +215,45 @@ def plot(groups: list[Group], path: Path) -> None:
     save_figure(fig, path, dpi=120)
 
 
+def default_out(knob: str) -> Path:
+    """ablation/ for the report's knob; ablation/<key>/ (the key's last part) for any other."""
+    return Path("ablation") if knob == DEFAULT_KNOB else Path("ablation") / knob.partition("=")[0].rsplit(".")[-1]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mnist_cnn.tools.ablation", description=__doc__.split("\n")[0])
-    parser.add_argument("--exp-name", action="append", default=[], help="DVC experiment name (repeatable)")
-    parser.add_argument("--tag", help="only runs with this tag, KEY=VALUE")
-    parser.add_argument("--out", type=Path, default=Path("ablation"), help="output directory")
-    parser.add_argument("--knob", default="augment=true,false", help="KEY=A,B: A - B, paired by seed")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--parent", help="the sweep's parent run id (default: the latest sweep)")
+    source.add_argument("--exp-name", action="append", default=[], help="DVC experiment name (repeatable)")
+    parser.add_argument("--out", type=Path, help="output directory (default: ablation/, or ablation/KEY/)")
+    parser.add_argument("--knob", help="KEY=A,B: A - B, paired by seed (default: the sweep's knob)")
     args = parser.parse_args(argv)
-    key, _, values = args.knob.partition("=")
-    knob = Knob(key, values.split(","))
-    if not key or len(knob.values) != 2 or not all(knob.values):
-        raise UserError(f"--knob: expected KEY=A,B (e.g. augment=true,false), got {args.knob!r}")
+    if args.knob:
+        split_knob(args.knob)
 
-    runs = fetch_runs(args.exp_name, args.tag)
+    experiment_id = store.setup()
+    parent = None if args.exp_name else find_parent(experiment_id, args.parent)
+    knob_text = args.knob or (parent.data.params.get("knob") if parent else None) or DEFAULT_KNOB
+    key, values = split_knob(knob_text)
+    knob, out = Knob(key, values), args.out or default_out(knob_text)
+    runs = fetch_runs(experiment_id, parent, args.exp_name)
+    if parent is not None:
+        print(f"ablation: {len(runs)} finished runs of {parent.info.run_name!r} ({parent.info.run_id})", flush=True)
     if not runs:
         raise UserError("no finished runs match (run the sweep first: make ablation)")
     client = mlflow.MlflowClient()
-    summaries = [summarise(r, client) for r in runs if r.data.metrics.get("test_accuracy") is not None]
+    summaries = [s for group in by_experiment(runs) if (s := summarise(group, client)).history["test_accuracy"]]
     groups = group_runs(summaries)
     difference = paired_difference(*paired(summaries, knob, lambda r: r.history["test_accuracy"][-1]))
     text = markdown(groups, knob, difference, robustness_section(summaries, knob))
-    write_text(args.out / "ablation.md", text)
-    plot(groups, args.out / "ablation.png")
-    plot_robustness(summaries, knob, args.out / "ablation_robustness.png")
+    write_text(out / "ablation.md", text)
+    plot(groups, out / "ablation.png")
+    plot_robustness(summaries, knob, out / "ablation_robustness.png")
     with mlflow.start_run(
-        experiment_id=store.setup(), run_name="ablation-summary", tags={KIND_TAG: "ablation-summary"}
-    ):
-        mlflow.log_params({"runs": len(summaries), "knob": args.knob})
+        experiment_id=experiment_id, run_name="ablation-summary", tags={KIND_TAG: "ablation-summary"},
+        parent_run_id=parent.info.run_id if parent else None,
+    ):  # fmt: skip
+        mlflow.log_params({"runs": len(summaries), "knob": knob_text})
         prefix = f"{knob.key.replace('.', '_')}_diff"
         if difference:
             mlflow.log_metrics({f"{prefix}_{k}": v for k, v in difference.items() if k != "pairs"})
@@ -292,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
             d = paired_difference(*paired(summaries, knob, lambda r, name=name: r.robust.get(name)))
             if d:
                 mlflow.log_metrics({f"{prefix}_{name}_{k}": v for k, v in d.items() if k != "pairs"})
-        mlflow.log_artifacts(str(args.out), artifact_path="ablation")
+        mlflow.log_artifacts(str(out), artifact_path="ablation")
     print(text)
 
 
