@@ -46,7 +46,7 @@ SHARED_GROUPS = {
 # --no-loadscope-reorder, so groups are handed out in collection order): a long group started
 # last would run alone at the end.
 LONGEST_FIRST = ("queued", "rerun", "pipeline", "server", "test_bench", "test_reliability", "real_mnist",
-                 "test_distributed", "test_registry", "test_training", "test_refusal", "test_store",
+                 "test_distributed", "test_publish", "test_training", "test_refusal", "test_store",
                  "test_ood")  # fmt: skip
 E2E = Path(__file__).parent / "e2e"
 
