@@ -47,7 +47,7 @@ class WriteError(Exception):
 def copy_hashed(src: BinaryIO, dst: Path, expected_sha256: str | None) -> None:
     """Copy src into dst once its SHA-256 is the expected one (a SourceError otherwise: nothing written);
     an error reading src is the caller's to report, an error writing dst is a WriteError."""
-    data = src.read()  # one file of at most 47 MB
+    data = src.read()  # whole: preprocess holds the largest of the four in memory anyway
     digest = hashlib.sha256(data).hexdigest()
     if expected_sha256 and digest != expected_sha256:
         raise SourceError(f"{dst.name}: SHA-256 {digest[:12]}… is not the expected one")

@@ -333,7 +333,7 @@ def corrupt(name: str, images: torch.Tensor) -> torch.Tensor:
     """The MNIST-C corruption `name` of uint8 images (N, 28, 28), same bytes on every call."""
     generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))  # its own fixed seed
     x = images.to(torch.float32) / 255
-    # Fixed-size chunks bound the memory (zigzag's line masks are ~50 kB an image); one
+    # Fixed-size chunks bound the memory (zigzag's line masks are large per image); one
     # generator runs through them in order, so the bytes still depend on nothing else.
     return torch.cat([to_uint8(MNIST_C[name](x[i : i + CHUNK], generator)) for i in range(0, len(x), CHUNK)])
 
