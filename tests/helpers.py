@@ -3,6 +3,7 @@ data, the tools' environment, real servers on free ports, throw-away pipeline re
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import pwd
@@ -200,14 +201,15 @@ def temp_files(root: Path) -> list[Path]:
 def error_with_a_file_in_the_way(
     main: Callable[[], None], work: Path, in_the_way: str, capsys: pytest.CaptureFixture[str]
 ) -> str:
-    """A regular file where a stage run in `work` (the working directory) writes the directory
+    """A regular file where a stage run in `work` (as its working directory) writes the directory
     `in_the_way`: the stage's one error line, which must name it; the file is left as it was, and
     no temp file anywhere. (Tests run as root, for whom a read-only directory stops nothing.)"""
     blocker = work / in_the_way
     if blocker.is_dir():
         shutil.rmtree(blocker)
     blocker.write_text("not a directory\n")
-    line = stage_error(main, capsys)
+    with contextlib.chdir(work):
+        line = stage_error(main, capsys)
     assert in_the_way in line, line
     assert blocker.read_text() == "not a directory\n"
     assert not temp_files(work)

@@ -23,10 +23,7 @@ def test_full_disk_while_downloading_is_one_error_line(
     assert list((tmp_path / "data" / "raw").iterdir()) == []  # no partial file, no staging directory
 
 
-def test_a_file_where_data_raw_should_be_is_one_error_line(
-    prepared: Path, small_mnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, in_process
-) -> None:
+def test_a_file_where_data_raw_should_be_is_one_error_line(prepared, small_mnist, tmp_path, capsys, in_process) -> None:
     work = copy_prepared(prepared, tmp_path / "work", small_mnist)
-    monkeypatch.chdir(work)
     line = error_with_a_file_in_the_way(download.main, work, "data/raw", capsys)
     assert line.startswith("error: cannot write data/raw: "), line

@@ -63,9 +63,8 @@ def test_full_disk_while_preprocessing_is_one_error_line(
 
 
 def test_a_file_where_data_processed_should_be_is_one_error_line(
-    prepared: Path, small_mnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, in_process
+    prepared, small_mnist, tmp_path, capsys, in_process
 ) -> None:
     work = copy_prepared(prepared, tmp_path / "work", small_mnist)
-    monkeypatch.chdir(work)
     line = error_with_a_file_in_the_way(preprocess.main, work, "data/processed", capsys)
     assert line.startswith("error: cannot write data/processed/train.pt: "), line

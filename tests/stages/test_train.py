@@ -4,6 +4,7 @@ does is tested in tests/core/test_training.py and tests/core/test_train_step.py.
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import subprocess
@@ -44,15 +45,12 @@ def test_interrupted_training_exits_130_and_ends_the_run_killed(
     work = copy_prepared(prepared, tmp_path / "work", small_mnist, train__epochs=1000)
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     with out.open("w") as stdout, err.open("w") as stderr:
+        # A shell without job control starts background jobs with SIGINT ignored, and Python keeps an
+        # inherited SIG_IGN; a terminal's Ctrl-C reaches a process with the default disposition.
+        default_sigint = functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL)
+        command = [sys.executable, "-m", "mnist_cnn.stages.train"]
         process = subprocess.Popen(
-            [sys.executable, "-m", "mnist_cnn.stages.train"],
-            cwd=work,
-            env=tool_env(),
-            stdout=stdout,
-            stderr=stderr,
-            # A shell without job control starts background jobs with SIGINT ignored, and Python keeps
-            # an inherited SIG_IGN; a terminal's Ctrl-C reaches a process with the default disposition.
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            command, cwd=work, env=tool_env(), stdout=stdout, stderr=stderr, preexec_fn=default_sigint
         )
     try:
         # The history is written after each epoch: once it is there, training is under way.
@@ -93,7 +91,6 @@ def test_a_file_where_an_output_directory_should_be_is_one_error_line(
     in_process,
 ) -> None:
     work = copy_prepared(prepared, tmp_path / "work", small_mnist)
-    monkeypatch.chdir(work)
     line = error_with_a_file_in_the_way(train.main, work, in_the_way, capsys)
     assert line.startswith(message), line
     if in_the_way == "models":  # the run had started: it must not be left RUNNING
