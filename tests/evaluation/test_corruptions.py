@@ -24,27 +24,27 @@ def digits(request: pytest.FixtureRequest) -> torch.Tensor:
 
 
 def test_rotation_by_90_degrees_is_rot90(digits: torch.Tensor) -> None:
-    assert torch.equal(corruptions.rotated(digits, 90.0), torch.rot90(digits, 1, dims=(1, 2)))
+    assert torch.equal(corruptions.moved(digits, degrees=90.0), torch.rot90(digits, 1, dims=(1, 2)))
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_a_shift_of_k_pixels_moves_the_ink_by_k(digits: torch.Tensor, k: int) -> None:
-    right, down = corruptions.shifted(digits, k, 0), corruptions.shifted(digits, 0, -k)
+    right, down = corruptions.moved(digits, dx=k), corruptions.moved(digits, dy=-k)
     assert torch.equal(right[:, :, k:], digits[:, :, :-k]) and not right[:, :, :k].any()
     assert torch.equal(down[:, :-k], digits[:, k:])  # dy < 0 moves up
 
 
 def test_size_zero_is_the_identity(digits: torch.Tensor) -> None:
-    assert torch.equal(corruptions.rotated(digits, 0.0), digits)
-    assert torch.equal(corruptions.scaled(digits, 1.0), digits)
+    assert torch.equal(corruptions.moved(digits, degrees=0.0), digits)
+    assert torch.equal(corruptions.moved(digits, zoom=1.0), digits)
     for curve in ("shift_x", "shift_y", "shift_diagonal"):
         assert torch.equal(corruptions.curve_point(curve, 0, digits), digits)
 
 
 @pytest.mark.parametrize("angle", [10.0, 25.0])
 def test_rotating_there_and_back_comes_back_close(digits: torch.Tensor, angle: float) -> None:
-    turned = corruptions.rotated(digits, angle)
-    back = corruptions.rotated(turned, -angle)
+    turned = corruptions.moved(digits, degrees=angle)
+    back = corruptions.moved(turned, degrees=-angle)
 
     def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # cosine, per image
         a, b = a.float(), b.float()
@@ -82,7 +82,7 @@ def test_a_trained_model_scores_lower_under_heavy_corruption() -> None:
     test, truth = images[1000:], labels[1000:]
     clean = scored(model, test, truth, bf16=False)
     assert clean > 0.5, "the model did not learn the synthetic digits"
-    assert scored(model, corruptions.rotated(test, 90.0), truth, bf16=False) < clean - 0.2
+    assert scored(model, corruptions.moved(test, degrees=90.0), truth, bf16=False) < clean - 0.2
     assert scored(model, corruptions.corrupt("stripe", test), truth, bf16=False) < clean - 0.2
 
 
@@ -108,9 +108,9 @@ def test_stripe_inverts_the_left_and_right_quarters_only(digits: torch.Tensor) -
 def test_translate_moves_every_image_exactly_3_pixels_along_both_axes(digits: torch.Tensor) -> None:
     moved = corruptions.corrupt("translate", digits)
     for image, result in zip(digits, moved, strict=True):
-        candidates = [corruptions.shifted(image[None], dx, dy)[0] for dx in (-3, 3) for dy in (-3, 3)]
+        candidates = [corruptions.moved(image[None], dx=dx, dy=dy)[0] for dx in (-3, 3) for dy in (-3, 3)]
         assert sum(torch.equal(result, c) for c in candidates) == 1
-    assert torch.equal(corruptions.shifted(digits, 3, 3)[:, 3:, 3:], digits[:, :-3, :-3])
+    assert torch.equal(corruptions.moved(digits, dx=3, dy=3)[:, 3:, 3:], digits[:, :-3, :-3])
 
 
 def test_shot_noise_is_a_poisson_count_of_three_photons() -> None:

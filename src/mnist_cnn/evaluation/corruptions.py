@@ -47,28 +47,21 @@ def _batch(value: float | torch.Tensor, n: int, device: torch.device) -> torch.T
     return torch.as_tensor(value, dtype=torch.float64).expand(n).to(device)
 
 
-def rotated(images: torch.Tensor, degrees: float | torch.Tensor) -> torch.Tensor:
-    """Rotate counter-clockwise on screen by `degrees` (per image if a tensor) about the centre."""
+Amount = float | torch.Tensor  # one for the batch, or one per image
+
+
+def moved(
+    images: torch.Tensor, degrees: Amount = 0.0, dx: Amount = 0.0, dy: Amount = 0.0, zoom: Amount = 1.0
+) -> torch.Tensor:
+    """Rotate counter-clockwise on screen by `degrees` and zoom by `zoom` (< 1 shrinks the digit, > 1
+    enlarges and may crop it), both about the centre, then move the ink dx pixels right, dy down."""
     n, device = images.shape[0], images.device
     a = _batch(degrees, n, device) * (math.pi / 180)
     cos, sin = torch.cos(a), torch.sin(a)
-    # Forward map, y down: [[cos, sin], [-sin, cos]]; the inverse is its transpose.
+    # Forward map, y down: [[cos, sin], [-sin, cos]] * zoom; the inverse is its transpose / zoom.
     inverse = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)
-    return warp(images, inverse, torch.zeros(n, 2, dtype=torch.float64, device=device))
-
-
-def shifted(images: torch.Tensor, dx: float | torch.Tensor, dy: float | torch.Tensor) -> torch.Tensor:
-    """Move the ink dx pixels right and dy pixels down (per image if tensors)."""
-    n, device = images.shape[0], images.device
-    d = torch.stack([_batch(dx, n, device), _batch(dy, n, device)], 1)
-    return warp(images, torch.eye(2, dtype=torch.float64, device=device).expand(n, 2, 2), -d)
-
-
-def scaled(images: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:
-    """Zoom about the centre: factor < 1 shrinks the digit, > 1 enlarges it (and may crop it)."""
-    n, device = images.shape[0], images.device
-    inverse = torch.eye(2, dtype=torch.float64, device=device) / _batch(factor, n, device).view(n, 1, 1)
-    return warp(images, inverse, torch.zeros(n, 2, dtype=torch.float64, device=device))
+    inverse = inverse / _batch(zoom, n, device).view(n, 1, 1)
+    return warp(images, inverse, -torch.stack([_batch(dx, n, device), _batch(dy, n, device)], 1))
 
 
 def random_signs(n: int, generator: torch.Generator, *shape: int) -> torch.Tensor:
@@ -311,16 +304,16 @@ def shear(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 def rotate(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     degrees = math.degrees(0.4) * random_signs(x.shape[0], g)  # [2] 0.4 rad = 22.9 degrees, random direction
-    return rotated(to_uint8(x), degrees.to(x.device)) / 255
+    return moved(to_uint8(x), degrees=degrees.to(x.device)) / 255
 
 
 def scale(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    return scaled(to_uint8(x), 0.7) / 255  # [3] inverse map x 1/0.7: the digit shrinks to 70%
+    return moved(to_uint8(x), zoom=0.7) / 255  # [3] inverse map x 1/0.7: the digit shrinks to 70%
 
 
 def translate(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     d = 3 * random_signs(x.shape[0], g, 2).to(x.device)  # [3] 3 pixels along x and y, random signs
-    return shifted(to_uint8(x), d[:, 0], d[:, 1]) / 255
+    return moved(to_uint8(x), dx=d[:, 0], dy=d[:, 1]) / 255
 
 
 # Each corruption is the function of its name above; config.CORRUPTIONS is the one list of the names.
@@ -353,9 +346,9 @@ def curve_point(curve: str, size: float, images: torch.Tensor) -> torch.Tensor:
     positive; shift_x/_y/_diagonal: whole pixels, each image in its own fixed random direction
     along the axis (or axes), as MNIST-C's translate; scale: the zoom factor."""
     if curve == "rotation":
-        return rotated(images, size)
+        return moved(images, degrees=size)
     if curve == "scale":
-        return scaled(images, size)
+        return moved(images, zoom=size)
     ux, uy = SHIFT_DIRECTIONS[curve.removeprefix("shift_")]
     signs = random_signs(images.shape[0], torch.Generator().manual_seed(0), 2).to(images.device)
-    return shifted(images, size * ux * signs[:, 0], size * uy * signs[:, 1])
+    return moved(images, dx=size * ux * signs[:, 0], dy=size * uy * signs[:, 1])
