@@ -140,17 +140,13 @@ def sources(params: DataParams) -> list[tuple[str, Callable[[Path, bool], None]]
 
 def download(params: DataParams, out_dir: Path = RAW_DIR) -> str:
     """Fill out_dir with the four verified files; return the name of the source used."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise cannot_write(out_dir, error, error.filename) from None
     failures: list[str] = []
     for label, fetch in sources(params):
-        # Staging inside out_dir keeps the final rename on one file system.
-        try:
+        try:  # staging inside out_dir keeps the final rename on one file system
+            out_dir.mkdir(parents=True, exist_ok=True)
             staging_dir = tempfile.TemporaryDirectory(prefix=".staging-", dir=out_dir)
         except OSError as error:
-            raise cannot_write(out_dir, error) from None
+            raise cannot_write(out_dir, error, error.filename) from None
         with staging_dir as tmp:
             staging = Path(tmp)
             try:
