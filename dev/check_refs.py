@@ -243,9 +243,14 @@ def lines(path: Path) -> Iterator[tuple[int, str, list[str]]]:
             yield number, line, CODE_SPAN.findall(line)
 
 
+# A file as it was at an earlier commit (`git show 1286e00:dev/x.py`) need not exist now.
+AT_REVISION = re.compile(r"\b[0-9a-f]{7,40}:[\w./-]+")
+
+
 def dangling_in_line(repo: Repository, path: Path, line: str, code: list[str]) -> Iterator[tuple[str, str]]:
     """(kind, reference) of each reference in one line that does not resolve."""
     here = path.parent
+    line = AT_REVISION.sub("", line)
     links = set()
     for target in LINK.findall(line):
         if "://" in target or target.startswith(("mailto:", "<")):

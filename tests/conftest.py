@@ -22,6 +22,7 @@ import yaml
 from helpers import (
     REPO,
     TeamServer,
+    render_digits,
     team_server,
     tool_env,
     trained_one_epoch,
@@ -41,12 +42,13 @@ SHARED_GROUPS = {
     **dict.fromkeys(("killed_repro", "recovered_repro", "queued_experiments", "applied_preset"), "queued"),
     "server": "server",
     "real_mnist": "real_mnist",
+    "font_model": "font_model",
 }
 # The groups that take longest, in the order the workers should start them (make test passes
 # --no-loadscope-reorder, so groups are handed out in collection order): a long group started
 # last would run alone at the end.
-LONGEST_FIRST = ("queued", "rerun", "pipeline", "server", "test_bench", "test_reliability", "real_mnist",
-                 "test_distributed", "test_registry", "test_training", "test_refusal", "test_store",
+LONGEST_FIRST = ("queued", "rerun", "pipeline", "server", "test_bench", "test_train", "real_mnist",
+                 "test_distributed", "test_publish", "test_training", "font_model", "test_refusal", "test_store",
                  "test_ood")  # fmt: skip
 E2E = Path(__file__).parent / "e2e"
 
@@ -127,6 +129,29 @@ def mnist_net(real_mnist: Path) -> torch.nn.Module:
     digits: for the tests that need a model that reads real handwriting (test_ood, test_predict)."""
     tensors = torch.load(real_mnist / "train.pt", map_location="cpu", weights_only=True)
     return trained_one_epoch(tensors["images"][:8000].unsqueeze(1), tensors["labels"][:8000])
+
+
+@pytest.fixture(scope="session")
+def font_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder as `dvc repro` leaves models/: model.pt, trained for 1 epoch on 3,000 font-rendered digits
+    (offline), and evaluate's refusal.pt beside it, fitted on those digits as predict prepares pictures
+    (MNIST's digits already are; these are not: their ink is fitted into 20x20 and centred)."""
+    import numpy as np
+    from PIL import Image
+
+    from mnist_cnn.core import refusal
+    from mnist_cnn.core.picture import to_mnist
+    from mnist_cnn.files import save_tensors
+
+    torch.manual_seed(0)
+    images, labels = render_digits(3000, seed=0)
+    tensors, labels = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long()
+    net = trained_one_epoch(tensors, labels)
+    folder = tmp_path_factory.mktemp("models")
+    save_tensors(folder / "model.pt", {"state_dict": net.state_dict(), "arch": net.arch})
+    prepared = np.stack([to_mnist(Image.fromarray(image)) for image in images])
+    save_tensors(folder / "refusal.pt", refusal.fit(net, torch.from_numpy(prepared).unsqueeze(1), labels, seed=42))
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -3,10 +3,12 @@ data, the tools' environment, real servers on free ports, throw-away pipeline re
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import pwd
 import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -182,6 +184,58 @@ def write_params(directory: Path, data_dir: Path, **overrides: object) -> None:
     params = overridden(**{**defaults, **overrides})
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def copy_prepared(prepared: Path, work: Path, data_dir: Path, **overrides: object) -> Path:
+    """A working directory with `prepared`'s data/ (after download and preprocess) and fresh params."""
+    shutil.copytree(prepared / "data", work / "data")
+    write_params(work, data_dir, **overrides)
+    return work
+
+
+def temp_files(root: Path) -> list[Path]:
+    """The *.tmp files under root (files.atomic_path's), outside DVC's and MLflow's own directories."""
+    return [p for p in root.rglob("*.tmp") if ".dvc" not in p.parts and "mlruns" not in p.parts]
+
+
+def error_with_a_file_in_the_way(
+    main: Callable[[], None], work: Path, in_the_way: str, capsys: pytest.CaptureFixture[str]
+) -> str:
+    """A regular file where a stage run in `work` (as its working directory) writes the directory
+    `in_the_way`: the stage's one error line, which must name it; the file is left as it was, and
+    no temp file anywhere. (Tests run as root, for whom a read-only directory stops nothing.)"""
+    blocker = work / in_the_way
+    if blocker.is_dir():
+        shutil.rmtree(blocker)
+    blocker.write_text("not a directory\n")
+    with contextlib.chdir(work):
+        line = stage_error(main, capsys)
+    assert in_the_way in line, line
+    assert blocker.read_text() == "not a directory\n"
+    assert not temp_files(work)
+    return line
+
+
+@contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """A full disk as root meets it: a write() past `limit` bytes fails with EFBIG as it fails with
+    ENOSPC (Python ignores SIGXFSZ); only the soft limit is lowered, so it can be raised back."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+class RunsACommand:
+    """A pickle payload that would run a shell command when unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (os.system, (f"touch {self.marker}",))
 
 
 def make_pipeline_repo(path: Path, data_dir: Path, **overrides: object) -> Path:

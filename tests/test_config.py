@@ -423,3 +423,20 @@ def test_non_utf8_file_is_a_user_error(tmp_path: Path) -> None:
 def test_error_message_is_one_line_even_for_odd_keys(raw_params: dict[str, Any]) -> None:
     message = user_error(overridden(raw_params, **{"train.epochs\nx": 5}))
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("top", "expected"),
+    [
+        ({"augment": False, "augment_thickness": 0.5}, "augment_thickness need augment: true"),
+        ({"augment": False, "augment_noise": 0.1, "augment_erase": 0.5}, "augment_erase, augment_noise need augment"),
+        ({"augment_scale": 1.0}, "'augment_scale'"),
+        ({"augment_thickness": -0.1}, "'augment_thickness'"),
+        ({"augment_blur": 4.0}, "'augment_blur'"),
+        ({"augment_invert": 1.5}, "'augment_invert'"),
+        ({"augment_noise": "0.1"}, "'augment_noise'"),
+    ],
+)
+def test_bad_augmentation_extras_are_one_clear_error(top: dict[str, Any], expected: str) -> None:
+    with pytest.raises(UserError, match=expected):
+        validate(overridden(**top))

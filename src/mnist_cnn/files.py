@@ -9,7 +9,7 @@ import csv
 import io
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,15 +18,6 @@ from typing import Any
 import numpy as np
 
 from mnist_cnn.cli import UserError
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's 0600 is too private
 
 
 def cannot_write(path: Path, error: OSError, refused: str | None = None) -> UserError:
@@ -42,18 +33,16 @@ def atomic_path(path: Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise cannot_write(path, error, error.filename) from None
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp.touch(exist_ok=False)  # a name of its own, and the mode open() gives (mkstemp's 0600 is too private)
     except OSError as error:
         raise cannot_write(path, error) from None
-    os.close(fd)
-    tmp = Path(tmp_name)
     try:
         try:
             yield tmp
         except OSError as error:  # writing the temp file: a full disk, a quota
             raise cannot_write(path, error) from None
-        os.chmod(tmp, _FILE_MODE)
         try:
             os.replace(tmp, path)
         except OSError as error:  # e.g. a directory where the file should be

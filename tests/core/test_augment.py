@@ -4,6 +4,9 @@ Convention: augment.py promises torchvision's RandomRotation(10) then RandomAffi
 so a positive angle turns the digit counter-clockwise, like torchvision's `rotate`. torchvision's `affine`
 documents the opposite direction ("clockwise"; see the "incoherence of rotation angle direction" comment in
 torchvision's rotate), so one `affine` call equal to "rotate by a, then shift" is affine(angle=-a, translate).
+
+The optional augmentations (params.yaml's augment_*), on a drawn cross: what each does to a picture, and
+that all off keeps the report's random stream.
 """
 
 from __future__ import annotations
@@ -15,7 +18,15 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from helpers import render_digits
-from mnist_cnn.core.augment import affine_theta, random_affine
+from mnist_cnn.core.augment import (
+    Extras,
+    affine_theta,
+    augment,
+    random_affine,
+    random_blur,
+    random_boxes,
+    random_thickness,
+)
 
 NEAREST = InterpolationMode.NEAREST
 MIN_MATCH = 0.99  # nearest-neighbour rounding at exact ties may differ in a few pixels
@@ -168,3 +179,89 @@ def test_random_affine_angles_stay_within_10_degrees(digits: torch.Tensor) -> No
     assert inside.max(0).values.min() >= 0.99, inside.max(0).values
     outside = torch.stack([match_fraction(ours(images, a, (0, 0)), out) for a in (-25.0, 25.0)])
     assert outside.max() < 0.99
+
+
+# --- the optional augmentations ----------------------------------------------------
+
+
+def strokes() -> torch.Tensor:
+    """Eight 28x28 pictures of a 2 px wide cross, floats in [0, 1], shape (8, 1, 28, 28)."""
+    images = torch.zeros(8, 1, 28, 28)
+    images[:, :, 13:15, 6:22] = 1.0
+    images[:, :, 6:22, 13:15] = 1.0
+    return images
+
+
+def test_thickness_moves_each_image_between_its_erosion_and_dilation() -> None:
+    images = strokes()
+    out = random_thickness(images, generator(0), 1.0)
+    ink, new_ink = images.sum((1, 2, 3)), out.sum((1, 2, 3))
+    assert (new_ink > ink).any() and (new_ink < ink).any()  # some bolder, some finer
+    dilated = torch.nn.functional.max_pool2d(images, 3, stride=1, padding=1)
+    assert (out <= dilated + 1e-6).all() and (out >= 0).all()
+    assert torch.equal(random_thickness(images, generator(0), 0.0), images)
+
+
+def test_scale_shrinks_and_enlarges_about_the_centre() -> None:
+    images = strokes()
+    out = random_affine(images, generator(1), max_degrees=0.0, max_translate=0.0, max_scale=0.5)
+    ratio = out.sum((1, 2, 3)) / images.sum((1, 2, 3))  # ink area grows or shrinks with the scale
+    assert ratio.min() < 0.9 and ratio.max() > 1.1
+    assert ((ratio > 0.2) & (ratio < 2.5)).all()
+    unscaled = random_affine(images, generator(1), max_degrees=0.0, max_translate=0.0)
+    assert torch.equal(unscaled, images)
+
+
+def test_all_extras_off_is_the_reports_augmentation_draw_for_draw() -> None:
+    images = strokes()
+    assert torch.equal(augment(images, generator(3), Extras()), random_affine(images, generator(3)))
+    with_scale = augment(images, generator(3), Extras(scale=0.2, thickness=0.5))
+    assert not torch.equal(with_scale, random_affine(images, generator(3)))
+
+
+def test_blur_spreads_ink_and_keeps_its_sum() -> None:
+    images = strokes()
+    out = random_blur(images, generator(0), 2.0)
+    assert torch.allclose(out.sum((1, 2, 3)), images.sum((1, 2, 3)), rtol=1e-4)  # the cross is far from the edges
+    peak = out.amax((1, 2, 3))
+    assert (peak <= 1).all() and peak.min() < 0.8  # a 2 px stroke loses its peak under a wide blur
+    assert out[:, :, :2].sum() == 0  # radius 4 from the cross's first row (6): rows 0 and 1 stay black
+    spread = (out > 1e-3).sum((1, 2, 3))
+    assert len(set(spread.tolist())) > 1  # each image its own sigma
+    nearly_none = random_blur(images, generator(0), 0.001)
+    assert torch.allclose(nearly_none, images, atol=1e-6)
+
+
+def test_boxes_are_one_rectangle_of_2_to_33_percent_or_none() -> None:
+    images = torch.zeros(400, 1, 28, 28)
+    boxes = random_boxes(images, generator(1), 0.5)[:, 0]
+    area = boxes.sum((1, 2)).float() / (28 * 28)
+    chosen = area > 0
+    assert 0.4 < chosen.float().mean() < 0.6
+    assert area[chosen].min() >= 0.015 and area[chosen].max() <= 0.34
+    rows, cols = boxes.any(2), boxes.any(1)  # a rectangle is the product of its rows and columns
+    assert torch.equal(boxes, rows[:, :, None] & cols[:, None, :])
+    assert not random_boxes(images, generator(1), 0.0).any()
+
+
+def test_invert_and_erase_change_one_rectangle_each() -> None:
+    images = strokes()
+    inverted = augment(images, generator(2), Extras(invert=1.0))
+    plain = random_affine(images, generator(2))
+    changed = inverted != plain
+    assert changed.any((1, 2, 3)).all()
+    assert torch.allclose(inverted[changed], 1 - plain[changed])
+    erased = augment(images, generator(4), Extras(erase=1.0))
+    for image, reference in zip(erased, random_affine(images, generator(4)), strict=True):
+        # The flat grey is one value per picture; where it equals the picture's own pixel nothing shows.
+        values = image[image != reference].unique()
+        assert values.numel() <= 1
+
+
+def test_noise_is_bounded_and_varies_per_image() -> None:
+    images = torch.full((64, 1, 28, 28), 0.5)
+    out = augment(images, generator(5), Extras(noise=0.3))
+    assert (out >= 0).all() and (out <= 1).all()
+    # Away from the border, which the affine's shift fills with black, the page is 0.5 plus noise.
+    std = (out - 0.5)[:, :, 4:-4, 4:-4].std((1, 2, 3))
+    assert std.max() < 0.3 * 1.1 and std.max() > 0.15 and std.min() < 0.1

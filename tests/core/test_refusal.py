@@ -1,112 +1,45 @@
-"""Not a digit (src/mnist_cnn/serving/refusal.py, and predict's use of it): refused noise and blank pages,
-answered digits, deterministic statistics, calibration helpers."""
+"""Not a digit (src/mnist_cnn/core/refusal.py): blank pages, noise and solid shapes refused with their
+reason, digits answered; deterministic statistics; the thresholds; threads sharing a net. (predict's
+use of it is tested in tests/serving/test_predict.py.)"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
-from helpers import render_digits, trained_one_epoch
+from helpers import render_digits
 from mnist_cnn.core import refusal
-from mnist_cnn.core.model import Net
+from mnist_cnn.core.model import Net, load_model, normalize_fields
 from mnist_cnn.core.picture import to_mnist
-from mnist_cnn.files import save_tensors
-from mnist_cnn.paths import REFUSAL_STATS
-from mnist_cnn.serving.predict import main
+from mnist_cnn.files import load_tensors
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Net, torch.Tensor, torch.Tensor]:
-    """A model trained for 1 epoch on 3,000 font-rendered digits, and its training set."""
+def test_blank_noise_and_shapes_are_refused_and_digits_answered(font_model: Path) -> None:
+    net, stats = load_model(str(font_model / "model.pt")), load_tensors(font_model / "refusal.pt")
+    images, labels = render_digits(40, seed=7)  # digits the model has not seen
+    digits = np.stack([to_mnist(Image.fromarray(image)) for image in images])
+    square = Image.new("L", (100, 100), 255)
+    ImageDraw.Draw(square).rectangle((20, 25, 80, 85), fill=0)
+    noise = np.random.default_rng(0).integers(0, 256, size=(28, 28), dtype=np.uint8)
+    others = np.stack([np.zeros((28, 28), np.uint8), np.full((28, 28), 255, np.uint8), noise, to_mnist(square)])
+    answered, probabilities, reasons = refusal.answer(net, stats, normalize_fields(np.concatenate([digits, others])))
+    assert reasons[40:42] == [refusal.BLANK, refusal.BLANK]  # a black and a white field
+    assert all(reason.startswith("not a digit") for reason in reasons[42:]), reasons[42:]
+    assert (answered[40:] == -1).all() and (probabilities[40:] == 0).all()
+    assert sum(r is None for r in reasons[:40]) >= 36, reasons[:40]
+    assert (answered[:40] == labels).mean() >= 0.5, answered[:40]  # one epoch on unprepared digits reads most
+    assert ((probabilities[:40] > 0.1) == (answered[:40] >= 0)).all()
+
+
+def test_refusal_statistics_are_deterministic() -> None:
     torch.manual_seed(0)
-    images, labels = render_digits(3000, seed=0)
+    net = Net().eval()
+    images, labels = render_digits(600, seed=0)
     images, labels = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long()
-    return trained_one_epoch(images, labels), images, labels
-
-
-@pytest.fixture(scope="module")
-def model_dir(trained: tuple[Net, torch.Tensor, torch.Tensor], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """model.pt with evaluate's refusal.pt beside it, as `dvc repro` leaves them in models/."""
-    net, images, labels = trained
-    folder = tmp_path_factory.mktemp("models")
-    save_tensors(folder / "model.pt", {"state_dict": net.state_dict(), "arch": net.arch})
-    # MNIST is already what predict's preprocessing makes of a picture (the ink's box fitted into 20x20,
-    # centred); these font digits are not, so they are fitted as predict would prepare them.
-    prepared = np.stack([to_mnist(Image.fromarray(image.squeeze(0).numpy())) for image in images])
-    stats = refusal.fit(net, torch.from_numpy(prepared).unsqueeze(1), labels, seed=42)
-    save_tensors(folder / REFUSAL_STATS.name, stats)
-    return folder
-
-
-def typed_digit(digit: int, tmp_path: Path) -> Path:
-    """A digit as the training set draws it (the same font), but large and dark on white paper."""
-    picture = Image.new("L", (160, 120), 255)
-    ImageDraw.Draw(picture).text((50, 10), str(digit), fill=0, font=ImageFont.load_default(size=90))
-    path = tmp_path / f"digit-{digit}.png"
-    picture.save(path)
-    return path
-
-
-def not_digits(tmp_path: Path) -> dict[str, Path]:
-    rng = np.random.default_rng(0)
-    pictures = {
-        "noise": Image.fromarray(rng.integers(0, 256, size=(64, 64), dtype=np.uint8)),
-        "grey-noise": Image.fromarray(rng.integers(100, 256, size=(120, 90), dtype=np.uint8)),
-        "blank": Image.new("L", (50, 50), 255),
-        "faint": Image.fromarray(rng.integers(240, 256, size=(64, 64), dtype=np.uint8)),
-    }
-    paths = {}
-    for name, picture in pictures.items():
-        paths[name] = tmp_path / f"{name}.png"
-        picture.save(paths[name])
-    return paths
-
-
-def test_predict_refuses_noise_and_blank_and_answers_digits_in_json(
-    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    refused = not_digits(tmp_path)
-    digits = {d: typed_digit(d, tmp_path) for d in (2, 3, 7)}
-    files = [str(refused["noise"]), str(digits[2]), str(refused["blank"]), str(digits[3]), str(refused["faint"])]
-    files += [str(refused["grey-noise"]), str(digits[7])]
-    main(["--model", str(model_dir / "model.pt"), "--json", *files])  # one blank picture does not stop the others
-    answers = {a["file"]: a for a in map(json.loads, capsys.readouterr().out.splitlines())}
-    assert list(answers) == files
-    for name in ("noise", "grey-noise"):
-        answer = answers[str(refused[name])]
-        assert answer["digit"] is None and answer["probability"] is None, answer
-        assert answer["reason"].startswith("not a digit"), answer
-    for name in ("blank", "faint"):
-        assert answers[str(refused[name])] == {
-            "file": str(refused[name]),
-            "digit": None,
-            "probability": None,
-            "reason": refusal.BLANK,
-        }
-    for digit, path in digits.items():
-        assert answers[str(path)]["digit"] == digit and answers[str(path)]["reason"] is None, answers[str(path)]
-        assert 0.1 <= answers[str(path)]["probability"] <= 1
-
-
-def test_predict_text_says_refused_with_the_reason(
-    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    refused = not_digits(tmp_path)
-    seven = typed_digit(7, tmp_path)
-    main(["--model", str(model_dir / "model.pt"), str(refused["noise"]), str(refused["blank"]), str(seven)])
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith(f"{refused['noise']}: refused: not a digit (")
-    assert lines[1] == f"{refused['blank']}: refused: {refusal.BLANK}"
-    assert lines[2].startswith(f"{seven}: 7 (") and lines[2].endswith("%)")
-
-
-def test_refusal_statistics_are_deterministic(trained: tuple[Net, torch.Tensor, torch.Tensor]) -> None:
-    net, images, labels = trained
     first = refusal.fit(net, images[:600], labels[:600], seed=3)
     again = refusal.fit(net, images[:600], labels[:600], seed=3)
     layers = {f"{k}_{part}" for k in ("conv", "logits") for part in ("means", "precision", "threshold")}
@@ -129,18 +62,6 @@ def test_the_thresholds_cut_the_same_tail_of_each_score_and_refuse_the_rate_toge
     # The same score twice: the union is the score, so each threshold cuts the full 2%.
     same = refusal.union_thresholds([near, near.clone()], 0.02)
     assert (near > same[0]).float().mean().item() == pytest.approx(0.02, abs=0.0002)
-
-
-def test_a_solid_shape_is_refused(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    square, disc = Image.new("L", (100, 100), 255), Image.new("L", (120, 90), 230)
-    ImageDraw.Draw(square).rectangle((20, 25, 80, 85), fill=0)
-    ImageDraw.Draw(disc).ellipse((15, 10, 100, 80), fill=40)
-    square.save(tmp_path / "square.png")
-    disc.save(tmp_path / "disc.png")
-    main(["--model", str(model_dir / "model.pt"), "--json", str(tmp_path / "square.png"), str(tmp_path / "disc.png")])
-    for line in capsys.readouterr().out.splitlines():
-        answer = json.loads(line)
-        assert answer["digit"] is None and answer["reason"].startswith("not a digit"), answer
 
 
 def test_answers_are_right_when_threads_share_the_net() -> None:

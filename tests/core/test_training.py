@@ -1,4 +1,5 @@
-"""The training loop: devices, determinism, every image counted, bf16 and the CUDA graph path."""
+"""The training loop: determinism, every image counted, bf16 and the CUDA graph path, the schedules,
+the augmentation extras."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 
 from helpers import make_params
 from mnist_cnn.cli import UserError
-from mnist_cnn.core.runtime import native_bf16, pick_device, use_bf16
+from mnist_cnn.core import runtime
+from mnist_cnn.core.runtime import native_bf16
 from mnist_cnn.core.training import build, train_epoch
 from mnist_cnn.stages.train import measure_test_set
 
@@ -42,14 +44,6 @@ def toy_data(n: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         row, col = divmod(label, 5)
         images[i, 0, 4 + 10 * row : 12 + 10 * row, 2 + 5 * col : 6 + 5 * col] = 255
     return images.to(device), labels.to(device)
-
-
-def test_pick_device() -> None:
-    assert pick_device("cpu").type == "cpu"
-    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(UserError, match=r"train\.device"):
-            pick_device("cuda")
 
 
 @pytest.mark.parametrize(
@@ -144,24 +138,9 @@ def test_a_graphed_step_reads_the_scheduled_rate_from_a_tensor() -> None:
     assert float(rate) == pytest.approx(0.007)
 
 
-def test_auto_picks_bf16_only_where_native_and_emulated_bf16_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    cpu = torch.device("cpu")
+def test_training_refuses_emulated_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    for native in (True, False):
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
-        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-        assert use_bf16("auto", cpu, "train.precision") is native
-        assert use_bf16("fp32", cpu, "train.precision") is False
-        if native:
-            assert use_bf16("bf16", cpu, "train.precision") is True
-        else:
-            with pytest.raises(UserError, match=r"^robustness.precision bf16: this CPU \(.+\) has no native bfloat16"):
-                use_bf16("bf16", cpu, "robustness.precision")
-    # ATen limited to AVX2 (as ATEN_CPU_CAPABILITY=avx2 does) emulates bf16 even on a CPU that has it.
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert use_bf16("auto", cpu, "train.precision") is False
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: False)
     with pytest.raises(UserError, match=r"use train.precision: auto \(bf16 where native\) or fp32$"):
         build(make_params(train__device="cpu", train__precision="bf16"), *toy_data(64))
 
@@ -286,3 +265,24 @@ def test_deterministic_cuda_runs_are_bitwise_identical(graph: bool, deterministi
     for a, b in zip(*weights, strict=True):
         assert torch.equal(a, b)
     assert test_losses[0] == test_losses[1]
+
+
+def test_training_with_every_extra_is_reproducible_and_differs() -> None:
+    images, labels = toy_data(128)
+    every = {
+        "augment_scale": 0.15,
+        "augment_thickness": 0.5,
+        "augment_blur": 1.5,
+        "augment_invert": 0.3,
+        "augment_erase": 0.3,
+        "augment_noise": 0.2,
+    }
+
+    def weights(**extras: float) -> list[torch.Tensor]:
+        step = build(make_params(train__device="cpu", **extras), images, labels)
+        train_epoch(step, len(images), 64)
+        return [p.detach().clone() for p in step.model.parameters()]
+
+    first, again, plain = weights(**every), weights(**every), weights()
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, plain, strict=True))

@@ -33,13 +33,13 @@ def sample_split(n: int = 7, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 # --- round trips ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [(5, 28, 28), (3, 2, 4), (0, 28, 28), (12,), (0,), (1,)])
+@pytest.mark.parametrize("shape", [(5, 28, 28), (3, 2, 4), (12,), (1,)])
 def test_write_read_round_trip(tmp_path: Path, shape: tuple[int, ...]) -> None:
     array = np.random.default_rng(1).integers(0, 256, size=shape, dtype=np.uint8)
     path = tmp_path / "a.idx"
     write_idx(path, array)
     back = read_idx(path)
-    assert back.dtype == np.uint8
+    assert back.dtype == torch.uint8
     assert back.shape == shape
     np.testing.assert_array_equal(back, array)
     # The exact on-disk layout: magic 0x0000080N, big-endian dims, then the bytes in C order.
@@ -57,6 +57,7 @@ def test_load_split_round_trip(tmp_path: Path) -> None:
     got_images, got_labels = load_split(tmp_path, "train")
     np.testing.assert_array_equal(got_images, images)
     np.testing.assert_array_equal(got_labels, labels)
+    assert got_labels.dtype == torch.int64
 
 
 def test_load_split_test_uses_t10k_names(tmp_path: Path) -> None:
@@ -85,24 +86,24 @@ def test_load_tensors_missing_file_says_what_to_run(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("content", "message"),
+    "content",
     [
-        (b"", r"truncated IDX file \(0 bytes, no header\)"),
-        (b"\x00\x00\x08", r"truncated IDX file \(3 bytes, no header\)"),
-        (b"\x00\x00\x08\x03\x00\x00\x00\x01", r"truncated IDX header"),
-        (b"\x00\x00\x08\x01\x00\x00", r"truncated IDX header"),
+        b"",
+        b"\x00\x00\x08",
+        b"\x00\x00\x08\x03\x00\x00\x00\x01",
+        b"\x00\x00\x08\x01\x00\x00",
         # Wrong magic: a gzip file, the float dtype code, non-zero leading bytes.
-        (b"\x1f\x8b\x08\x00" + bytes(20), r"not an unsigned-byte IDX file of 1 or 3 dims \(magic 0x1f8b0800\)"),
-        (idx_bytes(0x0D, [2], b"\x00" * 8), r"magic 0x00000d01"),
-        (idx_bytes(0x08, [2], b"\x00\x00", zero=b"\x00\x01"), r"magic 0x00010801"),
+        b"\x1f\x8b\x08\x00" + bytes(20),
+        idx_bytes(0x0D, [2], b"\x00" * 8),
+        idx_bytes(0x08, [2], b"\x00\x00", zero=b"\x00\x01"),
         # Wrong number of dims.
-        (idx_bytes(0x08, [2, 2], b"\x00" * 4), r"not an unsigned-byte IDX file of 1 or 3 dims \(magic 0x00000802\)"),
-        (idx_bytes(0x08, [], b""), r"magic 0x00000800"),
-        (idx_bytes(0x08, [1, 1, 1, 1], b"\x00"), r"magic 0x00000804"),
+        idx_bytes(0x08, [], b""),
+        idx_bytes(0x08, [1, 1, 1, 1], b"\x00"),
         # Payload size disagrees with the header.
-        (idx_bytes(0x08, [2, 2, 2], b"\x00" * 7), r"size 23 bytes, header \(2, 2, 2\) says 24"),
-        (idx_bytes(0x08, [2, 2, 2], b"\x00" * 9), r"size 25 bytes, header \(2, 2, 2\) says 24"),
-        (idx_bytes(0x08, [3], b""), r"size 8 bytes, header \(3,\) says 11"),
+        idx_bytes(0x08, [2, 2, 2], b"\x00" * 7),
+        idx_bytes(0x08, [2, 2, 2], b"\x00" * 9),
+        idx_bytes(0x08, [3], b""),
+        idx_bytes(0x08, [0], b""),
     ],
     ids=[
         "empty",
@@ -112,20 +113,20 @@ def test_load_tensors_missing_file_says_what_to_run(tmp_path: Path) -> None:
         "gzip",
         "float-dtype",
         "nonzero-lead",
-        "2-dims",
         "0-dims",
         "4-dims",
         "short-payload",
         "long-payload",
         "no-payload",
+        "no-items",
     ],
 )
-def test_malformed_idx_is_a_user_error(tmp_path: Path, content: bytes, message: str) -> None:
+def test_malformed_idx_is_one_user_error(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "bad-idx"
     path.write_bytes(content)
-    with pytest.raises(UserError, match=message) as caught:
+    with pytest.raises(UserError) as caught:
         read_idx(path)
-    assert str(caught.value).startswith(f"{path}: ")
+    assert str(caught.value) == f"{path}: not an IDX file of unsigned bytes, or cut short"
 
 
 def test_missing_idx_file(tmp_path: Path) -> None:
@@ -165,7 +166,7 @@ def test_label_255(tmp_path: Path) -> None:
         load_split(tmp_path, "test")
 
 
-@pytest.mark.parametrize("image_shape", [(4, 28, 27), (4, 32, 32), (4, 1, 784)])
+@pytest.mark.parametrize("image_shape", [(4, 28, 27), (4, 32, 32), (4, 1, 784), (4, 784)])
 def test_image_shape_not_28x28(tmp_path: Path, image_shape: tuple[int, ...]) -> None:
     write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros(image_shape, dtype=np.uint8))
     write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(4, dtype=np.uint8))
@@ -181,7 +182,7 @@ def test_images_file_that_is_1d(tmp_path: Path) -> None:
         load_split(tmp_path, "train")
 
 
-@pytest.mark.parametrize("n_labels", [0, 4, 6, 600])
+@pytest.mark.parametrize("n_labels", [4, 6, 600])
 def test_label_count_mismatch(tmp_path: Path, n_labels: int) -> None:
     images, _ = sample_split(5)
     write_split(tmp_path, "train", images, np.zeros(n_labels, dtype=np.uint8))
@@ -196,13 +197,6 @@ def test_labels_file_with_3_dims(tmp_path: Path) -> None:
         load_split(tmp_path, "train")
 
 
-def test_empty_split_is_consistent(tmp_path: Path) -> None:
-    write_split(tmp_path, "train", np.zeros((0, 28, 28), dtype=np.uint8), np.zeros(0, dtype=np.uint8))
-    images, labels = load_split(tmp_path, "train")
-    assert images.shape == (0, 28, 28)
-    assert labels.shape == (0,)
-
-
 # --- properties ---------------------------------------------------------------
 
 
@@ -212,9 +206,9 @@ def read_or_user_error(path: Path, content: bytes) -> np.ndarray | None:
         array = read_idx(path)
     except UserError:
         return None
-    assert array.dtype == np.uint8
-    assert array.ndim in (1, 3)
-    assert array.size == len(content) - 4 - 4 * array.ndim
+    assert array.dtype == torch.uint8
+    assert 1 <= array.ndim <= 3
+    assert array.numel() == len(content) - 4 - 4 * array.ndim
     return array
 
 
@@ -238,14 +232,14 @@ def test_idx_like_bytes_give_array_or_user_error(
     array = read_or_user_error(tmp_path / "f", idx_bytes(dtype_code, dims, payload))
     if array is not None:
         assert list(array.shape) == dims
-        assert array.tobytes() == payload
+        assert array.numpy().tobytes() == payload
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     shape=st.one_of(
-        st.tuples(st.integers(0, 6)),
-        st.tuples(st.integers(0, 4), st.integers(0, 6), st.integers(0, 6)),
+        st.tuples(st.integers(1, 6)),
+        st.tuples(st.integers(1, 4), st.integers(1, 6), st.integers(1, 6)),
     ),
     seed=st.integers(0, 2**32 - 1),
 )

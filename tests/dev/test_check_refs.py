@@ -111,3 +111,8 @@ def test_makefile_ci_and_ui_files_are_read(repo: Path, capsys: pytest.CaptureFix
 def test_a_clean_repository_exits_0(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert check_refs.main(repo) == 0
     assert capsys.readouterr().out == ""
+
+
+def test_a_file_at_an_earlier_commit_and_a_tag_name_are_not_references(repo: Path) -> None:
+    add_line(repo, "README.md", "A script removed since (`git show 1286e00:dev/gone/measure.py`).")
+    assert check_refs.check(repo) == []

@@ -1,4 +1,6 @@
-"""predict (src/mnist_cnn/serving/predict.py): MNIST-style preprocessing, errors, and the CLI on drawn digits."""
+"""predict (src/mnist_cnn/serving/predict.py): digits answered and non-digits refused with a reason, in
+JSON and in text; one-line errors; a checkpoint with pickled code refused; the CLI on drawn digits with a
+model trained on real MNIST. (The picture preparation is tested in tests/core/test_picture.py.)"""
 
 from __future__ import annotations
 
@@ -10,108 +12,94 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw, ImageFont, ImageOps
-from scipy import ndimage
+from PIL import Image, ImageDraw, ImageFont
 
-from helpers import tool_env
-from mnist_cnn.cli import UserError, run_stage
+from helpers import RunsACommand, stage_error, tool_env
+from mnist_cnn.cli import run_stage
+from mnist_cnn.core import refusal
+from mnist_cnn.core.model import Net
 from mnist_cnn.core.picture import read_image, to_mnist
 from mnist_cnn.serving.predict import main
 
-CENTRE = 13.5  # centre of a 28x28 field in pixel-index coordinates
+
+def typed_digit(digit: int, tmp_path: Path) -> Path:
+    """A digit as the training set draws it (the same font), but large and dark on white paper."""
+    picture = Image.new("L", (160, 120), 255)
+    ImageDraw.Draw(picture).text((50, 10), str(digit), fill=0, font=ImageFont.load_default(size=90))
+    path = tmp_path / f"digit-{digit}.png"
+    picture.save(path)
+    return path
 
 
-def draw_zero(size: tuple[int, int] = (300, 200), box: tuple[int, int, int, int] = (30, 20, 110, 170)) -> Image.Image:
-    """A large dark '0' drawn with line segments, far off-centre on white paper."""
-    image = Image.new("L", size, 255)
-    x0, y0, x1, y1 = box
-    t = np.linspace(0, 2 * np.pi, 60)
-    points = [((x0 + x1) / 2 + (x1 - x0) / 2 * np.cos(a), (y0 + y1) / 2 + (y1 - y0) / 2 * np.sin(a)) for a in t]
-    ImageDraw.Draw(image).line(points, fill=0, width=12, joint="curve")
-    return image
+def not_digits(tmp_path: Path) -> dict[str, Path]:
+    rng = np.random.default_rng(0)
+    pictures = {
+        "noise": Image.fromarray(rng.integers(0, 256, size=(64, 64), dtype=np.uint8)),
+        "grey-noise": Image.fromarray(rng.integers(100, 256, size=(120, 90), dtype=np.uint8)),
+        "blank": Image.new("L", (50, 50), 255),
+        "faint": Image.fromarray(rng.integers(240, 256, size=(64, 64), dtype=np.uint8)),
+    }
+    paths = {}
+    for name, picture in pictures.items():
+        paths[name] = tmp_path / f"{name}.png"
+        picture.save(paths[name])
+    return paths
 
 
-def draw_seven(size: tuple[int, int] = (400, 300)) -> Image.Image:
-    image = Image.new("L", size, 230)  # greyish paper, grey pencil
-    ImageDraw.Draw(image).line([(250, 40), (370, 40), (290, 280)], fill=90, width=9, joint="curve")
-    return image
+def test_predict_refuses_noise_and_blank_and_answers_digits_in_json(
+    font_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    refused = not_digits(tmp_path)
+    digits = {d: typed_digit(d, tmp_path) for d in (2, 3, 7)}
+    files = [str(refused["noise"]), str(digits[2]), str(refused["blank"]), str(digits[3]), str(refused["faint"])]
+    files += [str(refused["grey-noise"]), str(digits[7])]
+    main(["--model", str(font_model / "model.pt"), "--json", *files])  # one blank picture does not stop the others
+    answers = {a["file"]: a for a in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert list(answers) == files
+    for name in ("noise", "grey-noise"):
+        answer = answers[str(refused[name])]
+        assert answer["digit"] is None and answer["probability"] is None, answer
+        assert answer["reason"].startswith("not a digit"), answer
+    for name in ("blank", "faint"):
+        assert answers[str(refused[name])] == {
+            "file": str(refused[name]),
+            "digit": None,
+            "probability": None,
+            "reason": refusal.BLANK,
+        }
+    for digit, path in digits.items():
+        assert answers[str(path)]["digit"] == digit and answers[str(path)]["reason"] is None, answers[str(path)]
+        assert 0.1 <= answers[str(path)]["probability"] <= 1
 
 
-def ink_box(field: np.ndarray) -> tuple[int, int, int, int]:
-    rows, cols = np.nonzero(field)
-    return rows.min(), rows.max(), cols.min(), cols.max()
+def test_predict_text_says_refused_with_the_reason(
+    font_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    refused = not_digits(tmp_path)
+    seven = typed_digit(7, tmp_path)
+    main(["--model", str(font_model / "model.pt"), str(refused["noise"]), str(refused["blank"]), str(seven)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{refused['noise']}: refused: not a digit (")
+    assert lines[1] == f"{refused['blank']}: refused: {refusal.BLANK}"
+    assert lines[2].startswith(f"{seven}: 7 (") and lines[2].endswith("%)")
 
 
-def test_dark_on_light_off_centre_digit_becomes_mnist_like() -> None:
-    field = to_mnist(draw_zero())
-    assert field.shape == (28, 28)
-    assert field.dtype == np.uint8
-    assert field[0].max() == field[-1].max() == field[:, 0].max() == field[:, -1].max() == 0  # dark background
-    assert field.max() == 255  # bright ink
-    top, bottom, left, right = ink_box(field)
-    assert min(top, left) >= 4 and max(bottom, right) <= 23  # within the central 20x20
-    assert bottom - top + 1 in (19, 20, 21)  # the taller side fills the 20 px box
-    com_y, com_x = ndimage.center_of_mass(field.astype(np.float64))
-    assert abs(com_y - CENTRE) <= 1 and abs(com_x - CENTRE) <= 1
-    assert field[14, 14] == 0  # the hole of the zero survives
-
-
-def test_asymmetric_digit_on_grey_paper_is_centred_by_mass_and_full_strength() -> None:
-    field = to_mnist(draw_seven())
-    top, bottom, left, right = ink_box(field)
-    assert max(bottom - top, right - left) + 1 in (19, 20, 21)
-    com_y, com_x = ndimage.center_of_mass(field.astype(np.float64))
-    assert abs(com_y - CENTRE) <= 1 and abs(com_x - CENTRE) <= 1
-    assert field.max() == 255  # faint pencil on grey paper is stretched to MNIST's contrast
-    assert field[0].max() == 0
-
-
-@pytest.mark.parametrize("pen", [2, 6])
-def test_thin_pen_on_a_large_picture_keeps_an_mnist_stroke(pen: int) -> None:
-    picture = Image.new("L", (800, 600), 255)
-    ImageDraw.Draw(picture).line([(300, 50), (600, 50), (400, 550)], fill=0, width=pen)
-    field = to_mnist(picture)
-    # Scaled down 25x, the pen would be a faint trace of ~15 bright pixels; MNIST's 7s have 55-135.
-    assert (field > 127).sum() >= 50
-    stroke = 2 * np.percentile(ndimage.distance_transform_edt(field > 127)[field > 127], 95)
-    assert stroke >= 2
-
-
-def test_light_on_dark_is_not_inverted() -> None:
-    dark_on_light = draw_zero()
-    light_on_dark = ImageOps.invert(dark_on_light)
-    field = to_mnist(light_on_dark)
-    assert field[0].max() == 0 and field.max() == 255
-    np.testing.assert_array_equal(field, to_mnist(dark_on_light))  # same picture whichever the polarity
-
-
-@pytest.mark.parametrize("fill", [255, 0, 128])
-def test_uniform_image_has_no_ink(fill: int) -> None:
-    with pytest.raises(UserError, match="no ink"):
-        to_mnist(Image.new("L", (120, 80), fill), "blank.png")
-
-
-def test_faint_noise_is_not_ink() -> None:
-    noise = np.random.default_rng(0).integers(240, 256, size=(64, 64), dtype=np.uint8)
-    with pytest.raises(UserError, match=r"noise\.png: no ink"):
-        to_mnist(Image.fromarray(noise), "noise.png")
-
-
-def test_transparent_png_is_read_as_ink_on_white(tmp_path: Path) -> None:
-    rgba = Image.new("RGBA", (200, 200), (0, 0, 0, 0))  # transparent black: would read as all-black
-    ImageDraw.Draw(rgba).line([(100, 20), (100, 180)], fill=(0, 0, 0, 255), width=14)
-    rgba.save(tmp_path / "one.png")
-    field = to_mnist(read_image(str(tmp_path / "one.png")))
-    assert field.max() == 255 and field[0].max() == 0
-    top, bottom, left, right = ink_box(field)
-    assert bottom - top + 1 >= 19 and right - left + 1 <= 6  # a tall thin stroke
+def test_a_solid_shape_is_refused(font_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    square, disc = Image.new("L", (100, 100), 255), Image.new("L", (120, 90), 230)
+    ImageDraw.Draw(square).rectangle((20, 25, 80, 85), fill=0)
+    ImageDraw.Draw(disc).ellipse((15, 10, 100, 80), fill=40)
+    square.save(tmp_path / "square.png")
+    disc.save(tmp_path / "disc.png")
+    main(["--model", str(font_model / "model.pt"), "--json", str(tmp_path / "square.png"), str(tmp_path / "disc.png")])
+    for line in capsys.readouterr().out.splitlines():
+        answer = json.loads(line)
+        assert answer["digit"] is None and answer["reason"].startswith("not a digit"), answer
 
 
 def test_cli_errors_are_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("hello")
-    good = tmp_path / "zero.png"
-    draw_zero().save(good)
+    good = typed_digit(0, tmp_path)
     cases = [
         ([str(not_an_image)], "notes.png: cannot read as an image"),
         ([str(tmp_path / "missing.jpg")], "missing.jpg: cannot read as an image"),
@@ -126,6 +114,20 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Captu
         err = capsys.readouterr().err
         assert err.startswith("error: ") and expected in err, err
         assert err.count("\n") == 1
+
+
+def test_a_checkpoint_with_pickled_code_is_refused_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, in_process
+) -> None:
+    """--model PATH is any file the user was given: weights_only loading must refuse code, and say so
+    plainly (torch's own message advises retrying with weights_only=False)."""
+    marker = tmp_path / "payload-ran"
+    torch.save({"state_dict": Net().state_dict(), "extra": RunsACommand(marker)}, tmp_path / "model.pt")
+    typed_digit(1, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    line = stage_error(lambda: main(["--model", "model.pt", "digit-1.png"]), capsys)
+    assert line == "error: model.pt: refused to load: it holds pickled objects besides weights"
+    assert not marker.exists()
 
 
 # --- end to end: a model trained briefly on real MNIST, digits drawn unlike MNIST ---
@@ -194,11 +196,3 @@ def test_cli_reads_drawn_digits(mnist_model: Path, tmp_path: Path) -> None:
         assert picture.size == (280, 280)
         small = np.asarray(picture.resize((28, 28), Image.Resampling.NEAREST))
     np.testing.assert_array_equal(small, to_mnist(read_image(str(files[0]))))
-
-
-def test_human_output(mnist_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = tmp_path / "zero.png"
-    draw_zero().save(path)
-    main(["--model", str(mnist_model), str(path)])
-    line = capsys.readouterr().out.strip()
-    assert line.startswith(f"{path}: ") and line.endswith("%)"), line

@@ -38,7 +38,7 @@ def test_the_sets_are_the_corruptions_of_fixed_test_images(
     expected |= {f"shift_{d} {k}" for d in ("x", "y", "diagonal") for k in (0, 4)}
     names = {"shot_noise", "rotate", "translate", "fog"}
     assert set(sets) == expected | names | {"curve_pick", "corruption_pick"}
-    assert torch.equal(sets["rotation 20"], corruptions.rotated(images[curve], 20.0))
+    assert torch.equal(sets["rotation 20"], corruptions.moved(images[curve], degrees=20.0))
     assert torch.equal(sets["rotation 0"], images[curve]) and torch.equal(sets["shift_y 0"], images[curve])
     for name in names:
         assert sets[name].dtype == torch.uint8 and sets[name].shape == (80, 28, 28)

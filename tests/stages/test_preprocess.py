@@ -1,4 +1,5 @@
-"""The preprocess stage: tensors and statistics, and nothing half-replaced on bad input."""
+"""The preprocess stage: tensors and statistics; nothing half-replaced on bad input, a full disk or a
+file in the way."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import REPO, stage_error, write_idx, write_synthetic_mnist
+from helpers import (
+    REPO,
+    copy_prepared,
+    error_with_a_file_in_the_way,
+    file_size_limit,
+    stage_error,
+    write_idx,
+    write_params,
+    write_synthetic_mnist,
+)
 from mnist_cnn.cli import run_stage
 from mnist_cnn.stages import preprocess
 
@@ -37,3 +47,24 @@ def test_writes_tensors_and_stats_and_keeps_them_on_bad_input(
     write_idx(raw / "t10k-labels-idx1-ubyte", np.full(40, 11, dtype=np.uint8))
     assert stage_error(preprocess.main, capsys) == "error: test labels: values must be 0-9, found 11"
     assert {p.name: p.read_bytes() for p in processed.iterdir()} == before
+
+
+def test_full_disk_while_preprocessing_is_one_error_line(
+    prepared: Path, small_mnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, in_process
+) -> None:
+    work = tmp_path / "work"
+    shutil.copytree(prepared / "data" / "raw", work / "data" / "raw")
+    write_params(work, small_mnist)
+    monkeypatch.chdir(work)
+    with file_size_limit(64 * 1024):  # train.pt is ~320 kB
+        line = stage_error(preprocess.main, capsys)
+    assert line == "error: cannot write data/processed/train.pt: File too large", line
+    assert list((work / "data" / "processed").iterdir()) == []  # no partial file, no temp file
+
+
+def test_a_file_where_data_processed_should_be_is_one_error_line(
+    prepared, small_mnist, tmp_path, capsys, in_process
+) -> None:
+    work = copy_prepared(prepared, tmp_path / "work", small_mnist)
+    line = error_with_a_file_in_the_way(preprocess.main, work, "data/processed", capsys)
+    assert line.startswith("error: cannot write data/processed/train.pt: "), line

@@ -18,8 +18,8 @@ from mnist_cnn.cli import UserError
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
 
-# Inference on a CPU runs about twice as fast in batches of 32 as of 1,000: conv2's output for 32
-# images (6.4 MB) stays in the cache (docs/speed.md). The results are the same bytes either way.
+# Inference on a CPU runs in small batches, whose conv2 output stays in the cache (docs/speed.md has
+# the measurements). The results are the same bytes either way.
 CPU_BATCH = 32
 INPUT_NORMS = ("none", "range", "background")
 

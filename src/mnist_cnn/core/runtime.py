@@ -50,7 +50,7 @@ def native_bf16(device: torch.device) -> bool:
 
 def use_bf16(precision: str, device: torch.device, key: str) -> bool:
     """Whether `key` (train.precision, robustness.precision) means bf16 on `device`: auto picks it
-    only where it is native; bf16 where it would be emulated (about 12x slower) is an error."""
+    only where it is native; bf16 where it would be emulated (many times slower: docs/speed.md) is an error."""
     if precision == "auto":
         return native_bf16(device)
     x86 = platform.machine().lower() in ("x86_64", "amd64")  # other CPUs: no check here

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import fields
 
 import numpy as np
 import torch
@@ -101,14 +102,7 @@ def build(params: Params, images: torch.Tensor, labels: torch.Tensor) -> TrainSt
         shuffle_generator=shuffle_generator,
         rank=rank,
         world=world,
-        extras=Extras(
-            scale=params.augment_scale,
-            thickness=params.augment_thickness,
-            blur=params.augment_blur,
-            invert=params.augment_invert,
-            erase=params.augment_erase,
-            noise=params.augment_noise,
-        ),
+        extras=Extras(**{extra.name: getattr(params, f"augment_{extra.name}") for extra in fields(Extras)}),
     )
 
 

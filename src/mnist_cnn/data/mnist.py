@@ -1,12 +1,11 @@
-"""MNIST files on disk: the published checksums, the IDX format, the processed tensors."""
+"""MNIST files on disk: the IDX files (torchvision's reader) and the processed tensors."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-import numpy as np
 import torch
+from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
 
 from mnist_cnn.cli import UserError
 from mnist_cnn.files import load_tensors
@@ -14,44 +13,30 @@ from mnist_cnn.paths import PROCESSED_DIR
 
 SPLITS = {"train": "train", "test": "t10k"}
 
-IMAGE_SIZE = 28
 
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file of unsigned bytes; raise UserError on anything malformed."""
+def read_idx(path: Path) -> torch.Tensor:
+    """An IDX file of unsigned bytes as a uint8 tensor; UserError on anything malformed."""
     try:
-        data = path.read_bytes()
+        array = read_sn3_pascalvincent_tensor(str(path))
     except OSError as error:
         raise UserError(f"{path}: cannot read ({error.strerror})") from None
-    if len(data) < 4:
-        raise UserError(f"{path}: truncated IDX file ({len(data)} bytes, no header)")
-    zero, dtype_code, ndim = int.from_bytes(data[:2], "big"), data[2], data[3]
-    if zero != 0 or dtype_code != 0x08 or ndim not in (1, 3):
-        magic = int.from_bytes(data[:4], "big")
-        raise UserError(f"{path}: not an unsigned-byte IDX file of 1 or 3 dims (magic 0x{magic:08x})")
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise UserError(f"{path}: truncated IDX header")
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = header + math.prod(shape)
-    if len(data) != expected:
-        raise UserError(f"{path}: size {len(data)} bytes, header {shape} says {expected}")
-    try:
-        return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
-    except ValueError as error:
-        raise UserError(f"{path}: IDX dimensions {shape} unusable ({error})") from None
+    except (AssertionError, KeyError, RuntimeError, TypeError, ValueError):  # torchvision checks with assert
+        array = None
+    if array is None or array.dtype != torch.uint8:
+        raise UserError(f"{path}: not an IDX file of unsigned bytes, or cut short")
+    return array
 
 
-def load_split(raw_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, 28, 28) uint8 and labels (N,) of one split, checked for consistency."""
+def load_split(raw_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, 28, 28) uint8 and int64 labels (N,) of one split, checked for consistency."""
     prefix = SPLITS[split]
     images = read_idx(raw_dir / f"{prefix}-images-idx3-ubyte")
-    labels = read_idx(raw_dir / f"{prefix}-labels-idx1-ubyte")
-    if images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise UserError(f"{split} images: expected shape (N, 28, 28), got {images.shape}")
+    labels = read_idx(raw_dir / f"{prefix}-labels-idx1-ubyte").long()
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise UserError(f"{split} images: expected shape (N, 28, 28), got {tuple(images.shape)}")
     if labels.ndim != 1 or len(labels) != len(images):
-        raise UserError(f"{split}: {len(images)} images but labels of shape {labels.shape}")
-    if len(labels) and labels.max() > 9:
+        raise UserError(f"{split}: {len(images)} images but labels of shape {tuple(labels.shape)}")
+    if labels.max() > 9:
         raise UserError(f"{split} labels: values must be 0-9, found {int(labels.max())}")
     return images, labels
 

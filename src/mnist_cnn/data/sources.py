@@ -47,7 +47,7 @@ class WriteError(Exception):
 def copy_hashed(src: BinaryIO, dst: Path, expected_sha256: str | None) -> None:
     """Copy src into dst once its SHA-256 is the expected one (a SourceError otherwise: nothing written);
     an error reading src is the caller's to report, an error writing dst is a WriteError."""
-    data = src.read()  # one file of at most 47 MB
+    data = src.read()  # whole: preprocess holds the largest of the four in memory anyway
     digest = hashlib.sha256(data).hexdigest()
     if expected_sha256 and digest != expected_sha256:
         raise SourceError(f"{dst.name}: SHA-256 {digest[:12]}… is not the expected one")
@@ -140,17 +140,13 @@ def sources(params: DataParams) -> list[tuple[str, Callable[[Path, bool], None]]
 
 def download(params: DataParams, out_dir: Path = RAW_DIR) -> str:
     """Fill out_dir with the four verified files; return the name of the source used."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise cannot_write(out_dir, error, error.filename) from None
     failures: list[str] = []
     for label, fetch in sources(params):
-        # Staging inside out_dir keeps the final rename on one file system.
-        try:
+        try:  # staging inside out_dir keeps the final rename on one file system
+            out_dir.mkdir(parents=True, exist_ok=True)
             staging_dir = tempfile.TemporaryDirectory(prefix=".staging-", dir=out_dir)
         except OSError as error:
-            raise cannot_write(out_dir, error) from None
+            raise cannot_write(out_dir, error, error.filename) from None
         with staging_dir as tmp:
             staging = Path(tmp)
             try:

@@ -21,12 +21,11 @@ def main() -> None:
     splits = {split: load_split(RAW_DIR, split) for split in ("train", "test")}
     stats: dict[str, object] = {}
     for split, (images, labels) in splits.items():
-        tensors = {"images": torch.from_numpy(images.copy()), "labels": torch.from_numpy(labels.astype(np.int64))}
-        save_tensors(PROCESSED_DIR / f"{split}.pt", tensors)
+        save_tensors(PROCESSED_DIR / f"{split}.pt", {"images": images, "labels": labels})
         stats[f"{split}_count"] = len(images)
-        stats[f"{split}_class_counts"] = np.bincount(labels, minlength=10).tolist()
+        stats[f"{split}_class_counts"] = torch.bincount(labels, minlength=10).tolist()
         if split == "train":  # the pixels scaled to [0, 1], in float64: exact enough
-            pixels = images.astype(np.float64) / 255.0
+            pixels = images.numpy().astype(np.float64) / 255.0
             stats["mean"], stats["std"] = float(pixels.mean()), float(pixels.std())
     write_json(PROCESSED_DIR / "stats.json", stats)
     print(

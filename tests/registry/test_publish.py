@@ -366,3 +366,49 @@ def test_many_concurrent_promotions_against_a_server_end_at_the_rules_choice(ser
         promotions.append(sum(decision.startswith("promoted") for decision in expected.decisions.values()))
     # The draws make the champion move past the first version in every round, and end at different versions.
     assert min(promotions) >= 2 and len(set(champions)) > 1, (promotions, champions)
+
+
+class SlowChampionReads:
+    """An MlflowClient that pauses after reading the registered model (where promote looks up the
+    champion): the widest possible window between a promotion's read and its write. `read` is set
+    at its first read."""
+
+    def __init__(self, client: MlflowClient, pause: float, read: threading.Event) -> None:
+        self._client, self._pause, self._read = client, pause, read
+
+    def get_registered_model(self, name: str):
+        model = self._client.get_registered_model(name)
+        self._read.set()
+        time.sleep(self._pause)
+        return model
+
+    def __getattr__(self, attribute: str):
+        return getattr(self._client, attribute)
+
+
+def test_overlapping_promotions_leave_the_best_model_champion(client: MlflowClient, name: str) -> None:
+    """Two evaluate stages promoting at once (parallel experiments): the better model must end
+    champion, whichever reads first, and neither may fail."""
+    better, worse = new_versions(client, name, 2)
+    results: dict[str, object] = {}
+
+    def promote(version: str, accuracy: float, pause: float, read: threading.Event) -> None:
+        try:
+            slow = SlowChampionReads(client, pause, read)
+            results[version] = publish.promote(slow, version, metrics(accuracy), make_params(), name=name, commit="c")  # type: ignore[arg-type]
+        except Exception as error:  # reported below
+            results[version] = error
+
+    # The better model reads first and writes first; the worse one reads before that write and writes last.
+    better_read = threading.Event()
+    threads = [
+        threading.Thread(target=promote, args=(better, 0.9, 0.4, better_read)),
+        threading.Thread(target=promote, args=(worse, 0.8, 0.8, threading.Event())),
+    ]
+    threads[0].start()
+    assert better_read.wait(timeout=60)
+    threads[1].start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert all(isinstance(r, publish.Promotion) for r in results.values()), results
+    assert aliases(client, name)[gate.CHAMPION] == better, results
