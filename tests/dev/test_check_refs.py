@@ -113,6 +113,6 @@ def test_a_clean_repository_exits_0(repo: Path, capsys: pytest.CaptureFixture[st
     assert capsys.readouterr().out == ""
 
 
-def test_a_file_at_an_earlier_commit_and_a_tag_name_are_not_references(repo: Path) -> None:
+def test_a_file_cited_at_an_earlier_commit_is_not_a_reference(repo: Path) -> None:
     add_line(repo, "README.md", "A script removed since (`git show 1286e00:dev/gone/measure.py`).")
     assert check_refs.check(repo) == []
