@@ -51,6 +51,10 @@ def registry_predictor(uri: str) -> Predictor:
         raise UserError(f"{uri}: {error.message.splitlines()[0]}") from None
     except OSError as error:
         raise UserError(f"{uri}: cannot load ({error})") from None
+    except Exception as error:  # the model's own files (a damaged download): one line, not a traceback
+        why = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        fix = "the registered copy is damaged: register it again with `dvc repro`"
+        raise UserError(f"{uri}: cannot load the model's files ({why}): {fix}") from None
     return lambda fields: from_served(model.predict(fields))
 
 
