@@ -20,7 +20,7 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from mnist_cnn.serving.batching import Batcher
+from mnist_cnn.serving.batching import MAX_ROWS, Batcher
 from mnist_cnn.serving.request import BadRequest, parse
 
 Scope = MutableMapping[str, Any]
@@ -98,11 +98,11 @@ def short_errors(send: Send) -> Send:
 
 class Guard:
     def __init__(self, app: App, predict: Callable | None, max_body: int = MAX_BODY, timeout_s: float = 60.0,
-                 wait_s: float = 0.0) -> None:  # fmt: skip
+                 wait_s: float = 0.0, max_rows: int = MAX_ROWS) -> None:  # fmt: skip
         """`predict`: the model's predict for uint8 pixels (N, 28, 28), or None for a model of another
         input (its requests then go to MLflow's app, checked only for size)."""
         self.app, self.max_body, self.timeout_s = app, max_body, timeout_s
-        self.batcher = Batcher(predict, wait_s=wait_s) if predict is not None else None
+        self.batcher = Batcher(predict, max_rows, wait_s) if predict is not None else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -17,6 +17,7 @@ import tempfile
 MODEL_PATH_ENV = "MNIST_CNN_SERVE_MODEL_PATH"  # the downloaded model, for the workers
 MAX_BODY_ENV = "MNIST_CNN_SERVE_MAX_BODY"
 BATCH_WAIT_ENV = "MNIST_CNN_SERVE_BATCH_WAIT_MS"
+BATCH_ROWS_ENV = "MNIST_CNN_SERVE_BATCH_ROWS"
 DEFAULT_MODEL = "models:/mnist-cnn@champion"
 
 
@@ -35,6 +36,7 @@ def create_app() -> object:
     from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
     from mlflow.pyfunc import scoring_server
 
+    from mnist_cnn.serving.batching import MAX_ROWS
     from mnist_cnn.serving.guard import MAX_BODY, Guard
 
     # The model imports `mnist_cnn` from the code it was registered with (its code path comes first
@@ -50,6 +52,7 @@ def create_app() -> object:
         max_body=int(os.environ.get(MAX_BODY_ENV, MAX_BODY)),
         timeout_s=float(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get()),
         wait_s=float(os.environ.get(BATCH_WAIT_ENV, "0")) / 1000,
+        max_rows=int(os.environ.get(BATCH_ROWS_ENV, MAX_ROWS)),
     )
 
 
@@ -77,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from mnist_cnn.config import UserError
+    from mnist_cnn.serving.batching import MAX_ROWS
     from mnist_cnn.serving.guard import MAX_BODY
 
     parser = argparse.ArgumentParser(
@@ -89,9 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", "-w", type=int, default=1, help="uvicorn processes (one per core)")
     parser.add_argument("--max-body", type=int, default=MAX_BODY, help=f"bytes per request body ({MAX_BODY})")
     parser.add_argument("--batch-wait-ms", type=float, default=0.0, help="gather a batch this long (default 0)")
+    parser.add_argument("--batch-rows", type=int, default=MAX_ROWS, help=f"pictures per forward pass ({MAX_ROWS})")
     args = parser.parse_args(argv)
-    if args.max_body < 1 or not 0 <= args.batch_wait_ms <= 100:
-        raise UserError("--max-body must be >= 1 and --batch-wait-ms 0..100")
+    if args.max_body < 1 or args.batch_rows < 1 or not 0 <= args.batch_wait_ms <= 100:
+        raise UserError("--max-body and --batch-rows must be >= 1, --batch-wait-ms 0..100")
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar line per file otherwise
     with tempfile.TemporaryDirectory(prefix="mnist-cnn-serve-") as folder:
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"serving {described}", flush=True)
         # The workers are new processes (spawned): they read their settings from the environment.
         os.environ.update({MODEL_PATH_ENV: path, MAX_BODY_ENV: str(args.max_body),
-                           BATCH_WAIT_ENV: str(args.batch_wait_ms)})  # fmt: skip
+                           BATCH_WAIT_ENV: str(args.batch_wait_ms), BATCH_ROWS_ENV: str(args.batch_rows)})  # fmt: skip
         access_log = os.environ.get("UVICORN_ACCESS_LOG", "false") == "true"
         uvicorn.run("mnist_cnn.serving.server:create_app", factory=True, host=args.host, port=args.port,
                     workers=args.workers, access_log=access_log)  # fmt: skip
