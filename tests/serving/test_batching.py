@@ -4,7 +4,6 @@ rows back, a lone one runs at once, a failure reaches every request of its batch
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import numpy as np
 import pandas as pd
@@ -14,15 +13,12 @@ from mnist_cnn.serving.batching import Batcher, split
 
 
 class Recorder:
-    """A model that answers each picture with its first pixel, and remembers the batch sizes it saw;
-    the first call waits until released, so that requests pile up behind it."""
+    """A model that answers each picture with its first pixel, and remembers the batch sizes it saw."""
 
     def __init__(self) -> None:
         self.sizes: list[int] = []
-        self.release = threading.Event()
 
     def __call__(self, pixels: np.ndarray) -> list[dict]:
-        self.release.wait(timeout=10)
         self.sizes.append(len(pixels))
         return [{"first": int(p[0, 0])} for p in pixels]
 
@@ -33,37 +29,50 @@ def pictures(first: int, count: int = 1) -> np.ndarray:
     return out
 
 
-def test_requests_that_arrive_during_a_batch_share_the_next_and_get_their_own_rows() -> None:
+def test_requests_read_together_share_one_pass_and_get_their_own_rows() -> None:
     model = Recorder()
 
     async def scenario() -> list:
         batcher = Batcher(model)
-        first = asyncio.create_task(batcher.submit(pictures(0)))
-        await asyncio.sleep(0.05)  # the first runs alone (the model idle), and blocks
-        rest = [asyncio.create_task(batcher.submit(pictures(10 * k, count=k))) for k in range(1, 6)]
-        await asyncio.sleep(0.05)
-        model.release.set()
-        return [await first, *[await task for task in rest]]
+        return await asyncio.gather(*(batcher.submit(pictures(10 * k, count=k)) for k in range(1, 6)))
 
     answers = asyncio.run(scenario())
-    assert model.sizes == [1, 1 + 2 + 3 + 4 + 5]
-    assert answers[0] == [{"first": 0}]
-    for k, answer in enumerate(answers[1:], start=1):
+    assert model.sizes == [1 + 2 + 3 + 4 + 5]
+    for k, answer in enumerate(answers, start=1):
         assert answer == [{"first": 10 * k + i} for i in range(k)]
 
 
-def test_a_lone_request_runs_at_once_and_batches_stop_at_max_rows() -> None:
+def test_requests_that_arrive_during_a_batch_make_the_next_one() -> None:
+    sizes: list[int] = []
+    later: list[asyncio.Task] = []
+
+    async def scenario() -> None:
+        def model(pixels: np.ndarray) -> list[int]:
+            if not sizes:  # three requests come in while the first batch runs
+                later.extend(asyncio.get_running_loop().create_task(batcher.submit(pictures(k))) for k in (1, 2, 3))
+            sizes.append(len(pixels))
+            return [int(p[0, 0]) for p in pixels]
+
+        batcher = Batcher(model)
+        assert await batcher.submit(pictures(0)) == [0]
+        assert await asyncio.gather(*later) == [[1], [2], [3]]
+
+    asyncio.run(scenario())
+    assert sizes == [1, 3]
+
+
+def test_a_lone_request_runs_alone_and_batches_stop_at_max_rows() -> None:
     model = Recorder()
-    model.release.set()
 
     async def scenario() -> None:
         batcher = Batcher(model, max_rows=4)
         assert await batcher.submit(pictures(7)) == [{"first": 7}]
         answers = await asyncio.gather(*(batcher.submit(pictures(k, count=3)) for k in range(3)))
         assert [len(a) for a in answers] == [3, 3, 3]
+        assert (batcher.batches, batcher.rows) == (4, 10)
 
     asyncio.run(scenario())
-    assert model.sizes[0] == 1 and max(model.sizes) <= 4
+    assert model.sizes == [1, 3, 3, 3]
 
 
 def test_a_model_failure_reaches_every_request_of_its_batch_and_the_next_batch_runs() -> None:
@@ -82,6 +91,7 @@ def test_a_model_failure_reaches_every_request_of_its_batch_and_the_next_batch_r
         assert await batcher.submit(pictures(2, count=2)) == [0, 1]
 
     asyncio.run(scenario())
+    assert calls == [2, 2]
 
 
 def test_split_cuts_lists_frames_and_arrays_by_rows() -> None:
@@ -92,15 +102,15 @@ def test_split_cuts_lists_frames_and_arrays_by_rows() -> None:
     assert [a.shape for a in arrays] == [(2, 2), (1, 2)]
 
 
-@pytest.mark.parametrize("wait_s", [0.0, 0.01])
+@pytest.mark.parametrize("wait_s", [0.0, 0.5])
 def test_gathering_waits_for_more_only_when_asked(wait_s: float) -> None:
     model = Recorder()
-    model.release.set()
 
     async def scenario() -> None:
         batcher = Batcher(model, wait_s=wait_s)
         first = asyncio.create_task(batcher.submit(pictures(0)))
-        await asyncio.sleep(0.002)
+        for _ in range(3):  # three turns of the loop, no time: enough for a batch that does not wait
+            await asyncio.sleep(0)
         second = asyncio.create_task(batcher.submit(pictures(1)))
         await asyncio.gather(first, second)
 

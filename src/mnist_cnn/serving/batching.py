@@ -1,10 +1,12 @@
-"""Adaptive batching: the requests that arrive while the model is busy share its next forward pass.
+"""Adaptive batching: the requests that a server worker has read while its model was busy share the
+model's next forward pass, and each gets its own rows of the answer.
 
-One batch at a time runs in a thread of its own (the event loop keeps reading requests meanwhile).
-A request that finds the model idle runs at once, alone, so a lone request waits for nothing; under
-load, every request that came in during a batch joins the next one, up to MAX_ROWS pictures, after
-gathering for at most `wait_s` more (0 by default: what queued during the last batch is the batch).
-Each request gets its own rows of the answer. docs/serving.md has the measurements.
+A request that finds the model idle runs after one turn of the event loop (the requests already read
+join it), so a lone request waits for nothing. Under load, every request read during a batch joins the
+next one, up to `max_rows` pictures; `wait_s` (0 by default) would gather for longer. The model runs
+in the event loop's own thread: a worker has one core and one torch thread, and a second thread would
+pass the GIL back and forth with the loop at each torch operation, waiting out Python's switch interval
+each time (docs/serving.md). While it runs, new requests wait in the socket buffers.
 """
 
 from __future__ import annotations
@@ -12,12 +14,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-MAX_ROWS = 256  # pictures per forward pass: past a few dozen a larger batch saves little
+MAX_ROWS = 64  # pictures per forward pass: past a few dozen a larger batch saves little, and blocks longer
 
 
 def split(outputs: Any, counts: Sequence[int]) -> list[Any]:
@@ -34,8 +35,7 @@ class Batcher:
         self.predict, self.max_rows, self.wait_s = predict, max_rows, wait_s
         self.pending: list[tuple[np.ndarray, asyncio.Future]] = []
         self.running = False
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self.batches = self.rows = 0  # counted, for the tests and the log
+        self.batches = self.rows = 0  # counted, for the tests
 
     async def submit(self, pixels: np.ndarray) -> Any:
         future = asyncio.get_running_loop().create_future()
@@ -55,26 +55,21 @@ class Batcher:
         return batch
 
     async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while self.pending:
-                if self.wait_s and sum(len(p) for p, _ in self.pending) < self.max_rows:
-                    await asyncio.sleep(self.wait_s)
-                batch = [(p, f) for p, f in self._take() if not f.cancelled()]  # a client gone or timed out
+                await asyncio.sleep(self.wait_s)  # 0: one turn, for the requests already read to submit
+                batch = [(p, f) for p, f in self._take() if not f.done()]  # not a client that timed out
                 if not batch:
                     continue
                 pixels = batch[0][0] if len(batch) == 1 else np.concatenate([p for p, _ in batch])
                 try:
-                    outputs = await loop.run_in_executor(self.executor, self.predict, pixels)
-                    pieces = split(outputs, [len(p) for p, _ in batch])
+                    pieces = split(self.predict(pixels), [len(p) for p, _ in batch])
                 except Exception as error:  # the model failed: each request of the batch hears it
                     for _, future in batch:
-                        if not future.done():
-                            future.set_exception(error)
+                        future.set_exception(error)
                     continue
                 self.batches, self.rows = self.batches + 1, self.rows + len(pixels)
                 for (_, future), piece in zip(batch, pieces, strict=True):
-                    if not future.done():
-                        future.set_result(piece)
+                    future.set_result(piece)
         finally:
             self.running = False
