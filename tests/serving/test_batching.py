@@ -103,16 +103,18 @@ def test_split_cuts_lists_frames_and_arrays_by_rows() -> None:
 
 
 @pytest.mark.parametrize("wait_s", [0.0, 0.5])
-def test_gathering_waits_for_more_only_when_asked(wait_s: float) -> None:
+def test_under_load_a_batch_gathers_for_wait_s_and_a_lone_request_never_does(wait_s: float) -> None:
     model = Recorder()
 
     async def scenario() -> None:
         batcher = Batcher(model, wait_s=wait_s)
-        first = asyncio.create_task(batcher.submit(pictures(0)))
+        assert await batcher.submit(pictures(0)) == [{"first": 0}]  # alone: no wait, whatever wait_s
+        await asyncio.gather(batcher.submit(pictures(1)), batcher.submit(pictures(2)))  # two together: load
+        first = asyncio.create_task(batcher.submit(pictures(3)))
         for _ in range(3):  # three turns of the loop, no time: enough for a batch that does not wait
             await asyncio.sleep(0)
-        second = asyncio.create_task(batcher.submit(pictures(1)))
+        second = asyncio.create_task(batcher.submit(pictures(4)))
         await asyncio.gather(first, second)
 
     asyncio.run(scenario())
-    assert model.sizes == ([1, 1] if wait_s == 0 else [2])
+    assert model.sizes == ([1, 2, 1, 1] if wait_s == 0 else [1, 2, 2])

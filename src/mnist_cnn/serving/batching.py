@@ -2,8 +2,9 @@
 model's next forward pass, and each gets its own rows of the answer.
 
 A request that finds the model idle runs after one turn of the event loop (the requests already read
-join it), so a lone request waits for nothing. Under load, every request read during a batch joins the
-next one, up to `max_rows` pictures; `wait_s` (0 by default) would gather for longer. The model runs
+join it), so a lone request waits for nothing. Under load (the last batch served more than one
+request), a batch first gathers for `wait_s` more, up to `max_rows` pictures: clients that wait for
+their answers before sending again would otherwise arrive one at a time and each get a pass of its own. The model runs
 in the event loop's own thread: a worker has one core and one torch thread, and a second thread would
 pass the GIL back and forth with the loop at each torch operation, waiting out Python's switch interval
 each time (docs/serving.md). While it runs, new requests wait in the socket buffers.
@@ -36,6 +37,7 @@ class Batcher:
         self.pending: list[tuple[np.ndarray, asyncio.Future]] = []
         self.running = False
         self.batches = self.rows = 0  # counted, for the tests
+        self.last_requests = 0  # in the last batch: more than one means requests are arriving together
 
     async def submit(self, pixels: np.ndarray) -> Any:
         future = asyncio.get_running_loop().create_future()
@@ -57,7 +59,8 @@ class Batcher:
     async def _drain(self) -> None:
         try:
             while self.pending:
-                await asyncio.sleep(self.wait_s)  # 0: one turn, for the requests already read to submit
+                loaded = self.last_requests > 1 and sum(len(p) for p, _ in self.pending) < self.max_rows
+                await asyncio.sleep(self.wait_s if loaded else 0)  # 0: one turn, for the requests already read
                 batch = [(p, f) for p, f in self._take() if not f.done()]  # not a client that timed out
                 if not batch:
                     continue
@@ -68,7 +71,7 @@ class Batcher:
                     for _, future in batch:
                         future.set_exception(error)
                     continue
-                self.batches, self.rows = self.batches + 1, self.rows + len(pixels)
+                self.batches, self.rows, self.last_requests = self.batches + 1, self.rows + len(pixels), len(batch)
                 for (_, future), piece in zip(batch, pieces, strict=True):
                     future.set_result(piece)
         finally:
