@@ -211,7 +211,7 @@ def test_a_stage_stopped_by_a_bad_param_leaves_its_outputs_restorable(pipeline: 
         stopped = subprocess.run(["dvc", "repro", "train"], cwd=pipeline, env=tool_env(), capture_output=True,
                                  text=True, timeout=600)  # fmt: skip
         assert stopped.returncode != 0
-        assert "error: params: 'train.epochs'" in stopped.stdout + stopped.stderr
+        assert "error: params.yaml: 'train.epochs'" in stopped.stdout + stopped.stderr
         assert not (pipeline / "metrics/train.json").exists()  # DVC removed it before the command ran
     finally:
         params_file.write_text(committed)

@@ -72,7 +72,7 @@ def resolve(uri: str, destination: str) -> tuple[str, str]:
             described = f"{uri} = version {version.version} of {name} (run {version.run_id})"
         path = _download_artifact_from_uri(uri, output_path=destination)
     except MlflowException as error:
-        raise UserError(f"{uri}: {error.message.splitlines()[0]}") from None
+        raise UserError(f"{uri}: {error.message.splitlines()[0][:200]}") from None
     return described, path
 
 
