@@ -97,17 +97,21 @@ ui: setup
 	@env -u MLFLOW_TRACKING_URI python -c "from mnist_cnn.tracking import store; print('open', store.ui_url('http://127.0.0.1:5000'))"
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1 --port 5000
 
-# The registry's champion behind MLflow's REST scoring server (/invocations), loopback only.
+# The registry's champion behind MLflow's REST scoring server (/invocations), loopback only, with the
+# project's guard in front (body cap, schema check, short errors, adaptive batching: docs/serving.md).
+# The champion is resolved once, at start (the version is printed): restart to serve a new one.
 # SERVE_WORKERS uvicorn processes (one per core), each with ONE torch thread: N workers with torch's
 # default of one thread per core would oversubscribe the cores. No access-log line per request
 # (UVICORN_ACCESS_LOG=true brings it back). uvicorn picks httptools and uvloop (dependencies of
 # this package) over h11 and asyncio's loop by itself. docs/serving.md has the measurements.
 SERVE_WORKERS ?= 2
+SERVE_MODEL ?= models:/mnist-cnn@champion
+SERVE_MAX_BODY ?= 1048576
 serve: setup
 	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db} \
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} UVICORN_ACCESS_LOG=$${UVICORN_ACCESS_LOG:-false} \
-	mlflow models serve -m models:/mnist-cnn@champion --env-manager local -h 127.0.0.1 -p 5001 \
-		--workers $(SERVE_WORKERS)
+	python -m mnist_cnn.serving.server -m $(SERVE_MODEL) -h 127.0.0.1 -p 5001 \
+		--workers $(SERVE_WORKERS) --max-body $(SERVE_MAX_BODY)
 
 # Bounded load on `make serve` from another shell (loopback only), e.g. LOADTEST_ARGS="-c 50 -d 20".
 loadtest: setup

@@ -117,9 +117,32 @@ def save_tensors(path: Path, tensors: dict[str, Any]) -> None:
 
 
 def load_tensors(path: Path) -> dict[str, Any]:
-    """Load a dict of tensors; weights_only=True refuses pickled code."""
+    """Load a dict of tensors; weights_only=True refuses pickled code. A missing, truncated or damaged
+    file (an interrupted copy, a bad pull) is one UserError naming it and how to get it back."""
+    import pickle
+    import zipfile
+
     import torch
 
     if not path.exists():
         raise UserError(f"{path}: missing (run the earlier stages first: dvc repro)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a truncated copy is not one
+        raise damaged(path, "not a whole torch.save archive")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message would suggest weights_only=False: not for an unknown file
+        raise UserError(f"{path}: refused to load: it holds pickled objects besides tensors") from None
+    except (OSError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError) as error:
+        raise damaged(path, str(error)) from None
+    if not isinstance(loaded, dict):
+        raise damaged(path, f"a {type(loaded).__name__}, not a dict of tensors")
+    return loaded
+
+
+def damaged(path: Path | str, why: str) -> UserError:
+    """The one line for a pipeline output that cannot be read: what is wrong and the two ways back."""
+    first = why.splitlines()[0][:160] if why else "empty"
+    return UserError(
+        f"{path}: damaged or truncated ({first}): restore it with `dvc checkout --force {path}`, "
+        "or rebuild it with `dvc repro`"
+    )

@@ -13,6 +13,7 @@ import shlex
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -20,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import REPO, make_pipeline_repo, run, store_client, tool_env
+from helpers import REPO, VENV_BIN, free_port, http_server, make_pipeline_repo, run, store_client, tool_env
 
 # A line whose edit changes models/refusal.pt: the refusal's share of training images it refuses.
 REFUSAL_LINE = "REFUSED_TRAINING = 0.01"
@@ -183,3 +184,21 @@ def applied_preset(queued_experiments: dict) -> Path:
     repo = queued_experiments["repo"]
     run(["dvc", "exp", "apply", "improved"], repo)
     return repo
+
+
+@pytest.fixture(scope="session")
+def scoring_server(rerun: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """`make serve`'s server (python -m mnist_cnn.serving.server: MLflow's app behind the guard, 2
+    workers, one torch thread each) on the `rerun` repository's workspace model, started once for
+    test_serving.py and test_serving_hostile.py. Yields its URL, the model URI, the launcher's pid and
+    the line it printed about the model it resolved."""
+    repo = rerun["repo"]
+    port, folder = free_port(), tmp_path_factory.mktemp("serve")
+    registered = json.loads((repo / "models/registered.json").read_text())["model"]  # the workspace's model
+    cmd = [str(VENV_BIN / "python"), "-m", "mnist_cnn.serving.server", "-m", registered, "-p", str(port)]
+    cmd += ["--workers", "2"]
+    uri = f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
+    env = {"MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    with http_server(cmd, folder, "/ping", port, **env) as base:
+        log = next(folder.glob("server-*.log"))
+        yield {"url": base, "model": registered, "log": log, "repo": repo}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import json
+import subprocess
 from pathlib import Path
 
 import mlflow
@@ -18,7 +19,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from helpers import run
+from helpers import run, tool_env
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +194,27 @@ def test_the_stage_runs_in_the_pipeline_and_reaches_mlflow_and_dvc(pipeline: Pat
 
     walk(shown)
     assert len(found) >= 2 and all("robust_mean_accuracy" in d for d in found)
+
+
+def test_a_stage_stopped_by_a_bad_param_leaves_its_outputs_restorable(pipeline: Path) -> None:
+    """DVC deletes train's outputs before its command stops on `train.epochs: -1`; every one of them is
+    cached, so `dvc checkout` brings the committed ones back, byte for byte. The repository is left as
+    it was found."""
+    outputs = ["metrics/train.json", "plots/train_history.csv", "models/model.pt", "models/mlflow_run.json"]
+    before = {name: (pipeline / name).read_bytes() for name in outputs}
+    params_file = pipeline / "params.yaml"
+    committed = params_file.read_text()
+    params = yaml.safe_load(committed)
+    params["train"]["epochs"] = -1
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        stopped = subprocess.run(["dvc", "repro", "train"], cwd=pipeline, env=tool_env(), capture_output=True,
+                                 text=True, timeout=600)  # fmt: skip
+        assert stopped.returncode != 0
+        assert "error: params.yaml: 'train.epochs'" in stopped.stdout + stopped.stderr
+        assert not (pipeline / "metrics/train.json").exists()  # DVC removed it before the command ran
+    finally:
+        params_file.write_text(committed)
+    run(["dvc", "checkout"], pipeline)
+    assert {name: (pipeline / name).read_bytes() for name in outputs} == before
+    assert "up to date" in run(["dvc", "status"], pipeline).stdout

@@ -1,4 +1,5 @@
-"""`mlflow models serve` on the registered model answers the standard /invocations protocol."""
+"""`make serve`'s server (MLflow's scoring app behind the guard) on the registered model answers the
+standard /invocations protocol."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import REPO, VENV_BIN, free_port, http_server
+from helpers import REPO
 from mnist_cnn.core import refusal
 from mnist_cnn.files import load_tensors
 from mnist_cnn.tools import loadtest
@@ -39,14 +39,8 @@ def repo(rerun: dict) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    uri = f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
-    registered = json.loads((repo / "models/registered.json").read_text())["model"]  # the workspace's model
-    cmd = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", registered, "--env-manager", "local"]
-    cmd += ["-h", "127.0.0.1", "-p", str(port)]
-    with http_server(cmd, tmp_path_factory.mktemp("serve"), "/ping", port, MLFLOW_TRACKING_URI=uri) as base:
-        yield base
+def server(scoring_server: dict) -> str:
+    return scoring_server["url"]
 
 
 def test_served_answers_match_the_model(repo: Path, server: str) -> None:

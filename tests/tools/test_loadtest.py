@@ -146,3 +146,20 @@ def test_an_open_loop_counts_the_queueing_a_closed_loop_hides(capsys: pytest.Cap
     assert opened["requests"] == opened["ok"] == 40  # every scheduled arrival was sent and answered
     assert closed["p50_ms"] >= 50 and opened["p50_ms"] >= 50
     assert opened["p99_ms"] > 500 > 3 * closed["p50_ms"]
+
+
+def test_every_kth_body_is_malformed_and_known_as_such() -> None:
+    good = loadtest.payloads([1], variants=3)
+    bodies, bad = loadtest.mixed(good, 5)
+    assert len(bodies) % 5 == 0 and bodies[0] in good
+    flags = [id(b) in bad for b in bodies]
+    assert flags == [i % 5 == 4 for i in range(len(bodies))]
+    assert {b for b in bodies if id(b) in bad} == set(loadtest.malformed())  # each kind at least once
+    assert loadtest.mixed(good, 0) == (good, set())
+
+
+@pytest.mark.parametrize("value", ["1", "-1"])
+def test_malformed_needs_k_of_2_or_more(value: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(lambda: loadtest.main(["--malformed", value, "--duration", "1"]))
+    assert exit_info.value.code == 2

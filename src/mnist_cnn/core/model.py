@@ -134,14 +134,16 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu") -> Net:
     """load_model for files the user hands over (evaluate, predict): one clear error, no traceback."""
     if not Path(path).is_file():
         raise UserError(f"{path}: no such model file (train one with `dvc repro`)")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
-        raise UserError(f"{path}: not a model.pt checkpoint of this project (not a torch.save archive)")
+    fix = f"restore it with `dvc checkout --force {path}`, or rebuild it with `dvc repro`"
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a truncated copy is not one either
+        raise UserError(f"{path}: not a model.pt checkpoint of this project (not a whole torch.save archive): {fix}")
     try:
         return load_model(path, device)
     except pickle.UnpicklingError:  # torch's message would suggest weights_only=False: not for an unknown file
         raise UserError(f"{path}: refused to load: it holds pickled objects besides weights") from None
-    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as error:
-        raise UserError(f"{path}: not a model.pt checkpoint of this project ({str(error).splitlines()[0]})") from None
+    except (OSError, RuntimeError, EOFError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as error:
+        why = str(error).splitlines()[0][:160]
+        raise UserError(f"{path}: not a model.pt checkpoint of this project ({why}): {fix}") from None
 
 
 @torch.inference_mode()

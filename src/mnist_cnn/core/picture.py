@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import math
 import sys
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -20,6 +21,12 @@ FIT = 20  # MNIST: the digit's bounding box fits 20x20 ...
 SIZE = 28  # ... inside a 28x28 field, centred by centre of mass
 MIN_CONTRAST = 32  # ink must differ from the background by this many grey levels
 MIN_STROKE = 2.5  # px at the 20 px scale; most MNIST strokes are 2.5-4 px wide
+# A picture of more pixels is refused before it is decoded: well under Pillow's own limits (it warns
+# past 89M pixels and refuses past 179M), and at most 160 MB decoded (RGBA). docs/serving.md.
+MAX_PIXELS = 40_000_000
+# A larger picture is downscaled (JPEG while decoding, others by box averaging) before any array is
+# made of it: the digit ends up 20 px tall, so more detail is never used, and memory stays bounded.
+MAX_SIDE = 1024
 
 
 class NoInk(UserError):
@@ -27,17 +34,51 @@ class NoInk(UserError):
 
 
 def read_image(name: str) -> Image.Image:
-    """Open a file, or stdin for `-`, as 8-bit greyscale (transparency composited onto white)."""
+    """Open a file, or stdin for `-`, as 8-bit greyscale (transparency composited onto white), at most
+    MAX_SIDE px a side. A picture of more than MAX_PIXELS pixels, an empty stdin and anything Pillow
+    cannot read are one UserError; Pillow's warnings (a bomb, odd metadata) never reach the user."""
+    if name == "-":
+        data = sys.stdin.buffer.read()
+        if not data:
+            raise UserError("-: stdin is empty (pipe a PNG or JPEG into it)")
+        source: str | io.BytesIO = io.BytesIO(data)
+    else:
+        source = name
+    pillow_limit = Image.MAX_IMAGE_PIXELS
     try:
-        source = io.BytesIO(sys.stdin.buffer.read()) if name == "-" else name
-        with Image.open(source) as opened:
-            image = ImageOps.exif_transpose(opened)
-            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-                rgba = image.convert("RGBA")
-                image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-            return image.convert("L")
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as error:
-        raise UserError(f"{name}: cannot read as an image ({error})") from None
+        # Pillow's own bomb check (a warning, or an error that does not say the size) is replaced by
+        # the lower cap below, which names the size; Image.open reads only the header.
+        Image.MAX_IMAGE_PIXELS = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # odd metadata and the like: nothing a user can act on
+            with Image.open(source) as opened:
+                width, height = opened.size
+                if width * height > MAX_PIXELS:
+                    raise UserError(
+                        f"{name}: {width}x{height} is {width * height:,} pixels, more than the "
+                        f"{MAX_PIXELS:,} this tool reads: scale the picture down first"
+                    )
+                return _small_grey(opened)
+    except UnidentifiedImageError:
+        raise UserError(f"{name}: cannot read as an image (not a PNG, JPEG or other picture format)") from None
+    except (OSError, Image.DecompressionBombError, ValueError, SyntaxError, EOFError) as error:
+        raise UserError(f"{name}: cannot read as an image ({str(error).splitlines()[0]})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
+
+
+def _small_grey(opened: Image.Image) -> Image.Image:
+    """An opened picture, upright, greyscale on white, downscaled early to at most MAX_SIDE a side:
+    the decoded picture and one byte per pixel besides it, never a float array of its full size."""
+    if opened.format == "JPEG":
+        opened.draft("L", (MAX_SIDE, MAX_SIDE))  # the decoder itself scales by 1/2, 1/4 or 1/8
+    image = ImageOps.exif_transpose(opened)
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    grey = image.convert("L")
+    factor = math.ceil(max(grey.size) / MAX_SIDE)
+    return grey.reduce(factor) if factor > 1 else grey  # box average: a thin pen line turns faint, not lost
 
 
 def crop_to_ink(pixels: np.ndarray) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Predict: which digit is in each picture, with the model from the registry or a checkpoint.
 
 IMAGE is a PNG/JPEG of any size and either polarity, or `-` for stdin, prepared as MNIST was
-(serving.picture). A picture that is not a digit is refused (`refused: <reason>`; in JSON `"digit":
+(core.picture). A picture that is not a digit is refused (`refused: <reason>`; in JSON `"digit":
 null` and a `reason`); the others are still answered. --model is a registry URI (from
 MLFLOW_TRACKING_URI or this checkout's store) or a models/model.pt path, with models/refusal.pt beside it.
 """
@@ -51,6 +51,10 @@ def registry_predictor(uri: str) -> Predictor:
         raise UserError(f"{uri}: {error.message.splitlines()[0]}") from None
     except OSError as error:
         raise UserError(f"{uri}: cannot load ({error})") from None
+    except Exception as error:  # the model's own files (a damaged download): one line, not a traceback
+        why = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        fix = "the registered copy is damaged: register it again with `dvc repro`"
+        raise UserError(f"{uri}: cannot load the model's files ({why}): {fix}") from None
     return lambda fields: from_served(model.predict(fields))
 
 

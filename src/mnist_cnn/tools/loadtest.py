@@ -28,6 +28,7 @@ from mnist_cnn.paths import PROCESSED_DIR
 DEFAULT_URL = "http://127.0.0.1:5001/invocations"
 MAX_CLIENTS = 1000
 MAX_DURATION = 600.0
+MAX_ERROR = 300  # bytes: the longest answer a malformed request should get (docs/serving.md)
 
 
 def check_loopback(url: str) -> str:
@@ -58,6 +59,31 @@ def payloads(sizes: list[int], variants: int = 8) -> list[bytes]:
     return [json.dumps({"inputs": batch.tolist()}).encode() for batch in batches]
 
 
+def malformed() -> list[bytes]:
+    """Bodies a careless or hostile client sends: what the server must refuse with a short 4xx."""
+    blank = [[0] * 28] * 28
+    return [
+        b"not json",
+        b'{"inputs": ' + b"[" * 2000 + b"]" * 2000 + b"}",
+        json.dumps({"inputs": [[[0.5] * 28] * 28]}).encode(),
+        json.dumps({"inputs": [[["12"] * 28] * 28]}).encode(),
+        json.dumps({"inputs": [blank[:27]]}).encode(),
+        json.dumps({"inputs": "x" * 100_000}).encode(),
+        b"\xff" * 3000,
+    ]
+
+
+def mixed(bodies: list[bytes], every: int) -> tuple[list[bytes], set[int]]:
+    """`bodies` with every `every`-th one malformed (0: none), and the ids of the malformed ones."""
+    if not every:
+        return bodies, set()
+    bad = malformed()
+    out = []
+    for i in range(max(len(bodies), len(bad)) * every):
+        out.append(bad[(i // every) % len(bad)] if i % every == every - 1 else bodies[i % len(bodies)])
+    return out, {id(b) for b in bad}
+
+
 async def client(
     session: aiohttp.ClientSession, url: str, bodies: list[bytes], offset: int, deadline: float, stats: dict
 ) -> None:
@@ -81,20 +107,37 @@ async def arrivals(
 
 
 async def post(session: aiohttp.ClientSession, url: str, body: bytes, start: float, stats: dict) -> None:
-    """One request; its latency from `start`, or an error, into stats."""
+    """One request; its latency from `start`, or an error, into stats. A malformed body's answer is
+    counted apart: a 4xx of at most MAX_ERROR bytes is what it should get; anything else is an error."""
+    bad = id(body) in stats["malformed_ids"]
     try:
         async with session.post(url, data=body) as response:
-            await response.read()
+            answer = await response.read()
+            if bad:
+                ok = 400 <= response.status < 500 and len(answer) <= MAX_ERROR
+                stats["malformed"][str(response.status) if ok else f"unexpected {response.status}"] += 1
+                return
             error = None if response.status == 200 else str(response.status)
     except (aiohttp.ClientError, TimeoutError) as exception:
         error = type(exception).__name__
+    if bad:
+        stats["malformed"][f"unexpected {error}"] += 1
+        return
     if error is not None:
         stats["error_kinds"][error] += 1
     stats["failed" if error else "latencies"].append(time.perf_counter() - start)
 
 
-async def load(url: str, clients: int, duration: float, bodies: list[bytes], timeout: float, rate: float) -> dict:
-    stats: dict = {"latencies": [], "failed": [], "error_kinds": Counter()}
+async def load(
+    url: str, clients: int, duration: float, bodies: list[bytes], timeout: float, rate: float, bad: set[int]
+) -> dict:
+    stats: dict = {
+        "latencies": [],
+        "failed": [],
+        "error_kinds": Counter(),
+        "malformed": Counter(),
+        "malformed_ids": bad,
+    }
     connector = aiohttp.TCPConnector(limit=clients, force_close=False)  # one kept-alive connection per client
     timeouts, headers = aiohttp.ClientTimeout(total=timeout), {"Content-Type": "application/json"}
     async with aiohttp.ClientSession(connector=connector, timeout=timeouts, headers=headers) as session:
@@ -133,6 +176,7 @@ def summary(stats: dict, clients: int, sizes: list[int]) -> dict:
         "max_ms": pct(100),
         "client_cpu_s": round(stats["client_cpu_s"], 2),
         "client_cpu_share": round(stats["client_cpu_s"] / wall, 3),  # of one core
+        "malformed": dict(stats["malformed"]),  # answers to the malformed bodies, by status
     }
 
 
@@ -144,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", default="1,16", help="digits per request, cycled (default 1,16)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds before a request counts as failed")
     parser.add_argument("--rate", type=float, default=0.0, help="open loop: requests per second (default: closed)")
+    parser.add_argument("--malformed", type=int, default=0, metavar="K", help="every K-th request malformed (0: none)")
     args = parser.parse_args(argv)
 
     url = check_loopback(args.url)
@@ -158,16 +203,20 @@ def main(argv: list[str] | None = None) -> None:
     if not all(1 <= s <= 1024 for s in sizes):
         raise UserError(f"--batch {args.batch!r}: each size must be 1..1024")
 
-    bodies = payloads(sizes)
     if not 0 <= args.rate <= 100_000:
         raise UserError(f"--rate {args.rate}: must be 0 (closed loop) .. 100000 requests/s")
-    stats = asyncio.run(load(url, args.clients, args.duration, bodies, args.timeout, args.rate))
+    if args.malformed < 0 or args.malformed == 1:
+        raise UserError(f"--malformed {args.malformed}: must be 0 (none) or >= 2")
+    bodies, bad = mixed(payloads(sizes), args.malformed)
+    stats = asyncio.run(load(url, args.clients, args.duration, bodies, args.timeout, args.rate, bad))
     result = {"url": url, "rate": args.rate or None, **summary(stats, args.clients, sizes)}
     print(
         f"{result['clients']} clients, {result['duration_s']} s, batch {args.batch}: {result['requests']} requests, "
         f"{result['requests_per_s']} req/s, p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, "
         f"{result['errors']} errors {result['error_kinds'] or ''}".rstrip()
     )
+    if result["malformed"]:
+        print(f"malformed requests, answers by status: {result['malformed']}")
     print(f"client CPU: {result['client_cpu_s']} s ({100 * result['client_cpu_share']:.0f}% of one core)")
     print(json.dumps(result))
 
