@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from PIL import Image, ImageDraw, ImageOps
 from scipy import ndimage
 
 from mnist_cnn.cli import UserError
+from mnist_cnn.core import picture
 from mnist_cnn.core.picture import NoInk, read_image, to_mnist
 
 CENTRE = 13.5  # centre of a 28x28 field in pixel-index coordinates
@@ -147,3 +149,23 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     read = read_image(str(tmp_path / "photo.jpg"))
     assert read.mode == "L" and read.size == picture.size
     assert np.abs(np.asarray(read, dtype=np.int16) - np.asarray(picture, dtype=np.int16)).mean() < 3
+
+
+def test_a_large_picture_under_the_cap_is_read_small_and_without_a_float_copy(tmp_path: Path) -> None:
+    side = 5_000  # 25M pixels: under the cap; a float32 copy would be 100 MB
+    big = Image.new("L", (side, side), 255)
+    ImageDraw.Draw(big).line([(2500, 500), (2500, 4500)], fill=0, width=300)
+    path = tmp_path / "big.png"
+    big.save(path)
+    del big
+    tracemalloc.start()
+    try:
+        image = read_image(str(path))
+        field = to_mnist(image)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert max(image.size) <= picture.MAX_SIDE
+    assert peak < 40 * 2**20, peak  # numpy's arrays are traced: no full-size float copy
+    rows, cols = np.nonzero(field > 127)
+    assert rows.max() - rows.min() + 1 >= 19 and cols.max() - cols.min() + 1 <= 6  # still a tall thin one
