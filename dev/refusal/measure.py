@@ -1,13 +1,13 @@
 """Measure the "not a digit" refusal of a checkpoint on the real data (slow: minutes on 2 cores).
 
     PYTHONPATH=src python dev/refusal/measure.py --model models/model.pt --data data/processed \
-        [--fit [--refused-training 0.01]]
+        [--fit [--refused-training 0.01] [--detector models/detector.pt]]
 
 Fits the refusal statistics from the training set (or, without --fit, reads models/refusal.pt
 beside the checkpoint), then prints: ECE before/after the temperature on the MNIST test set, the
 false-refusal rate on the test set and on the OOD handwriting set (mnist_cnn.evaluation.ood when present,
 else an approximation: scikit-learn's load_digits drawn dark on white at 64 px, through predict's
-preprocessing), the refusal rate on each kind of generated non-digit (mnist_cnn.nondigits), and on
+preprocessing), the refusal rate on each kind of generated non-digit (mnist_cnn.evaluation.nondigits), and on
 raw 28x28 uniform noise as the served model could be sent it (no preprocessing), and on each
 letter of the letter set.
 """
@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--data", default="data/processed", type=Path)
     parser.add_argument("--fit", action="store_true", help="fit the statistics instead of reading refusal.pt")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--detector", type=Path, help="with --fit: the detector stage's output, to fit with it")
     parser.add_argument(
         "--refused-training",
         type=float,
@@ -65,13 +66,15 @@ def main() -> None:
     started = time.perf_counter()
     if args.fit:
         refusal.REFUSED_TRAINING = args.refused_training
-        stats = refusal.fit(net, train["images"].unsqueeze(1), train["labels"], args.seed)
+        found = load_tensors(args.detector) if args.detector else None
+        stats = refusal.fit(net, train["images"].unsqueeze(1), train["labels"], args.seed, found)
     else:
         stats = load_tensors(Path(args.model).parent / REFUSAL_STATS.name)
     fitted = time.perf_counter() - started
     result = {"fit_seconds": round(fitted, 1), "temperature": stats["temperature"].item()}
     result["refused_training"] = args.refused_training if args.fit else None
-    result |= {f"{k}_threshold": stats[f"{k}_threshold"].item() for k in refusal.LAYERS}
+    names = [f"{k}_threshold" for k in (*refusal.LAYERS, "detector")]
+    result |= {name: stats[name].item() for name in names if name in stats}
     result.update(calibration.report(net, stats, test["images"].unsqueeze(1), test["labels"]))
     fields, source = ood_set()
     result["ood_source"] = source

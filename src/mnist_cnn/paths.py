@@ -8,6 +8,7 @@ from pathlib import Path
 RAW_DIR = Path("data/raw")  # download
 PROCESSED_DIR = Path("data/processed")  # preprocess: train.pt, test.pt, stats.json
 
+DETECTOR = Path("models/detector.pt")  # detector: the not-a-digit detector, shared by every classifier
 MODEL_PATH = Path("models/model.pt")  # train: weights + architecture
 RUN_FILE = Path("models/mlflow_run.json")  # train: the MLflow run the later stages reopen
 TRAIN_METRICS = Path("metrics/train.json")
@@ -15,7 +16,7 @@ TRAIN_HISTORY = Path("plots/train_history.csv")  # one row per epoch
 
 EVAL_METRICS = Path("metrics/eval.json")  # evaluate
 CONFUSION_CSV = Path("plots/confusion.csv")  # one row per test image (DVC's confusion template)
-REFUSAL_STATS = Path("models/refusal.pt")  # evaluate: the "not a digit" statistics (serving.refusal)
+REFUSAL_STATS = Path("models/refusal.pt")  # evaluate: the "not a digit" statistics (core.refusal)
 
 CORRUPTED = Path("data/corrupted.pt")  # corrupt: the test images transformed and corrupted, by name
 ROBUST_METRICS = Path("metrics/robustness.json")  # robustness: flat robust_* accuracies
