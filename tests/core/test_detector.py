@@ -17,7 +17,13 @@ def test_scores_of_the_weights_are_the_modules_forward() -> None:
     net = detector.Detector(width=4)
     x = torch.randn(5, 1, 28, 28)
     weights = {name: p.detach() for name, p in net.named_parameters()}
-    assert torch.allclose(detector.score_all(weights, x, batch_size=2), net(x).detach(), atol=1e-6)
+    expected = net(x).detach()
+    assert expected.shape == (5, 11)
+    scores = detector.score_all(weights, x, batch_size=2)
+    assert torch.allclose(scores, detector.not_digit_logit(expected), atol=1e-5)
+    # the log-odds of class 10 against the ten digits together
+    p = torch.softmax(expected, 1)[:, 10]
+    assert torch.allclose(scores, torch.log(p / (1 - p)), atol=1e-4)
     assert set(weights) == {f"{layer}.{kind}" for layer in ("conv1", "conv2", "conv3", "fc1", "fc2")
                             for kind in ("weight", "bias")}  # fmt: skip
 

@@ -27,7 +27,7 @@ def test_the_stage_trains_one_detector_and_keeps_its_held_out_digits(
     saved = load_tensors(DETECTOR)
     held_out = saved.pop("held_out")
     assert len(held_out) == 100 and len(set(held_out.tolist())) == 100 and held_out.max() < 300  # a third
-    assert saved["conv1.weight"].shape == (4, 1, 3, 3) and saved["fc2.weight"].shape == (1, 64)
+    assert saved["conv1.weight"].shape == (4, 1, 3, 3) and saved["fc2.weight"].shape == (11, 64)
     assert network.score_all(saved, torch.zeros(3, 1, 28, 28)).shape == (3,)
     assert "detector: trained on 200 digits, 100 held out for the refusal's thresholds" in capsys.readouterr().out
 

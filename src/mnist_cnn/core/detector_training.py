@@ -56,7 +56,7 @@ def train(
     seed: int,
 ) -> Tensors:
     """Weights of a detector trained on uint8 digits (N, 1, 28, 28) with labels (N,): each step half
-    digits (label 0), half non-digits (label 1) drawn from `negatives` generated once (generating is
+    digits (their labels), half non-digits (class 10) drawn from `negatives` generated once (generating is
     slower than a step), both augmented alike, each time afresh; Adam, cosine-decayed rate."""
     torch.manual_seed(seed)
     generator, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
@@ -67,7 +67,7 @@ def train(
     net = Detector(width)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     half = batch_size // 2
-    target = torch.cat([torch.zeros(half), torch.ones(half)])
+    not_digit = torch.full((half,), 10)
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -75,7 +75,7 @@ def train(
         drawn = torch.randint(len(pool), (half,), generator=generator)
         batch = augment(torch.cat([digits[pick], pool[drawn]]), generator, AUGMENT)
         batch = low_resolution(batch, generator, LOW_RESOLUTION)
-        loss = F.binary_cross_entropy_with_logits(net(standardize(batch)), target)
+        loss = F.cross_entropy(net(standardize(batch)), torch.cat([labels[pick], not_digit]))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
