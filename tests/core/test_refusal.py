@@ -179,8 +179,10 @@ def test_the_detector_joins_the_refusal_fitted_on_the_digits_it_held_out(
     assert {f"{detector.PREFIX}{k}" for k in weights} | {"detector_threshold"} <= set(stats)
     assert all(torch.equal(stats[detector.PREFIX + k], v) for k, v in weights.items())
     # The thresholds come from the held-out digits as training saw them: the three scores refuse the
-    # fitted rate of them together, the detector three times each distance's tail.
-    seen = random_affine(images[held_out].float() / 255, torch.Generator().manual_seed(3))
+    # fitted rate of them together, the detector DETECTOR_SHARE times each distance's tail.
+    generator = torch.Generator().manual_seed(3)
+    torch.randperm(len(images), generator=generator)  # as fit draws them: its random pick comes first
+    seen = random_affine(images[held_out].float() / 255, generator)
     x = standardize(seen)
     features, _ = refusal.features_and_log_probs(net, x)
     distances = refusal.all_distances(features, stats)

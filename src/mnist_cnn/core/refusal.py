@@ -27,9 +27,10 @@ CALIBRATION_IMAGES = 20_000  # augmented training images for the temperature and
 MIN_CONTRAST = 32 / 255  # an input whose pixels span less than this is blank (picture.MIN_CONTRAST)
 LAYERS = ("conv", "logits")  # the distances, in the order their reasons are given
 # The detector's share of the refusals against each distance's: its threshold cuts this many times the
-# tail fraction that each distance's does (the detector separates letters from digits; the distances
-# separate noise and solid shapes and keep a model's own sense of what it has not seen).
-DETECTOR_SHARE = 3.0
+# tail fraction that each distance's does. The detector is the same for every classifier; the distances
+# are the classifier's own and refuse other writers' digits on some classifiers (docs/refusal.md), so
+# they keep only a small tail, for noise and solid shapes.
+DETECTOR_SHARE = 10.0
 # Per image: digit (-1 when refused), calibrated probability (0 when refused), reason (None when answered).
 Answers = tuple[np.ndarray, np.ndarray, list[str | None]]
 BLANK = "blank (no ink found: the picture is nearly uniform)"
