@@ -174,12 +174,13 @@ def trained_one_epoch(images: torch.Tensor, labels: torch.Tensor) -> Net:
 
 def write_params(directory: Path, data_dir: Path, **overrides: object) -> None:
     """The repo's params.yaml made offline and fed from data_dir (synthetic data: no checksums),
-    2 epochs, a few robustness points (every corruption and curve point is tested in-process, in
-    test_corruptions.py); overrides as `section__key=value` or `key=value`."""
+    2 epochs, a short detector training, a few robustness points (every corruption and curve point is
+    tested in-process, in test_corruptions.py); overrides as `section__key=value` or `key=value`."""
     offline = {"data__mirrors": [], "data__npm_package": "", "data__source_dir": str(data_dir)}
     robustness = {"robustness__angles": [0, 20], "robustness__shifts": [0, 4], "robustness__scales": [0.8, 1.0],
                   "robustness__corruptions": ["shot_noise", "rotate", "translate", "fog"]}  # fmt: skip
-    small = {**robustness, "data__verify_sha256": False, "train__epochs": 2, "train__eval_batch_size": 500}
+    small = {**robustness, "data__verify_sha256": False, "train__epochs": 2, "train__eval_batch_size": 500,
+             "detector__steps": 20, "detector__negatives": 200}  # fmt: skip
     defaults = {**offline, **small}
     params = overridden(**{**defaults, **overrides})
     directory.mkdir(parents=True, exist_ok=True)

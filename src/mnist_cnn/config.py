@@ -107,6 +107,17 @@ class RobustnessParams(_Section):
         return names
 
 
+class DetectorParams(_Section):
+    seed: int = Field(ge=0, description="its own: classifier experiments with other seeds share one detector")
+    steps: int = Field(ge=1, description="training steps, each half digits, half generated non-digits")
+    batch_size: int = Field(ge=2, multiple_of=2)
+    lr: float = Field(gt=0, description="Adam's learning rate, cosine-decayed to 0")
+    width: int = Field(ge=1, description="channels of the first conv (the next two have twice as many)")
+    negatives: int = Field(ge=1, description="generated non-digits (core.outliers), each step draws from them")
+    held_out: float = Field(gt=0, lt=1, description="share of the training digits it does not fit")
+    threads: int = Field(ge=1, description="CPU threads at most")
+
+
 class Params(_Section):
     seed: int = Field(ge=0)
     augment: bool
@@ -121,6 +132,7 @@ class Params(_Section):
     model: ModelParams
     train: TrainParams
     robustness: RobustnessParams
+    detector: DetectorParams
 
     @model_validator(mode="after")
     def _extras_need_augment(self) -> Params:

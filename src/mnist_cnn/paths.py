@@ -8,6 +8,7 @@ from pathlib import Path
 RAW_DIR = Path("data/raw")  # download
 PROCESSED_DIR = Path("data/processed")  # preprocess: train.pt, test.pt, stats.json
 
+DETECTOR = Path("models/detector.pt")  # detector: the not-a-digit detector, shared by every classifier
 MODEL_PATH = Path("models/model.pt")  # train: weights + architecture
 RUN_FILE = Path("models/mlflow_run.json")  # train: the MLflow run the later stages reopen
 TRAIN_METRICS = Path("metrics/train.json")

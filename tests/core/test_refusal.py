@@ -1,6 +1,6 @@
 """Not a digit (src/mnist_cnn/core/refusal.py): blank pages, noise and solid shapes refused with their
-reason, digits answered; deterministic statistics; the thresholds; threads sharing a net. (predict's
-use of it is tested in tests/serving/test_predict.py.)"""
+reason, digits answered; deterministic statistics; the thresholds; threads sharing a net; the detector's
+part. (predict's use of it is tested in tests/serving/test_predict.py.)"""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from helpers import render_digits
-from mnist_cnn.core import refusal
-from mnist_cnn.core.model import Net, load_model, normalize_fields
+from helpers import render_digits, trained_one_epoch
+from mnist_cnn.core import detector, refusal
+from mnist_cnn.core.augment import random_affine
+from mnist_cnn.core.model import Net, load_model, normalize_fields, standardize
 from mnist_cnn.core.picture import to_mnist
 from mnist_cnn.files import load_tensors
 
@@ -78,3 +79,51 @@ def test_answers_are_right_when_threads_share_the_net() -> None:
         together = list(pool.map(lambda x: refusal.answer(net, stats, x)[0], batches))
     for a, b in zip(alone, together, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[Net, torch.Tensor, torch.Tensor]:
+    """A model trained for 1 epoch on 3,000 font-rendered digits, and its training set."""
+    torch.manual_seed(0)
+    images, labels = render_digits(3000, seed=0)
+    images, labels = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long()
+    return trained_one_epoch(images, labels), images, labels
+
+
+def test_a_score_with_a_larger_share_cuts_that_many_times_the_tail() -> None:
+    generator = torch.Generator().manual_seed(1)
+    a, b = torch.rand(20_000, generator=generator), torch.rand(20_000, generator=generator)
+    ta, tb = refusal.union_thresholds([a, b], 0.02, shares=[1.0, 3.0])
+    assert (b > tb).float().mean().item() == pytest.approx(3 * (a > ta).float().mean().item(), rel=0.05)
+    assert ((a > ta) | (b > tb)).float().mean().item() == pytest.approx(0.02, abs=0.0002)
+
+
+def test_the_detector_joins_the_refusal_fitted_on_the_digits_it_held_out(
+    trained: tuple[Net, torch.Tensor, torch.Tensor],
+) -> None:
+    net, images, labels = trained
+    torch.manual_seed(0)
+    weights = {name: p.detach() for name, p in detector.Detector(width=4).named_parameters()}
+    held_out = torch.randperm(len(images), generator=torch.Generator().manual_seed(5))
+    stats = refusal.fit(net, images, labels, seed=3, detector={**weights, "held_out": held_out})
+    assert {f"{detector.PREFIX}{k}" for k in weights} | {"detector_threshold"} <= set(stats)
+    assert all(torch.equal(stats[detector.PREFIX + k], v) for k, v in weights.items())
+    # The thresholds come from the held-out digits as training saw them: the three scores refuse the
+    # fitted rate of them together, the detector DETECTOR_SHARE times each distance's tail.
+    generator = torch.Generator().manual_seed(3)
+    torch.randperm(len(images), generator=generator)  # as fit draws them: its random pick comes first
+    seen = random_affine(images[held_out].float() / 255, generator)
+    x = standardize(seen)
+    features, _ = refusal.features_and_log_probs(net, x)
+    distances = refusal.all_distances(features, stats)
+    far = torch.stack([distances[k] > stats[f"{k}_threshold"] for k in refusal.LAYERS]).any(0)
+    unlike = refusal.detector_scores(stats, x) > stats["detector_threshold"]
+    assert (far | unlike).float().mean().item() == pytest.approx(refusal.REFUSED_TRAINING, abs=2 / len(images))
+    assert unlike.sum() >= 2 * max(int((distances[k] > stats[f"{k}_threshold"]).sum()) for k in refusal.LAYERS)
+
+    # Its decision: above the detector's threshold, refused with its reason; without a detector, never by it.
+    digits, probabilities, reasons = refusal.answer(net, stats | {"detector_threshold": torch.tensor(-1e9)}, x[:20])
+    assert (digits == -1).all() and (probabilities == 0).all()
+    assert all(r.startswith("not a digit (the not-a-digit detector scores it ") for r in reasons if "ink" not in r)
+    plain = {k: v for k, v in stats.items() if not k.startswith(detector.PREFIX) and k != "detector_threshold"}
+    assert not any("detector" in (r or "") for r in refusal.answer(net, plain, x)[2])

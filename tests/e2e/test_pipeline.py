@@ -42,7 +42,10 @@ def test_stage_outputs(pipeline: Path) -> None:
     assert len(history) == 3  # header + 2 epochs
     evaluation = json.loads((pipeline / "metrics/eval.json").read_text())
     assert evaluation["test_accuracy"] > 0.5  # synthetic digits are easy; chance is 0.1
-    assert set(evaluation) == {"test_accuracy", "test_loss", "macro_f1", "ood_accuracy", "ece", "test_refused"}
+    refused = {f"refused_{kind}" for kind in ("noise", "blank", "shapes", "letters", "symbols")}
+    assert set(evaluation) == {"test_accuracy", "test_loss", "macro_f1", "ood_accuracy", "ece", "test_refused",
+                               "ood_refused", *refused}  # fmt: skip
+    assert all(0 <= evaluation[k] <= 1 for k in ("test_refused", "ood_refused", *refused))
     assert len((pipeline / "plots/confusion.csv").read_text().splitlines()) == 301
     reports = {p.name for p in (pipeline / "reports").iterdir()}
     assert reports == {

@@ -5,7 +5,9 @@ minimises the NLL), and two Mahalanobis distances to the nearest class mean (sha
 "conv", the last conv block's 64 feature maps averaged over the picture, and "logits". Softmax confidence
 cannot refuse: far from the training data a ReLU network's logits grow without bound. T and the thresholds
 come from training images as training saw them (augmented, a fixed seed). A picture with (almost) no ink
-is "blank", one with too little or too much ink (INK_QUANTILES) not a digit. docs/refusal.md has more.
+is "blank", one with too little or too much ink (INK_QUANTILES) not a digit. With the not-a-digit
+detector (core.detector, shared by every classifier), its weights join the statistics, and its threshold
+and the distances' are fitted together on training digits the detector has not fitted. docs/refusal.md.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from scipy.optimize import minimize_scalar
 from sklearn.covariance import LedoitWolf
 
+from mnist_cnn.core import detector as not_digit
 from mnist_cnn.core.augment import random_affine
 from mnist_cnn.core.model import CPU_BATCH, MNIST_STD, Net, normalize, normalize_fields, standardize, unstandardize
 
@@ -23,6 +26,11 @@ INK_QUANTILES = (0.001, 0.999)  # of the augmented training images' ink coverage
 CALIBRATION_IMAGES = 20_000  # augmented training images for the temperature and the thresholds
 MIN_CONTRAST = 32 / 255  # an input whose pixels span less than this is blank (picture.MIN_CONTRAST)
 LAYERS = ("conv", "logits")  # the distances, in the order their reasons are given
+# The detector's share of the refusals against each distance's: its threshold cuts this many times the
+# tail fraction that each distance's does. The detector is the same for every classifier; the distances
+# are the classifier's own and refuse other writers' digits on some classifiers (docs/refusal.md), so
+# they keep only a small tail, for noise and solid shapes.
+DETECTOR_SHARE = 10.0
 # Per image: digit (-1 when refused), calibrated probability (0 when refused), reason (None when answered).
 Answers = tuple[np.ndarray, np.ndarray, list[str | None]]
 BLANK = "blank (no ink found: the picture is nearly uniform)"
@@ -61,15 +69,16 @@ def class_statistics(features: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     return means, torch.from_numpy(LedoitWolf().fit(centred).precision_).float()
 
 
-def union_thresholds(scores: list[torch.Tensor], rate: float) -> list[torch.Tensor]:
-    """One threshold per score, each above the same fraction p of its scores, with p chosen (by
-    bisection) so that an image above any threshold is one of `rate` of the images."""
-    low, high = 0.0, rate  # p = rate refuses at least `rate`; p = 0 refuses none
+def union_thresholds(scores: list[torch.Tensor], rate: float, shares: list[float] | None = None) -> list[torch.Tensor]:
+    """One threshold per score, each above the fraction p * share of its scores (share 1 unless given),
+    with p chosen (by bisection) so that an image above any threshold is one of `rate` of the images."""
+    shares = shares or [1.0] * len(scores)
+    low, high = 0.0, rate / max(shares)  # then the largest share alone refuses at least `rate`
     for _ in range(30):
         p = (low + high) / 2
-        refused = torch.stack([s > torch.quantile(s, 1 - p) for s in scores]).any(0)
+        refused = torch.stack([s > torch.quantile(s, 1 - p * k) for s, k in zip(scores, shares, strict=True)]).any(0)
         low, high = (p, high) if refused.float().mean() <= rate else (low, p)
-    return [torch.quantile(s, 1 - low) for s in scores]
+    return [torch.quantile(s, 1 - low * k) for s, k in zip(scores, shares, strict=True)]
 
 
 def fit_temperature(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -82,10 +91,14 @@ def fit_temperature(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
     return float(np.exp(minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x))
 
 
-def fit(net: Net, images: torch.Tensor, labels: torch.Tensor, seed: int) -> Tensors:
-    """The refusal statistics of `net` from the training set: uint8 images (N, 1, 28, 28), labels (N,)."""
+def fit(net: Net, images: torch.Tensor, labels: torch.Tensor, seed: int, detector: Tensors | None = None) -> Tensors:
+    """The refusal statistics of `net` from the training set: uint8 images (N, 1, 28, 28), labels (N,);
+    with the detector stage's output (its weights and `held_out`, the training images it has not fitted),
+    the detector joins the refusal and the calibration images are those it held out."""
     generator = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(images), generator=generator)[:CALIBRATION_IMAGES]
+    if detector is not None:
+        pick = detector["held_out"][:CALIBRATION_IMAGES]
     # A third of the training set pins down 10 means and a 64x64 covariance at a third of the cost.
     features, _ = features_and_log_probs(net, normalize(images[pick]))
     stats: Tensors = {}
@@ -95,7 +108,15 @@ def fit(net: Net, images: torch.Tensor, labels: torch.Tensor, seed: int) -> Tens
     # The training augmentation works on [0, 1] pixels with zero fill, as train_step applies it.
     seen = random_affine(images[pick].float() / 255.0, generator)
     seen_features, seen_log_probs = features_and_log_probs(net, standardize(seen))
-    thresholds = union_thresholds(list(all_distances(seen_features, stats).values()), REFUSED_TRAINING)
+    scores, shares = list(all_distances(seen_features, stats).values()), [1.0] * len(LAYERS)
+    if detector is not None:
+        weights = {k: v for k, v in detector.items() if k != "held_out"}
+        stats |= {not_digit.PREFIX + k: v for k, v in weights.items()}
+        scores.append(not_digit.score_all(weights, standardize(seen)))
+        shares.append(DETECTOR_SHARE)
+    thresholds = union_thresholds(scores, REFUSED_TRAINING, shares)
+    if detector is not None:
+        stats["detector_threshold"] = thresholds.pop()
     stats |= {f"{k}_threshold": t for k, t in zip(LAYERS, thresholds, strict=True)}
     stats["ink_range"] = torch.quantile(ink_coverage(seen), torch.tensor(INK_QUANTILES))
     stats["temperature"] = torch.tensor(fit_temperature(seen_log_probs, labels[pick]))
@@ -121,19 +142,29 @@ def decide(stats: Tensors, x: torch.Tensor, features: Tensors, log_probs: torch.
     span = (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3))) * MNIST_STD
     coverage = ink_coverage(unstandardize(x))
     low, high = stats["ink_range"].tolist()
+    unlike = detector_scores(stats, x)
+    limit = stats["detector_threshold"].item() if "detector_threshold" in stats else float("inf")
     reasons: list[str | None] = []
-    for s, c, d in zip(span.tolist(), coverage.tolist(), distance, strict=True):
+    for s, c, d, u in zip(span.tolist(), coverage.tolist(), distance, unlike.tolist(), strict=True):
         far = [f"{k} distance {v:.0f} > {t:.0f}" for k, v, t in zip(LAYERS, d, thresholds, strict=True) if v > t]
         if s < MIN_CONTRAST:
             reasons.append(BLANK)
         elif not low <= c <= high:
             reasons.append(f"not a digit (ink covers {c:.0%} of the field; training digits {low:.0%}-{high:.0%})")
+        elif u > limit:
+            reasons.append(f"not a digit (the not-a-digit detector scores it {u:.1f} > {limit:.1f})")
         elif far:
             reasons.append(f"not a digit (unlike every training digit: {', '.join(far)})")
         else:
             reasons.append(None)
     refused = torch.tensor([r is not None for r in reasons], dtype=torch.bool)
     return torch.where(refused, -1, digits).numpy(), torch.where(refused, 0.0, probabilities).numpy(), reasons
+
+
+def detector_scores(stats: Tensors, x: torch.Tensor) -> torch.Tensor:
+    """The not-a-digit detector's scores (N,) of normalised images, -inf for all without a detector."""
+    weights = {k.removeprefix(not_digit.PREFIX): v for k, v in stats.items() if k.startswith(not_digit.PREFIX)}
+    return not_digit.score_all(weights, x) if weights else torch.full((len(x),), -float("inf"))
 
 
 def refused_fraction(net: Net, stats: Tensors, fields: np.ndarray) -> float:

@@ -1,8 +1,9 @@
 """Pictures that are not digits, generated deterministically, to measure how often they are refused:
 as a user would send them (any size, dark on light paper) and put through picture.to_mnist. Kinds:
 noise (random pixels, full range or a band of greys), blank (nearly blank pages, faint noise, specks of
-dust), shapes (one large solid rectangle, ellipse or triangle, no thinner than 1:2: a thin bar is a 1)
-and letters that do not look like a digit.
+dust), shapes (one large solid rectangle, ellipse or triangle, no thinner than 1:2: a thin bar is a 1),
+letters that do not look like a digit, and symbols. Letters and symbols are rendered with a font; they
+are evaluation sets only: nothing trains or fits a threshold on them.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from PIL import Image, ImageDraw, ImageFont
 from mnist_cnn.core import refusal
 from mnist_cnn.core.picture import NoInk, to_mnist
 
-KINDS = ("noise", "blank", "shapes", "letters")
+KINDS = ("noise", "blank", "shapes", "letters", "symbols")
 COUNT = 200  # generated pictures of each kind
 LETTERS = "ACEFHKMNPRUVWXYacefhkmnprtuvwxy"
+SYMBOLS = "+=?&#%@"
+TEXT = {"letters": LETTERS, "symbols": SYMBOLS}  # the kinds drawn as characters of the font
 
 
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
@@ -58,7 +61,8 @@ def pictures(kind: str, count: int, seed: int = 0) -> Iterator[Image.Image]:
         else:
             size = int(rng.integers(24, 121))
             page = Image.new("L", (size * 2, size * 2), 255)
-            ImageDraw.Draw(page).text((size // 3, size // 4), LETTERS[i % len(LETTERS)], fill=0, font=_font(size))
+            text = TEXT[kind][i % len(TEXT[kind])]
+            ImageDraw.Draw(page).text((size // 3, size // 4), text, fill=0, font=_font(size))
         yield page
 
 

@@ -1,9 +1,9 @@
 """Stage evaluate: how good the trained model is, and when it should say "not a digit".
 
-params seed, train.eval_batch_size + data/processed/ + models/model.pt -> metrics/eval.json,
-plots/confusion.csv (one row per test image) and models/refusal.pt (the "not a digit" statistics,
-fitted on the training set). Logs the test set, the calibration and the refusal rates on generated
-non-digits to the MLflow run.
+params seed, train.eval_batch_size + data/processed/ + models/model.pt + models/detector.pt ->
+metrics/eval.json, plots/confusion.csv (one row per test image) and models/refusal.pt (the "not a digit"
+statistics, fitted on the training set, with the detector's weights). The refusal rates (test digits,
+other writers' digits, each kind of generated non-digit) go into eval.json and the MLflow run.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from mnist_cnn.core.runtime import tune_cpu_allocator
 from mnist_cnn.data.mnist import load_processed
 from mnist_cnn.evaluation import nondigits
 from mnist_cnn.evaluation.calibration import report
-from mnist_cnn.evaluation.ood import ood_accuracy
-from mnist_cnn.files import save_tensors, write_csv, write_json
-from mnist_cnn.paths import CONFUSION_CSV, EVAL_METRICS, MODEL_PATH, REFUSAL_STATS
+from mnist_cnn.evaluation.ood import load_ood_set, ood_accuracy
+from mnist_cnn.files import load_tensors, save_tensors, write_csv, write_json
+from mnist_cnn.paths import CONFUSION_CSV, DETECTOR, EVAL_METRICS, MODEL_PATH, REFUSAL_STATS
 from mnist_cnn.tracking import lineage, store
 
 
@@ -35,9 +35,10 @@ def main() -> None:
     predicted, truth = log_probs.argmax(1).numpy(), labels.numpy()
 
     # The refusal statistics come from the training set (never the test set) and the final weights.
-    stats = refusal.fit(model, *load_processed("train"), params.seed)
+    stats = refusal.fit(model, *load_processed("train"), params.seed, load_tensors(DETECTOR))
     save_tensors(REFUSAL_STATS, stats)
     calibration = report(model, stats, images, labels)
+    rates = nondigits.refusal_rates(model, stats)
 
     metrics = {
         "test_accuracy": accuracy(log_probs, labels),
@@ -46,21 +47,24 @@ def main() -> None:
         "ood_accuracy": ood_accuracy(model),  # other writers' digits, through predict's preprocessing
         "ece": calibration["ece"],  # of the temperature-calibrated probabilities predict reports
         "test_refused": calibration["refused"],  # test digits refused as "not a digit"
+        "ood_refused": refusal.refused_fraction(model, stats, load_ood_set()[0]),  # other writers' digits refused
+        **rates,  # refused_noise, refused_blank, ...: generated non-digits of each kind refused
     }
     write_json(EVAL_METRICS, metrics)
     write_csv(CONFUSION_CSV, [{"actual": t, "predicted": p} for t, p in zip(truth, predicted, strict=True)])
 
     with store.reopen_run():
         lineage.log_input(lineage.dataset(params, "test", images.numpy(), truth), context="evaluation")
-        rates = nondigits.refusal_rates(model, stats)
         mlflow.log_metrics({**calibration, "temperature": stats["temperature"].item(), **rates})
-        mlflow.log_metric("ood_accuracy", metrics["ood_accuracy"])
+        mlflow.log_metrics({k: metrics[k] for k in ("ood_accuracy", "ood_refused")})
         mlflow.log_artifact(str(EVAL_METRICS), artifact_path="metrics")
     print(
         f"evaluate: test accuracy {metrics['test_accuracy']:.2%}, loss {metrics['test_loss']:.4f}, "
         f"ood accuracy {metrics['ood_accuracy']:.2%}, "
         f"ECE {calibration['ece_uncalibrated']:.4f} -> {calibration['ece']:.4f} (temperature), "
-        f"{calibration['refused']:.2%} of test digits refused"
+        f"{calibration['refused']:.2%} of test digits refused, {metrics['ood_refused']:.2%} of other writers'; "
+        + ", ".join(f"{k.removeprefix('refused_')} {v:.0%}" for k, v in rates.items())
+        + " refused"
     )
 
 
