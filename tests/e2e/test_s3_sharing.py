@@ -66,10 +66,11 @@ def workspace_files(repo: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory, rerun: dict, object_store: ObjectStore) -> dict:
+def shared(object_store: ObjectStore, tmp_path_factory: pytest.TempPathFactory, rerun: dict) -> dict:
     """Alice's repository (a copy of conftest's `rerun`, its cache included) pushed to the bucket while
     the store stops after a few uploads, then again once it is back; Bob's clone pulled, first with a
-    wrong key pair. Returns what each step said."""
+    wrong key pair. Returns what each step said. (The store first: without the extra, the test is
+    skipped before `rerun` is built.)"""
     with object_store.authenticating():  # a wrong key is refused
         return share(tmp_path_factory.mktemp("s3-sharing"), rerun["repo"], object_store)
 
