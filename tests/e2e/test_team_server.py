@@ -126,12 +126,11 @@ def test_the_artifacts_live_in_the_bucket_and_the_champion_is_served_from_it(
 
     # The champion's model: every file of it fetched through the server is an object of the bucket.
     champion = client.get_model_version_by_alias("mnist-cnn", "champion")
-    model_dir = Path(
-        mlflow.artifacts.download_artifacts(
-            artifact_uri="models:/mnist-cnn@champion", dst_path=str(tmp_path / "champion"), tracking_uri=server.url
-        )
-    )
-    prefix = f"mlflow/{experiment.experiment_id}/models/{champion.model_id}/artifacts/"
+    uri = client.get_model_version_download_uri("mnist-cnn", champion.version)  # mlflow-artifacts:/<path>
+    assert uri.startswith("mlflow-artifacts:/"), uri
+    target = str(tmp_path / "champion")
+    model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=target, tracking_uri=server.url))
+    prefix = "mlflow/" + uri.removeprefix("mlflow-artifacts:/").strip("/") + "/"
     fetched = {str(p.relative_to(model_dir)): p.read_bytes() for p in model_dir.rglob("*") if p.is_file()}
     assert "MLmodel" in fetched and "artifacts/refusal.pt" in fetched, sorted(fetched)
     assert fetched == {key.removeprefix(prefix): body for key, body in bucket.items() if key.startswith(prefix)}
