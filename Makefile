@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup lock ui-deps repro pull push test test-fast lint bench ablation ui serve loadtest clean
+.PHONY: setup lock team-deps ui-deps repro pull push test test-fast lint bench ablation ui serve loadtest clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,16 @@ $(STAMP):
 # current pins; UPGRADE=name,... lets those float to the newest allowed (docs/development.md).
 lock: setup
 	python dev/lock.py
+
+# A team on object storage (docs/operations.md): the `team` extra (dvc-s3, boto3) and `team-test` (moto's
+# S3 server, for the tests that use it), from the same pins; `make setup` and `make repro` leave them out.
+TEAM_STAMP := $(subst .installed-,.team-installed-,$(STAMP))
+
+team-deps: $(TEAM_STAMP)
+
+$(TEAM_STAMP): $(STAMP)
+	$(PYTHON) -m pip install --quiet -c requirements.lock -e ".[dev,team,team-test]"
+	rm -f $(VENV)/.team-installed-* && touch $@
 
 # tests/e2e/test_ui.py drives /usr/bin/chromium (apt; .ci/run installs it) with playwright-core from npm,
 # pinned exactly in tests/ui/package.json; no lockfile is written (it would record the registry host).

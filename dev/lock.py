@@ -1,6 +1,6 @@
 """Regenerate requirements.lock from pyproject.toml: `make lock` (or `python dev/lock.py`).
 
-pip resolves the project with its dev and gpu extras for this platform, constrained by the current
+pip resolves the project with all its extras (EXTRAS) for this platform, constrained by the current
 lock, without installing anything (--dry-run --ignore-installed --report); the lock becomes the
 exact version of every package in that resolution. Pins that still satisfy pyproject.toml stay as
 they are, so a regeneration only adds what is new (a dependency, an extra). To move a pin, delete
@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 
 LOCK = Path(__file__).resolve().parents[1] / "requirements.lock"
+# Every extra, resolved together, so that one lock holds whichever a machine installs.
+EXTRAS = "dev,gpu,team,team-test"
 
 
 def resolve(pins: str) -> list[str]:
@@ -25,7 +27,7 @@ def resolve(pins: str) -> list[str]:
         report = Path(tmp) / "report.json"
         pip = [sys.executable, "-m", "pip", "install", "--quiet", "--dry-run", "--ignore-installed"]
         constraints = ["-c", str(Path(tmp) / "constraints.txt")]
-        subprocess.run([*pip, "--report", str(report), *constraints, "-e", f"{LOCK.parent}[dev,gpu]"], check=True)
+        subprocess.run([*pip, "--report", str(report), *constraints, "-e", f"{LOCK.parent}[{EXTRAS}]"], check=True)
         installs = json.loads(report.read_text())["install"]
     pins = {item["metadata"]["name"]: item["metadata"]["version"] for item in installs}
     pins.pop("mnist-cnn")  # the project itself, installed editable

@@ -1,4 +1,5 @@
-"""Shared fixtures: synthetic and real MNIST data, the team tracking server; the markers and xdist groups."""
+"""Shared fixtures: synthetic and real MNIST data, the object store and the team tracking server; the markers and
+xdist groups."""
 
 from __future__ import annotations
 
@@ -22,12 +23,15 @@ import yaml
 from helpers import (
     REPO,
     TeamServer,
+    free_port,
     render_digits,
     team_server,
     tool_env,
     trained_one_epoch,
     write_synthetic_mnist,
 )
+from object_store import ObjectStore, missing_extra
+from object_store import object_store as start_object_store
 
 # A test that uses one of these session fixtures (defined in a conftest.py, not a test module's own
 # fixture of the same name) needs the network (npm) and gets the `network` marker, so that
@@ -160,9 +164,22 @@ def synthetic_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TeamServer]:
-    """One team tracking server for the session (helpers.team_server: PostgreSQL where it exists)."""
-    with team_server(tmp_path_factory.mktemp("team-server")) as started:
+def object_store() -> Iterator[ObjectStore]:
+    """An S3-compatible store on 127.0.0.1 with its own key pair and the bucket `mnist-cnn`
+    (tests/object_store.py: moto's server, in the worker that asks for it). Skipped, with one line
+    naming the extra, where the team extra is not installed."""
+    if why := missing_extra():
+        pytest.skip(why)
+    with start_object_store(free_port()) as store:
+        yield store
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[TeamServer]:
+    """One team tracking server for the session (helpers.team_server: PostgreSQL where it exists), its
+    artifacts in the object store's bucket where the team extra is installed, else in a directory."""
+    store = None if missing_extra() else request.getfixturevalue("object_store")
+    with team_server(tmp_path_factory.mktemp("team-server"), store) as started:
         yield started
 
 

@@ -34,6 +34,7 @@ from mnist_cnn.cli import run_stage
 from mnist_cnn.config import Params, validate
 from mnist_cnn.core.model import Net
 from mnist_cnn.files import atomic_path
+from object_store import BUCKET, ObjectStore
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -320,16 +321,19 @@ def postgres_cluster(bin_dir: Path, prefix: list[str], user: str | None) -> Iter
 @dataclass
 class TeamServer:
     url: str  # the `mlflow server`
-    root: Path  # its working directory; artifacts/ is its artifact destination
+    root: Path  # its working directory; artifacts/ is its artifact destination unless `store` is given
     backend: str  # its --backend-store-uri
     why_not_postgres: str | None  # None when the backend is PostgreSQL
+    artifacts: str = ""  # its --artifacts-destination
+    store: ObjectStore | None = None  # the object store that holds the artifacts, if one does
 
 
 @contextmanager
-def team_server(root: Path) -> Iterator[TeamServer]:
+def team_server(root: Path, store: ObjectStore | None = None) -> Iterator[TeamServer]:
     """`mlflow server` as a team runs it, with a proxied artifact destination: on a PostgreSQL cluster
     of its own where the binaries exist (CI has them), else on a sqlite file, so that the server path
-    is tested either way."""
+    is tested either way. The artifacts go to `store`'s bucket (s3://mnist-cnn/mlflow, with the store's
+    key pair and endpoint in the server's environment, as docs/operations.md runs it) or else to root/artifacts."""
     bin_dir, unprivileged = postgres_bin(), as_unprivileged()
     why_not = "no PostgreSQL server binaries (initdb) on PATH or under /usr/lib/postgresql" if bin_dir is None else None
     if bin_dir and unprivileged is None:
@@ -341,7 +345,10 @@ def team_server(root: Path) -> Iterator[TeamServer]:
             backend = f"sqlite:///{root / 'team.db'}"
         port = free_port()
         cmd = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-        cmd += ["--backend-store-uri", backend, "--artifacts-destination", str(root / "artifacts")]
+        artifacts, env = str(root / "artifacts"), {}
+        if store is not None:
+            artifacts, env = f"s3://{BUCKET}/mlflow", {**store.env(), "MLFLOW_S3_ENDPOINT_URL": store.endpoint}
+        cmd += ["--backend-store-uri", backend, "--artifacts-destination", artifacts]
         # A new store's migrations take a while, longer on a busy machine.
-        url = stack.enter_context(http_server(cmd, root, "/health", port, timeout=300))
-        yield TeamServer(url, root, backend, why_not)
+        url = stack.enter_context(http_server(cmd, root, "/health", port, timeout=300, **env))
+        yield TeamServer(url, root, backend, why_not, artifacts, store)

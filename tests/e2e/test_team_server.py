@@ -2,19 +2,32 @@
 the binaries exist, else on sqlite, with a proxied artifact destination), and two experiments of a
 fresh repository queued and run in parallel (`dvc queue start -j 2`) against it, as two teammates
 would: each runs the whole pipeline, and the first of them creates the experiment and the registered
-model on the server while the other may be doing the same."""
+model on the server while the other may be doing the same. Where the team extra is installed, the
+server's artifact destination is the object store's bucket (docs/operations.md, "A team on object
+storage"), from which the champion is then served."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
+import mlflow
 import psycopg
 import pytest
 from mlflow import MlflowClient
 
-from helpers import TeamServer, make_pipeline_repo, run, tool_env
+from helpers import VENV_BIN, TeamServer, free_port, http_server, make_pipeline_repo, render_digits, run, tool_env
+from object_store import BUCKET, missing_extra
+
+
+def destination_files(server: TeamServer, experiment_id: str) -> list[str]:
+    """The files of one experiment in the server's artifact destination: the bucket or the directory."""
+    if server.store is not None:
+        return list(server.store.objects(f"mlflow/{experiment_id}/"))
+    return [str(p) for p in (server.root / "artifacts" / experiment_id).rglob("*") if p.is_file()]
 
 
 def wait_for_queue(repo: Path, timeout: float = 900) -> str:
@@ -25,10 +38,11 @@ def wait_for_queue(repo: Path, timeout: float = 900) -> str:
     return status
 
 
-def test_parallel_experiments_run_the_pipeline_on_the_team_server(
-    server: TeamServer, tmp_path: Path, synthetic_mnist: Path
-) -> None:
-    url, root = server.url, server.root
+@pytest.fixture(scope="module")
+def queued(server: TeamServer, tmp_path_factory: pytest.TempPathFactory, synthetic_mnist: Path) -> dict:
+    """Two experiments of a fresh repository queued and run by 2 workers against the server."""
+    tmp_path = tmp_path_factory.mktemp("team")
+    url = server.url
     repo = make_pipeline_repo(tmp_path / "repo", synthetic_mnist)
     run(["dvc", "exp", "run", "--queue", "-n", "no-augment", "-S", "augment=false"], repo)
     run(["dvc", "exp", "run", "--queue", "-n", "seed-7", "-S", "seed=7"], repo)
@@ -42,6 +56,11 @@ def test_parallel_experiments_run_the_pipeline_on_the_team_server(
         status = wait_for_queue(repo)
     finally:
         subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=repo, env=tool_env(), capture_output=True, timeout=60)
+    return {"repo": repo, "tmp": tmp_path, "status": status}
+
+
+def test_parallel_experiments_run_the_pipeline_on_the_team_server(server: TeamServer, queued: dict) -> None:
+    url, repo, tmp_path, status = server.url, queued["repo"], queued["tmp"], queued["status"]
     assert status.count("Success") == 2, status
     assert not (repo / "mlruns").exists()  # nothing went to a local store
 
@@ -61,9 +80,9 @@ def test_parallel_experiments_run_the_pipeline_on_the_team_server(
     local = client.download_artifacts(named["seed-7"].info.run_id, "reports/confusion_matrix.png", str(tmp_path))
     assert Path(local).read_bytes() == (repo / "reports/confusion_matrix.png").read_bytes()
     # (The server is shared with the registry's promotion test, whose models are in other experiments.)
-    stored = root / "artifacts" / experiment.experiment_id
-    assert len(list(stored.rglob("confusion_matrix.png"))) == 2
-    assert len(list(stored.rglob("MLmodel"))) == 2  # each run's logged model
+    stored = [Path(name) for name in destination_files(server, experiment.experiment_id)]
+    assert len([p for p in stored if p.name == "confusion_matrix.png"]) == 2
+    assert len([p for p in stored if p.name == "MLmodel"]) == 2  # each run's logged model
 
     # The registry is the server's: one version per run; both aliases name versions of this model.
     versions = client.search_model_versions("name='mnist-cnn'")
@@ -80,3 +99,55 @@ def test_parallel_experiments_run_the_pipeline_on_the_team_server(
         assert {r.info.run_id for r in runs} <= stored
         (count,) = connection.execute("SELECT count(*) FROM model_versions WHERE name = 'mnist-cnn'").fetchone()
         assert count == 2
+
+
+def test_the_artifacts_live_in_the_bucket_and_the_champion_is_served_from_it(
+    server: TeamServer, queued: dict, tmp_path: Path
+) -> None:
+    if server.store is None:
+        pytest.skip(missing_extra() or "the team server keeps its artifacts in a directory")
+    assert server.artifacts == f"s3://{BUCKET}/mlflow"
+    client = MlflowClient(tracking_uri=server.url)
+    experiment = client.get_experiment_by_name("mnist-cnn")
+    assert experiment.artifact_location == "mlflow-artifacts:/" + experiment.experiment_id  # proxied
+    bucket = server.store.objects(f"mlflow/{experiment.experiment_id}/")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 2
+    for r in runs:
+        # The figure fetched through the server is the bucket's object.
+        figure = mlflow.artifacts.download_artifacts(
+            run_id=r.info.run_id,
+            artifact_path="reports/confusion_matrix.png",
+            dst_path=str(tmp_path / r.info.run_id),
+            tracking_uri=server.url,
+        )
+        key = f"mlflow/{experiment.experiment_id}/{r.info.run_id}/artifacts/reports/confusion_matrix.png"
+        assert Path(figure).read_bytes() == bucket[key]
+
+    # The champion's model: every file of it fetched through the server is an object of the bucket.
+    champion = client.get_model_version_by_alias("mnist-cnn", "champion")
+    uri = client.get_model_version_download_uri("mnist-cnn", champion.version)  # mlflow-artifacts:/<path>
+    assert uri.startswith("mlflow-artifacts:/"), uri
+    target = str(tmp_path / "champion")
+    model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=target, tracking_uri=server.url))
+    prefix = "mlflow/" + uri.removeprefix("mlflow-artifacts:/").strip("/") + "/"
+    fetched = {str(p.relative_to(model_dir)): p.read_bytes() for p in model_dir.rglob("*") if p.is_file()}
+    assert "MLmodel" in fetched and "artifacts/refusal.pt" in fetched, sorted(fetched)
+    assert fetched == {key.removeprefix(prefix): body for key, body in bucket.items() if key.startswith(prefix)}
+
+    # `mlflow models serve` on the champion, with no key pair: the server hands it presigned URLs of the bucket.
+    pixels = render_digits(4, seed=3)[0]
+    port = free_port()
+    cmd = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", "models:/mnist-cnn@champion", "--env-manager", "local"]
+    cmd += ["-h", "127.0.0.1", "-p", str(port)]
+    with http_server(cmd, tmp_path, "/ping", port, MLFLOW_TRACKING_URI=server.url) as base:
+        request = urllib.request.Request(
+            f"{base}/invocations",
+            data=json.dumps({"inputs": pixels.tolist()}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            served = json.loads(response.read())["predictions"]
+    local = mlflow.pyfunc.load_model(str(model_dir)).predict(pixels)
+    assert [s["digit"] for s in served] == [r["digit"] for r in local]
+    assert [s["reason"] for s in served] == [r["reason"] for r in local]

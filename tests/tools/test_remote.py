@@ -2,10 +2,12 @@
 
 In-process (remote.main under run_stage, in a real DVC repository made and configured with DVC's
 own Repo API, as `dvc init` and `dvc remote add` do); `make pull` runs the same code as a process.
+The S3 checks ask conftest's `object_store` (skipped where the team extra is not installed).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from dvc.repo import Repo
 from helpers import free_port, run
 from mnist_cnn.cli import run_stage
 from mnist_cnn.tools import remote
+from object_store import BUCKET, ObjectStore
 
 
 @pytest.fixture
@@ -27,10 +30,10 @@ def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_process: None) -> P
     return path
 
 
-def remote_add(repo: Path, name: str, url: str, default: bool = False) -> None:
-    """`dvc remote add [-d] name url`."""
+def remote_add(repo: Path, name: str, url: str, default: bool = False, **options: str) -> None:
+    """`dvc remote add [-d] name url`, and `dvc remote modify name option value` for each option."""
     with Repo(str(repo)) as dvc, dvc.config.edit() as config:
-        config["remote"][name] = {"url": url}
+        config["remote"][name] = {"url": url, **options}
         if default:
             config["core"]["remote"] = name
 
@@ -94,5 +97,51 @@ def test_no_remote_configured_says_how_to_add_one(repo: Path, capsys: pytest.Cap
 
 
 def test_a_storage_type_without_its_plugin(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    remote_add(repo, "cloud", "s3://bucket/mnist", default=True)
-    assert "dvc-s3" in one_error_line(check(capsys))
+    remote_add(repo, "cloud", "gs://bucket/mnist", default=True)  # dvc-gs is in no extra
+    assert "dvc-gs" in one_error_line(check(capsys))
+
+
+@pytest.fixture
+def s3_remote(repo: Path, object_store: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> Iterator[ObjectStore]:
+    """The default remote `shared` in the object store's bucket (`dvc remote add` + `dvc remote modify
+    shared endpointurl`), its key pair in the environment as docs/operations.md has it; only that
+    key pair is accepted."""
+    remote_add(repo, "shared", f"s3://{BUCKET}/checks", default=True, endpointurl=object_store.endpoint)
+    for name, value in object_store.env().items():
+        monkeypatch.setenv(name, value)
+    with object_store.authenticating():
+        yield object_store
+
+
+def test_an_s3_bucket_that_answers(s3_remote: ObjectStore, capsys: pytest.CaptureFixture[str]) -> None:
+    result = check(capsys)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"DVC remote reachable: s3://{BUCKET}/checks\n"
+
+
+def test_a_wrong_bucket_is_named(repo: Path, s3_remote: ObjectStore, capsys: pytest.CaptureFixture[str]) -> None:
+    remote_add(repo, "typo", "s3://mnist-cmn/checks", endpointurl=s3_remote.endpoint)
+    line = one_error_line(check(capsys, "-r", "typo"))
+    assert line == "error: DVC remote 'typo' (s3://mnist-cmn/checks): no such bucket 'mnist-cmn'"
+
+
+WRONG_KEYS = [("AWS_SECRET_ACCESS_KEY", "SignatureDoesNotMatch"), ("AWS_ACCESS_KEY_ID", "InvalidAccessKeyId")]
+
+
+@pytest.mark.parametrize(("variable", "code"), WRONG_KEYS)
+def test_a_wrong_key_pair_is_named(
+    s3_remote: ObjectStore, variable: str, code: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv(variable, "AKIAWRONGWRONGWRONG0")
+    line = one_error_line(check(capsys))
+    assert line.startswith(f"error: DVC remote 'shared' (s3://{BUCKET}/checks): refused the key pair ({code}: ")
+
+
+def test_a_stopped_store_is_unreachable(s3_remote: ObjectStore, capsys: pytest.CaptureFixture[str]) -> None:
+    s3_remote.stop()
+    try:
+        line = one_error_line(check(capsys))
+    finally:
+        s3_remote.start()
+    where = f"DVC remote 'shared' (s3://{BUCKET}/checks)"
+    assert line == f"error: {where} is unreachable: could not connect to {s3_remote.endpoint}/{BUCKET}"
