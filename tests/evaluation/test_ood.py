@@ -1,4 +1,4 @@
-"""The out-of-distribution handwriting set (src/mnist_cnn/evalsets/ood.py): built deterministically, through
+"""The out-of-distribution handwriting set (src/mnist_cnn/evaluation/ood.py): built deterministically, through
 predict's real preprocessing, with sklearn's labels, and readable by a model trained on MNIST."""
 
 from __future__ import annotations
