@@ -28,5 +28,6 @@ def test_evaluate_refuses_a_tampered_model_in_one_line(
     assert not marker.exists()
     (work / "models" / "model.pt").write_text("not a checkpoint")
     line = stage_error(evaluate.main, capsys)
-    assert line == "error: models/model.pt: not a model.pt checkpoint of this project (not a torch.save archive)"
+    assert line.startswith("error: models/model.pt: not a model.pt checkpoint of this project (not a whole torch.save")
+    assert "dvc checkout --force models/model.pt" in line and "dvc repro" in line
     assert not (work / "metrics").exists()
