@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mnist_cnn.config import load_params
 from mnist_cnn.core import refusal
 from mnist_cnn.core.model import load_checkpoint, normalize
 from mnist_cnn.core.picture import to_mnist
@@ -55,8 +56,9 @@ def main() -> None:
     parser.add_argument(
         "--refused-training",
         type=float,
-        default=refusal.REFUSED_TRAINING,
-        help="with --fit: another operating point (the fraction of augmented training digits refused)",
+        default=None,
+        help="with --fit: another operating point (the fraction of augmented training digits refused); "
+        "default params.yaml's evaluate.refused_training",
     )
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -64,8 +66,11 @@ def main() -> None:
     train, test = load_tensors(args.data / "train.pt"), load_tensors(args.data / "test.pt")
     started = time.perf_counter()
     if args.fit:
-        refusal.REFUSED_TRAINING = args.refused_training
-        stats = refusal.fit(net, train["images"].unsqueeze(1), train["labels"], args.seed)
+        budget = load_params().evaluate
+        if args.refused_training is not None:
+            budget = budget.model_copy(update={"refused_training": args.refused_training})
+        args.refused_training = budget.refused_training
+        stats = refusal.fit(net, train["images"].unsqueeze(1), train["labels"], args.seed, budget)
     else:
         stats = load_tensors(Path(args.model).parent / REFUSAL_STATS.name)
     fitted = time.perf_counter() - started

@@ -11,13 +11,15 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from helpers import render_digits, trained_one_epoch
+from helpers import make_params, render_digits, trained_one_epoch
 from mnist_cnn.core import refusal
 from mnist_cnn.core.model import Net
 from mnist_cnn.core.picture import to_mnist
 from mnist_cnn.files import save_tensors
 from mnist_cnn.paths import REFUSAL_STATS
 from mnist_cnn.serving.predict import main
+
+BUDGET = make_params().evaluate  # params.yaml's refusal budget and calibration sizes
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def model_dir(trained: tuple[Net, torch.Tensor, torch.Tensor], tmp_path_factory:
     # MNIST is already what predict's preprocessing makes of a picture (the ink's box fitted into 20x20,
     # centred); these font digits are not, so they are fitted as predict would prepare them.
     prepared = np.stack([to_mnist(Image.fromarray(image.squeeze(0).numpy())) for image in images])
-    stats = refusal.fit(net, torch.from_numpy(prepared).unsqueeze(1), labels, seed=42)
+    stats = refusal.fit(net, torch.from_numpy(prepared).unsqueeze(1), labels, seed=42, budget=BUDGET)
     save_tensors(folder / REFUSAL_STATS.name, stats)
     return folder
 
@@ -107,8 +109,8 @@ def test_predict_text_says_refused_with_the_reason(
 
 def test_refusal_statistics_are_deterministic(trained: tuple[Net, torch.Tensor, torch.Tensor]) -> None:
     net, images, labels = trained
-    first = refusal.fit(net, images[:600], labels[:600], seed=3)
-    again = refusal.fit(net, images[:600], labels[:600], seed=3)
+    first = refusal.fit(net, images[:600], labels[:600], seed=3, budget=BUDGET)
+    again = refusal.fit(net, images[:600], labels[:600], seed=3, budget=BUDGET)
     layers = {f"{k}_{part}" for k in ("conv", "logits") for part in ("means", "precision", "threshold")}
     assert set(first) == layers | {"ink_range", "temperature"}
     for key in first:
@@ -150,7 +152,7 @@ def test_answers_are_right_when_threads_share_the_net() -> None:
     torch.manual_seed(0)
     net = Net().eval()
     images = torch.randint(0, 256, (200, 1, 28, 28), dtype=torch.uint8)
-    stats = refusal.fit(net, images, torch.arange(200) % 10, seed=0)
+    stats = refusal.fit(net, images, torch.arange(200) % 10, seed=0, budget=BUDGET)
     batches = [torch.randn(n, 1, 28, 28) for n in (1, 16, 3, 8) * 5]
     alone = [refusal.answer(net, stats, x)[0] for x in batches]
     with ThreadPoolExecutor(max_workers=4) as pool:

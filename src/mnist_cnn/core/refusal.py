@@ -5,7 +5,8 @@ minimises the NLL), and two Mahalanobis distances to the nearest class mean (sha
 "conv", the last conv block's 64 feature maps averaged over the picture, and "logits". Softmax confidence
 cannot refuse: far from the training data a ReLU network's logits grow without bound. T and the thresholds
 come from training images as training saw them (augmented, a fixed seed). A picture with (almost) no ink
-is "blank", one with too little or too much ink (INK_QUANTILES) not a digit. docs/refusal.md has more.
+is "blank", one with too little or too much ink (params evaluate.ink_quantiles) not a digit. The budget and the
+calibration sizes are params (`evaluate:` in params.yaml). docs/refusal.md has more.
 """
 
 from __future__ import annotations
@@ -15,12 +16,10 @@ import torch
 from scipy.optimize import minimize_scalar
 from sklearn.covariance import LedoitWolf
 
+from mnist_cnn.config import EvaluateParams
 from mnist_cnn.core.augment import random_affine
 from mnist_cnn.core.model import CPU_BATCH, MNIST_STD, Net, normalize, normalize_fields, standardize, unstandardize
 
-REFUSED_TRAINING = 0.01  # of the augmented training images, refused by the two distances together
-INK_QUANTILES = (0.001, 0.999)  # of the augmented training images' ink coverage: the range that is answered
-CALIBRATION_IMAGES = 20_000  # augmented training images for the temperature and the thresholds
 MIN_CONTRAST = 32 / 255  # an input whose pixels span less than this is blank (picture.MIN_CONTRAST)
 LAYERS = ("conv", "logits")  # the distances, in the order their reasons are given
 # Per image: digit (-1 when refused), calibrated probability (0 when refused), reason (None when answered).
@@ -82,10 +81,11 @@ def fit_temperature(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
     return float(np.exp(minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x))
 
 
-def fit(net: Net, images: torch.Tensor, labels: torch.Tensor, seed: int) -> Tensors:
-    """The refusal statistics of `net` from the training set: uint8 images (N, 1, 28, 28), labels (N,)."""
+def fit(net: Net, images: torch.Tensor, labels: torch.Tensor, seed: int, budget: EvaluateParams) -> Tensors:
+    """The refusal statistics of `net` from the training set: uint8 images (N, 1, 28, 28), labels (N,); `budget`
+    says how many images calibrate, what share of them the distances refuse and which ink range is answered."""
     generator = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(len(images), generator=generator)[:CALIBRATION_IMAGES]
+    pick = torch.randperm(len(images), generator=generator)[: budget.calibration_images]
     # A third of the training set pins down 10 means and a 64x64 covariance at a third of the cost.
     features, _ = features_and_log_probs(net, normalize(images[pick]))
     stats: Tensors = {}
@@ -95,9 +95,9 @@ def fit(net: Net, images: torch.Tensor, labels: torch.Tensor, seed: int) -> Tens
     # The training augmentation works on [0, 1] pixels with zero fill, as train_step applies it.
     seen = random_affine(images[pick].float() / 255.0, generator)
     seen_features, seen_log_probs = features_and_log_probs(net, standardize(seen))
-    thresholds = union_thresholds(list(all_distances(seen_features, stats).values()), REFUSED_TRAINING)
+    thresholds = union_thresholds(list(all_distances(seen_features, stats).values()), budget.refused_training)
     stats |= {f"{k}_threshold": t for k, t in zip(LAYERS, thresholds, strict=True)}
-    stats["ink_range"] = torch.quantile(ink_coverage(seen), torch.tensor(INK_QUANTILES))
+    stats["ink_range"] = torch.quantile(ink_coverage(seen), torch.tensor(budget.ink_quantiles))
     stats["temperature"] = torch.tensor(fit_temperature(seen_log_probs, labels[pick]))
     return stats
 

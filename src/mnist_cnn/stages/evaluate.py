@@ -1,9 +1,9 @@
 """Stage evaluate: how good the trained model is, and when it should say "not a digit".
 
-params seed, train.eval_batch_size + data/processed/ + models/model.pt -> metrics/eval.json,
+params seed, train.eval_batch_size, evaluate + data/processed/ + models/model.pt -> metrics/eval.json,
 plots/confusion.csv (one row per test image) and models/refusal.pt (the "not a digit" statistics,
-fitted on the training set). Logs the test set, the calibration and the refusal rates on generated
-non-digits to the MLflow run.
+fitted on the training set with params evaluate.*). Logs the test set, the calibration and the refusal
+rates on test digits and generated non-digits to the execution's MLflow run.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def main() -> None:
     predicted, truth = log_probs.argmax(1).numpy(), labels.numpy()
 
     # The refusal statistics come from the training set (never the test set) and the final weights.
-    stats = refusal.fit(model, *load_processed("train"), params.seed)
+    stats = refusal.fit(model, *load_processed("train"), params.seed, params.evaluate)
     save_tensors(REFUSAL_STATS, stats)
     calibration = report(model, stats, images, labels)
 
@@ -46,15 +46,15 @@ def main() -> None:
         "ood_accuracy": ood_accuracy(model),  # other writers' digits, through predict's preprocessing
         "ece": calibration["ece"],  # of the temperature-calibrated probabilities predict reports
         "test_refused": calibration["refused"],  # test digits refused as "not a digit"
+        **nondigits.refusal_rates(model, stats),  # generated non-digits refused, per kind
     }
     write_json(EVAL_METRICS, metrics)
     write_csv(CONFUSION_CSV, [{"actual": t, "predicted": p} for t, p in zip(truth, predicted, strict=True)])
 
-    with store.reopen_run():
+    with store.execution_run(params):
         lineage.log_input(lineage.dataset(params, "test", images.numpy(), truth), context="evaluation")
-        rates = nondigits.refusal_rates(model, stats)
-        mlflow.log_metrics({**calibration, "temperature": stats["temperature"].item(), **rates})
-        mlflow.log_metric("ood_accuracy", metrics["ood_accuracy"])
+        # test_accuracy is logged by register, with the logged model it measures.
+        store.log_new({k: v for k, v in store.run_metrics(metrics).items() if k != "test_accuracy"})
         mlflow.log_artifact(str(EVAL_METRICS), artifact_path="metrics")
     print(
         f"evaluate: test accuracy {metrics['test_accuracy']:.2%}, loss {metrics['test_loss']:.4f}, "
