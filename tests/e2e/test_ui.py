@@ -2,11 +2,13 @@
 
 `mlflow ui` serves the `queued_pipeline` fixture's store (a `dvc repro` and two queued experiments,
 one of them the README's preset) on a free loopback port; tests/ui/check_ui.mjs
-(playwright-core driving Debian's /usr/bin/chromium) opens the champion's run page (metrics,
-dataset inputs with their digest), its model-metrics and system-metrics tabs, its logged model,
-the registered model's page and the experiment's training view, checks the texts there and saves
-one screenshot per page. Chromium comes from `.ci/run` (apt-get); playwright-core from `make test`
-(npm, exact pin in tests/ui/package.json, no lockfile), or from this module when it is missing.
+(playwright-core driving Debian's /usr/bin/chromium) opens the champion's run page (params, at most
+31 metrics, dataset inputs with their digest), its model-metrics tab (the per-epoch curves first) and
+system-metrics tab, its logged model, the registered model's page and the experiment's training view,
+checks the texts there and saves one screenshot per page; run-page.png, with the params and metrics
+tables framed, is the one docs/tracking.md shows (docs/img/run-page.png). Chromium comes from
+`.ci/run` (apt-get); playwright-core from `make test` (npm, exact pin in tests/ui/package.json, no
+lockfile), or from this module when it is missing.
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ def test_ui_shows_run_metrics_and_registered_model(
         "run-inputs.png",
         "run-model-metrics.png",
         "run-overview.png",
+        "run-page.png",
         "run-system-metrics.png",
         "runs-table.png",
     ]

@@ -180,6 +180,13 @@ def _inputs(versions: list[ModelVersion], runs: dict[str, gate.RunRecord]) -> li
 WRITE_TRIES = 11
 
 
+def current_choice(client: MlflowClient, name: str, margin: Mapping[str, float]) -> gate.Choice:
+    """The fold of the gate over the versions as they are now (what the aliases and tags should say)."""
+    listing, runs = _versions(client, name), {}
+    _records(client, listing, runs)
+    return gate.choose(listing, runs, margin)
+
+
 def _write_round(
     client: MlflowClient, name: str, runs: dict[str, gate.RunRecord], margin: Mapping[str, float]
 ) -> tuple[list[ModelVersion], gate.Choice]:

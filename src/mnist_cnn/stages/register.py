@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import mlflow
 
-from mnist_cnn.cli import run_stage
+from mnist_cnn.cli import UserError, run_stage
 from mnist_cnn.config import load_params
 from mnist_cnn.core.model import load_checkpoint
 from mnist_cnn.data.mnist import load_processed
@@ -25,6 +25,9 @@ from mnist_cnn.tracking import lineage, store
 def main() -> None:
     params = load_params()
     metrics = {k: float(v) for p in (EVAL_METRICS, ROBUST_METRICS) for k, v in read_json(p, "dvc repro").items()}
+    for path in (MODEL_PATH, REFUSAL_STATS):
+        if not path.is_file():
+            raise UserError(f"{path}: missing or unreadable (run dvc repro first)")
     digest = publish.artifacts_digest(MODEL_PATH, REFUSAL_STATS)
     images, labels = load_processed("test")
 
