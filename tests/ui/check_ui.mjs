@@ -95,11 +95,6 @@ try {
       await expectVisible(page, page.getByText(`epoch/${name}`, { exact: true }), `run overview shows metric epoch/${name}`);
     }
     await expectVisible(page, page.getByText("train.epochs", { exact: true }), "run overview shows param train.epochs");
-    // At most about 30 model metrics a run (the count in the table's title).
-    const title = await page.getByText(/^Metrics \(\d+\)$/).first().innerText().catch(() => "");
-    const count = Number(title.match(/\d+/)?.[0] ?? "0");
-    if (!(count > 0 && count <= 31)) failures.push(`run overview lists ${count} metrics, not 1 to 31: ${title}`);
-    else console.log(`ok: run overview lists ${count} metrics`);
   });
   // The same page for docs/tracking.md, with a frame around the params and the metrics tables.
   await visit(page, run, "run-page", async () => {
@@ -118,7 +113,7 @@ try {
         while (box && box.querySelectorAll('[role="row"], tr').length < 2) box = box.parentElement;
         if (!box) continue;
         box.style.outline = "4px solid #e8590c";
-        box.style.outlineOffset = "2px";
+        box.style.outlineOffset = "-4px"; // inside the box: the page clips what lies outside it
         count += 1;
       }
       return count;
@@ -164,13 +159,20 @@ try {
   // fold are not rendered, so the per-epoch curves must be at the top of the page.
   await visit(page, `${run}/model-metrics`, "run-model-metrics", async () => {
     await expectVisible(page, page.getByPlaceholder("Search metric charts"), "model-metrics tab has its chart search box");
-    const epoch = page.getByText("epoch", { exact: true }).filter({ visible: true });
-    const rest = page.getByText("Model metrics", { exact: true }).filter({ visible: true });
+    // Section titles carry their chart count: "epoch (4)", "Model metrics (27)" (the tab is "Model metrics").
+    const epoch = page.getByText(/^epoch\s*\(\d+\)$/).filter({ visible: true });
+    const rest = page.getByText(/^Model metrics\s*\(\d+\)$/).filter({ visible: true });
     await expectVisible(page, epoch, "model-metrics tab has the epoch section");
     await expectVisible(page, rest, "model-metrics tab has the Model metrics section");
-    const [top, below] = await Promise.all([epoch.first().boundingBox(), rest.first().boundingBox()]);
+    const box = (locator) => locator.first().boundingBox({ timeout }).catch(() => null);
+    const [top, below] = await Promise.all([box(epoch), box(rest)]);
     if (!(top && below && top.y < below.y)) failures.push(`the epoch section is not above Model metrics: ${JSON.stringify([top, below])}`);
     else console.log("ok: the epoch section comes first");
+    // At most about 30 model metrics a run: the two sections' counts.
+    const counts = await Promise.all([epoch, rest].map((l) => l.first().innerText({ timeout }).catch(() => "")));
+    const [epochs, singles] = counts.map((text) => Number(text.match(/\((\d+)\)/)?.[1] ?? "0"));
+    if (epochs !== 4 || !(singles > 0 && epochs + singles <= 31)) failures.push(`model metrics: ${counts.join(", ")}, not 4 per-epoch and at most 31 in all`);
+    else console.log(`ok: ${epochs} per-epoch and ${singles} single-value model metrics`);
     for (const name of metrics) {
       await expectVisible(page, page.getByText(name, { exact: true }), `model-metrics tab shows chart ${name}`);
       // The legend ("<run name> (<metric>)") is drawn with the per-step line plot, not before.
