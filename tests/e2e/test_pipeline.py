@@ -55,7 +55,8 @@ def test_stage_outputs(pipeline: Path) -> None:
     assert len(history) == 3  # header + 2 epochs
     evaluation = json.loads((pipeline / "metrics/eval.json").read_text())
     assert evaluation["test_accuracy"] > 0.5  # synthetic digits are easy; chance is 0.1
-    assert set(evaluation) == {"test_accuracy", "test_loss", "macro_f1", "ood_accuracy", "ece", "test_refused"}
+    kinds = {f"refused_{kind}" for kind in ("noise", "blank", "shapes", "letters")}
+    assert set(evaluation) == {"test_accuracy", "test_loss", "macro_f1", "ood_accuracy", "ece", "test_refused", *kinds}
     assert len((pipeline / "plots/confusion.csv").read_text().splitlines()) == 301
     reports = {p.name for p in (pipeline / "reports").iterdir()}
     assert reports == {
@@ -165,7 +166,8 @@ def test_a_refusal_code_change_is_a_new_run_that_says_so_and_the_champion_serves
     assert later.data.tags["git.dirty"] == "true" and later.data.tags["git.commit"] == rerun["head"]
     assert later.data.tags["code.digest"] != trained.data.tags["code.digest"]
     assert later.info.run_name == f"{rerun['head'][:7]}-dirty"
-    assert later.data.params == trained.data.params  # every param, the same values
+    # Every param, the same values (world_size is the train stage's own param).
+    assert later.data.params == {k: v for k, v in trained.data.params.items() if k != "world_size"}
     # The old run is as it was; the new one has this execution's evaluation, each metric once, no epochs.
     assert rerun["first_run_metrics_after"] == rerun["first_run_metrics"]
     assert set(rerun["code_run_metrics"]) == {k for k in RUN_METRICS if not k.startswith("epoch/")} - {"train_seconds"}
