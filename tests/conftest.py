@@ -24,6 +24,7 @@ from helpers import (
     REPO,
     TeamServer,
     free_port,
+    make_params,
     render_digits,
     team_server,
     tool_env,
@@ -148,13 +149,16 @@ def font_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mnist_cnn.files import save_tensors
 
     torch.manual_seed(0)
-    images, labels = render_digits(3000, seed=0)
+    images, labels = render_digits(3000, seed=0, budget=make_params().evaluate)
     tensors, labels = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long()
     net = trained_one_epoch(tensors, labels)
     folder = tmp_path_factory.mktemp("models")
     save_tensors(folder / "model.pt", {"state_dict": net.state_dict(), "arch": net.arch})
     prepared = np.stack([to_mnist(Image.fromarray(image)) for image in images])
-    save_tensors(folder / "refusal.pt", refusal.fit(net, torch.from_numpy(prepared).unsqueeze(1), labels, seed=42))
+    save_tensors(
+        folder / "refusal.pt",
+        refusal.fit(net, torch.from_numpy(prepared).unsqueeze(1), labels, seed=42, budget=make_params().evaluate),
+    )
     return folder
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import reprlib
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -118,28 +119,69 @@ class DetectorParams(_Section):
     threads: int = Field(ge=1, description="CPU threads at most")
 
 
-class Params(_Section):
-    seed: int = Field(ge=0)
-    augment: bool
-    # More of what users' pictures vary in; 0 = off (the report's augmentation exactly).
-    augment_scale: float = Field(ge=0, lt=1, description="scale by a factor in [1 - s, 1 + s]; 0 = off")
-    augment_thickness: float = Field(ge=0, le=1, description="strokes bolder/finer by up to this; 0 = off")
-    augment_blur: float = Field(ge=0, le=3, description="Gaussian blur, sigma up to this many pixels; 0 = off")
-    augment_invert: float = Field(ge=0, le=1, description="chance of one inverted rectangle; 0 = off")
-    augment_erase: float = Field(ge=0, le=1, description="chance of one flat grey rectangle; 0 = off")
-    augment_noise: float = Field(ge=0, le=1, description="Gaussian pixel noise, std up to this; 0 = off")
-    data: DataParams
-    model: ModelParams
-    train: TrainParams
-    robustness: RobustnessParams
-    detector: DetectorParams
+class EvaluateParams(_Section):
+    """The refusal's fit (mnist_cnn.core.refusal, docs/refusal.md): what share of training it refuses, from what."""
 
-    @model_validator(mode="after")
-    def _extras_need_augment(self) -> Params:
-        extras = [key for key in type(self).model_fields if key.startswith("augment_") and getattr(self, key)]
-        if not self.augment and extras:
-            raise PydanticCustomError("combination", f"{', '.join(extras)} need augment: true")
-        return self
+    refused_training: float = Field(gt=0, lt=1, description="share of augmented training images refused")
+    calibration_images: int = Field(ge=100, description="augmented training images for the temperature and thresholds")
+    ink_quantiles: list[float] = Field(
+        min_length=2, max_length=2, description="quantiles of training ink coverage: the range answered"
+    )
+    detector_share: float = Field(gt=0, description="the detector's tail against each distance's, times")
+
+    @field_validator("ink_quantiles")
+    @classmethod
+    def _ordered(cls, bounds: list[float]) -> list[float]:
+        if not 0 <= bounds[0] < bounds[1] <= 1:
+            raise ValueError(f"needs 0 <= low < high <= 1, got {list(bounds)}")
+        return bounds
+
+
+class SeedStd(_Section):
+    """Seed-to-seed sample standard deviation of each gate group's score (fractions), docs/registry.md."""
+
+    clean: float = Field(ge=0)
+    geometric: float = Field(ge=0)
+    photometric: float = Field(ge=0)
+    ood: float = Field(ge=0)
+
+
+class RegisterParams(_Section):
+    """The champion gate's noise margins: margin = margin_z * sqrt(2) * seed_std, per group (registry.gate)."""
+
+    seed_std: SeedStd
+    margin_z: float = Field(ge=0, description="margins in standard deviations of a two-run difference")
+
+
+# The section `register` (the stage's name) shadows ABCMeta.register, which registers virtual subclasses: a
+# class method no one calls on Params. pydantic warns about the name; the field works as any other.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+    class Params(_Section):
+        seed: int = Field(ge=0)
+        augment: bool
+        # More of what users' pictures vary in; 0 = off (the report's augmentation exactly).
+        augment_scale: float = Field(ge=0, lt=1, description="scale by a factor in [1 - s, 1 + s]; 0 = off")
+        augment_thickness: float = Field(ge=0, le=1, description="strokes bolder/finer by up to this; 0 = off")
+        augment_blur: float = Field(ge=0, le=3, description="Gaussian blur, sigma up to this many pixels; 0 = off")
+        augment_invert: float = Field(ge=0, le=1, description="chance of one inverted rectangle; 0 = off")
+        augment_erase: float = Field(ge=0, le=1, description="chance of one flat grey rectangle; 0 = off")
+        augment_noise: float = Field(ge=0, le=1, description="Gaussian pixel noise, std up to this; 0 = off")
+        data: DataParams
+        model: ModelParams
+        train: TrainParams
+        robustness: RobustnessParams
+        detector: DetectorParams
+        evaluate: EvaluateParams
+        register: RegisterParams
+
+        @model_validator(mode="after")
+        def _extras_need_augment(self) -> Params:
+            extras = [key for key in type(self).model_fields if key.startswith("augment_") and getattr(self, key)]
+            if not self.augment and extras:
+                raise PydanticCustomError("combination", f"{', '.join(extras)} need augment: true")
+            return self
 
 
 def _did_you_mean(key: str, allowed: list[str]) -> str:
@@ -202,8 +244,12 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 
 def flat(params: Params) -> dict[str, Any]:
-    """params as dotted keys, e.g. {'train.lr': 0.001}: for MLflow and tags."""
-    out: dict[str, Any] = {}
-    for key, value in params.model_dump().items():  # a top-level key, or a section of them
-        out |= {f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value}
-    return out
+    """params as dotted keys, e.g. {'train.lr': 0.001, 'register.seed_std.ood': 0.026}: for MLflow and tags."""
+
+    def leaves(node: dict[str, Any], prefix: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out |= leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+        return out
+
+    return leaves(params.model_dump(mode="json"), "")

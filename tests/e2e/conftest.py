@@ -21,14 +21,56 @@ import pytest
 import torch
 import yaml
 
-from helpers import REPO, VENV_BIN, free_port, http_server, make_pipeline_repo, run, store_client, tool_env
+from helpers import REPO, VENV_BIN, all_runs, free_port, http_server, make_pipeline_repo, run, store_client, tool_env
 
-# A line whose edit changes models/refusal.pt: the refusal's share of training images it refuses.
-REFUSAL_LINE = "REFUSED_TRAINING = 0.01"
+# An edit of the refusal's code that changes models/refusal.pt: the thresholds refuse twice the budget.
+REFUSAL_CODE = ("budget.refused_training, shares)", "2 * budget.refused_training, shares)")
+# The two experiments of the same trained model: the second changes only how many images robustness scores.
+EXPERIMENT = ["-S", "data.subset=600", "-S", "train.epochs=1", "-S", "robustness.curve_samples=100"]
+SAMPLES = {"first": 300, "second": 150}
+
+
+def wait_until(condition, what: str, timeout: float = 600, process: subprocess.Popen | None = None, log=None):
+    """Poll `condition` until it returns something true (returned); fail after `timeout` s or when `process` ends."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        details = f":\n{log.read_text()}" if log is not None else ""
+        assert process is None or process.poll() is None, f"ended before {what}{details}"
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}{details}"
+        time.sleep(0.2)
+    return value
 
 
 def status(repo: Path) -> dict:
     return json.loads(run(["dvc", "status", "--json"], repo).stdout)
+
+
+def status_after_setting(repo: Path, section: str, *path_and_value: object) -> dict:
+    """`dvc status` with one param of params.yaml changed; the file is restored after."""
+    path = repo / "params.yaml"
+    original = path.read_text()
+    try:
+        params = yaml.safe_load(original)
+        *keys, last, value = [section, *path_and_value]
+        node = params
+        for key in keys:
+            node = node[key]
+        node[last] = value
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+        return status(repo)
+    finally:
+        path.write_text(original)
+
+
+def commit_all(repo: Path, message: str) -> None:
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", message], repo)
+
+
+def run_metrics(client, run_id: str) -> dict[str, list[float]]:
+    """Every model metric of a run (system metrics aside) with its whole history."""
+    names = [k for k in client.get_run(run_id).data.metrics if not k.startswith("system/")]
+    return {k: [m.value for m in client.get_metric_history(run_id, k)] for k in names}
 
 
 def status_after_appending(repo: Path, module: str) -> dict:
@@ -54,13 +96,16 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, synthetic_mnist: Path) ->
 
 @pytest.fixture(scope="session")
 def rerun(tmp_path_factory: pytest.TempPathFactory, synthetic_mnist: Path) -> dict:
-    """A repository of its own (beside `pipeline`, so that both build at once) through three scenarios:
-    1. `dvc repro` (run 1, version 1), then `dvc status` with one module edited at a time;
-    2. the refusal's code changed and committed, `dvc repro` again: the stages after train rerun
-       and register publishes version 2 of run 1; the champion's statistics are downloaded;
-    3. `dvc repro -f -s register`: register again with nothing changed.
+    """A repository of its own (beside `pipeline`, so that both build at once) through four scenarios:
+    1. `dvc repro` (run 1, version 1), then `dvc status` with one module edited, or one param set, at a time;
+    2. the refusal's code edited (not committed) and `dvc repro` again: the stages after train rerun in a new
+       run that says the code differs from its commit, and register publishes its version 2;
+    3. two experiments of one trained model, `first` and `second`, that differ only in
+       robustness.corruption_samples (train cached in the second);
+    4. `dvc exp run -n margins` with a gate margin and the refusal budget set by -S, then a bad margin.
     Returns the repository and what was seen."""
     repo = make_pipeline_repo(tmp_path_factory.mktemp("rerun"), synthetic_mnist)
+    client = store_client(repo)
     seen: dict = {"repo": repo}
     run(["dvc", "repro"], repo)
     seen["registered_first"] = json.loads((repo / "models/registered.json").read_text())
@@ -68,14 +113,24 @@ def rerun(tmp_path_factory: pytest.TempPathFactory, synthetic_mnist: Path) -> di
         module: status_after_appending(repo, module)
         for module in ("core/augment.py", "core/refusal.py", "registry/gate.py", "tools/loadtest.py")
     }
+    seen["status_after_param"] = {
+        "register.seed_std.ood": status_after_setting(repo, "register", "seed_std", "ood", 0.05),
+        "register.margin_z": status_after_setting(repo, "register", "margin_z", 3.0),
+        "evaluate.refused_training": status_after_setting(repo, "evaluate", "refused_training", 0.02),
+    }
+    commit_all(repo, "the first dvc repro")
+    first_run = seen["registered_first"]["run_id"]
+    seen["first_run_metrics"] = run_metrics(client, first_run)
 
     refusal = repo / "src/mnist_cnn/core/refusal.py"
-    assert REFUSAL_LINE in refusal.read_text()
-    refusal.write_text(refusal.read_text().replace(REFUSAL_LINE, "REFUSED_TRAINING = 0.02"))
-    run(["git", "commit", "-qam", "refuse more"], repo)
+    assert REFUSAL_CODE[0] in refusal.read_text()
+    refusal.write_text(refusal.read_text().replace(*REFUSAL_CODE))
     seen["rerun_log"] = run(["dvc", "repro"], repo).stdout
     seen["registered"] = json.loads((repo / "models/registered.json").read_text())
-    client = store_client(repo)
+    seen["first_run_metrics_after"] = run_metrics(client, first_run)
+    seen["first_run"], seen["code_run"] = client.get_run(first_run), client.get_run(seen["registered"]["run_id"])
+    seen["code_run_metrics"] = run_metrics(client, seen["registered"]["run_id"])
+    seen["head"] = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
     champion = client.get_model_version_by_alias("mnist-cnn", "champion")
     seen["champion_after_rerun"] = str(champion.version)
     download = mlflow.artifacts.download_artifacts(
@@ -83,11 +138,28 @@ def rerun(tmp_path_factory: pytest.TempPathFactory, synthetic_mnist: Path) -> di
         dst_path=str(tmp_path_factory.mktemp("champion")),
     )
     seen["champion_refusal"] = torch.load(Path(download) / "artifacts/refusal.pt", weights_only=True)
+    seen["workspace_refusal"] = torch.load(repo / "models/refusal.pt", weights_only=True)
     seen["superseded_gate_tag"] = client.get_model_version("mnist-cnn", "1").tags.get("gate", "")
+    commit_all(repo, "refuse more")
 
-    seen["register_again_log"] = run(["dvc", "repro", "-f", "-s", "register"], repo).stdout
-    seen["registered_again"] = json.loads((repo / "models/registered.json").read_text())
-    seen["versions_after_register_again"] = len(client.search_model_versions("name='mnist-cnn'"))
+    for name, samples in SAMPLES.items():
+        command = ["dvc", "exp", "run", "-n", name, *EXPERIMENT, "-S", f"robustness.corruption_samples={samples}"]
+        seen[f"{name}_log"] = run(command, repo).stdout
+        seen[f"{name}_robustness"] = json.loads((repo / "metrics/robustness.json").read_text())
+        seen[f"{name}_registered"] = json.loads((repo / "models/registered.json").read_text())
+
+    seen["margins_log"] = run(
+        ["dvc", "exp", "run", "-n", "margins", "-S", "register.margin_z=3", "-S", "evaluate.refused_training=0.02"],
+        repo,
+    ).stdout
+    seen["margins_registered"] = json.loads((repo / "models/registered.json").read_text())
+    seen["exp_show"] = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
+    bad = ["dvc", "exp", "run", "-S", "register.margin_z=-1"]
+    seen["bad_margin"] = subprocess.run(bad, cwd=repo, env=tool_env(), capture_output=True, text=True, timeout=600)
+    seen["runs"] = {r.info.run_name: r for r in all_runs(client)}
+    seen["versions"] = {str(v.version): v for v in client.search_model_versions("name='mnist-cnn'")}
+    seen["aliases"] = {a: str(v) for a, v in client.get_registered_model("mnist-cnn").aliases.items()}
+    seen["metrics"] = {name: run_metrics(client, r.info.run_id) for name, r in seen["runs"].items()}
     return seen
 
 
@@ -112,15 +184,15 @@ def killed_repro(tmp_path_factory: pytest.TempPathFactory, synthetic_mnist: Path
     with log.open("w") as sink:
         dvc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=tool_env(), stdout=sink, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 600
-        while not run_file.exists():  # the train stage has created its run
-            assert dvc.poll() is None, f"dvc repro ended before training:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"training did not start:\n{log.read_text()}"
-            time.sleep(0.2)
-        time.sleep(0.5)  # the run file is written after the run has its tags
+        # The train stage has created its run (the file is written whole, after the run has its tags).
+        wait_until(run_file.exists, "the train stage created its run", process=dvc, log=log)
         seen["killed_id"] = json.loads(run_file.read_text())["run_id"]
         client = store_client(repo)
         pid = int(client.get_run(seen["killed_id"]).data.tags["pid"])
+        # Training has begun: the first epoch is under way once the training set is logged as its input.
+        wait_until(
+            lambda: client.get_run(seen["killed_id"]).inputs.dataset_inputs, "training began", process=dvc, log=log
+        )
         seen["killed_cmdline"] = Path(f"/proc/{pid}/cmdline").read_bytes()
         os.kill(pid, signal.SIGKILL)
         seen["killed_repro_exit"] = dvc.wait(timeout=120)

@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from helpers import all_runs, run, store_client
-from mnist_cnn.registry import gate
+from helpers import all_runs, make_params, run, store_client
+from mnist_cnn.registry import gate, publish
 
 
 def test_kill_9_during_training_leaves_a_running_run_and_no_model(killed_repro: dict) -> None:
@@ -54,14 +54,18 @@ def test_parallel_queued_experiments_all_land_in_the_store(killed_repro: dict, q
     assert sorted(int(r.data.params["seed"]) for r in runs) == [1, 2, 42]
     for r in runs:
         assert r.info.status == "FINISHED", r.info
-        for key in ("train_loss", "test_loss", "test_accuracy"):
+        for key in ("epoch/train_loss", "epoch/test_loss", "epoch/test_accuracy"):
             assert [m.step for m in client.get_metric_history(r.info.run_id, key)] == [1, 2], (r.info.run_id, key)
-        assert "eval_accuracy" in r.data.metrics
+        assert "test_accuracy" in r.data.metrics
+        # Each queued experiment's stages ran in its own `dvc exp exec-run`: one execution, one run.
     versions = client.search_model_versions("name='mnist-cnn'")
     assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in runs)
     # Promotions that overlapped still leave the gate's choice from all versions as champion.
     champion = client.get_model_version_by_alias("mnist-cnn", "champion")
-    assert str(champion.version) == gate.choose(versions).champion, [(v.version, v.tags) for v in versions]
+    margin = gate.margins(make_params().register)
+    expected = publish.current_choice(client, "mnist-cnn", margin).champion
+    assert str(champion.version) == expected, [(v.version, v.tags) for v in versions]
+    assert len({r.data.tags["pipeline.execution"] for r in runs}) == 3
 
 
 def test_experiments_run_the_code_of_their_snapshot(queued_experiments: dict) -> None:

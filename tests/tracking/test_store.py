@@ -1,4 +1,5 @@
-"""Where runs go (DVC_ROOT, MLFLOW_TRACKING_URI) and the run shared by the stages."""
+"""Where runs go (DVC_ROOT, MLFLOW_TRACKING_URI), and one run per pipeline execution: how an execution is
+told apart, which run a stage logs into, what a run is named and tagged, and a sweep's parent run."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import yaml
 
 from helpers import REPO, tool_env
 from mnist_cnn.cli import UserError
-from mnist_cnn.config import validate
+from mnist_cnn.config import Params, flat, validate
 from mnist_cnn.paths import RUN_FILE
 from mnist_cnn.tracking import store
 
@@ -24,7 +25,7 @@ from mnist_cnn.tracking import store
 @pytest.fixture
 def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
-    for name in ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_TRACKING_URI"):
+    for name in ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_TRACKING_URI", store.PARENT_RUN_ENV):
         monkeypatch.delenv(name, raising=False)
     yield tmp_path
     mlflow.end_run()
@@ -91,29 +92,162 @@ def test_tracking_uri_env_overrides(in_tmp: Path, monkeypatch: pytest.MonkeyPatc
     assert not (in_tmp / "mlruns").exists()
 
 
-def test_start_run_logs_params_and_tags_and_records_id(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def git_repo(path: Path) -> None:
+    """A committed repository with a package file, as the stages see their working directory."""
+    (path / "src" / "pkg").mkdir(parents=True)
+    (path / "src" / "pkg" / "code.py").write_text("x = 1\n")
+    (path / "params.yaml").write_text("seed: 1\n")
+    commit = ["-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "c"]
+    for cmd in (["init", "-q"], ["add", "-A"], commit):
+        subprocess.run(["git", *cmd], cwd=path, check=True, capture_output=True)
+
+
+@pytest.fixture
+def params() -> Params:
+    return validate(yaml.safe_load((REPO / "params.yaml").read_text()))
+
+
+def test_the_train_run_has_every_param_its_names_and_the_later_stages_of_its_execution_reuse_it(
+    in_tmp: Path, monkeypatch: pytest.MonkeyPatch, params: Params
+) -> None:
     monkeypatch.setenv("DVC_EXP_NAME", "bushy-vase")
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "abc123")
-    params = validate(yaml.safe_load((REPO / "params.yaml").read_text()))
     with store.start_run(params) as run:
         run_id = run.info.run_id
+        mlflow.log_metric("epoch/train_loss", 0.5, step=1)
     assert json.loads(RUN_FILE.read_text())["run_id"] == run_id
     logged = mlflow.get_run(run_id)
     assert logged.data.params["augment"] == "True"
     assert logged.data.params["train.lr"] == "0.001"
-    assert logged.data.tags["dvc.exp_name"] == "bushy-vase"
-    assert logged.data.tags["git.commit"] == "abc123"
-    assert logged.info.run_name == "bushy-vase"
-    with store.reopen_run() as again:
+    assert logged.data.params["register.seed_std.ood"] == "0.026"  # nested sections, every leaf
+    assert logged.data.params["evaluate.refused_training"] == "0.01"
+    assert len(logged.data.params) == len(flat(params))
+    tags = logged.data.tags
+    assert (tags["dvc.exp_name"], tags["git.commit"], logged.info.run_name) == ("bushy-vase", "abc123", "bushy-vase")
+    assert tags[store.EXECUTION_TAG] == store.execution_key()
+    assert len(tags["code.digest"]) == 12 and tags["git.dirty"] in ("true", "false")
+    assert "mlflow.parentRunId" not in tags and store.TRAIN_RUN_TAG not in tags
+
+    # A later stage of the same execution (here: the same process) logs into the train stage's run.
+    with store.execution_run(params) as again:
         assert again.info.run_id == run_id
-        mlflow.log_metric("later_stage", 1.0)
-    assert mlflow.get_run(run_id).data.metrics["later_stage"] == 1.0
+        assert store.log_new({"ood_accuracy": 0.8, "robust_fog": 0.7}) == {"ood_accuracy": 0.8, "robust_fog": 0.7}
+    with store.execution_run(params):
+        assert store.log_new({"ood_accuracy": 0.9, "test_accuracy": 0.99}) == {"test_accuracy": 0.99}
+    client = mlflow.MlflowClient()
+    assert [m.value for m in client.get_metric_history(run_id, "ood_accuracy")] == [0.8]  # one value per run
     assert mlflow.get_run(run_id).info.status == "FINISHED"
 
 
-def test_reopen_without_train_is_a_user_error(in_tmp: Path) -> None:
-    with pytest.raises(UserError, match="train stage"), store.reopen_run():
+def test_a_later_execution_with_train_cached_gets_its_own_run_linked_to_the_training_run(
+    in_tmp: Path, monkeypatch: pytest.MonkeyPatch, params: Params
+) -> None:
+    monkeypatch.setenv("DVC_EXP_NAME", "first")
+    with store.start_run(params) as run:
+        mlflow.log_metric("robust_fog", 0.5)
+    trained = run.info.run_id
+    monkeypatch.setenv("DVC_EXP_NAME", "second")
+    monkeypatch.setattr(store, "execution_key", lambda: "host:1:2.000")  # another `dvc exp run`
+    changed = validate(flat_to_raw(params, **{"robustness.corruption_samples": 500}))
+    with store.execution_run(changed) as later:
+        store.log_new({"robust_fog": 0.6})
+    with store.execution_run(changed) as same:  # the next stage of that execution
+        assert same.info.run_id == later.info.run_id
+    second = mlflow.get_run(later.info.run_id)
+    assert later.info.run_id != trained and second.info.run_name == "second"
+    assert second.data.tags[store.TRAIN_RUN_TAG] == trained
+    assert second.data.tags[store.EXECUTION_TAG] == "host:1:2.000"
+    assert second.data.params["robustness.corruption_samples"] == "500"
+    assert len(second.data.params) == len(flat(params))
+    assert second.data.metrics == {"robust_fog": 0.6}
+    assert mlflow.get_run(trained).data.metrics == {"robust_fog": 0.5}  # the first run is left as it was
+
+
+def flat_to_raw(params: Params, **changes: object) -> dict:
+    raw = params.model_dump(mode="json")
+    for dotted, value in changes.items():
+        section, key = dotted.split(".")
+        raw[section][key] = value
+    return raw
+
+
+def test_every_run_is_a_child_of_the_sweeps_parent_run(
+    in_tmp: Path, monkeypatch: pytest.MonkeyPatch, params: Params
+) -> None:
+    experiment_id = store.setup()
+    client = mlflow.MlflowClient()
+    parent = client.create_run(experiment_id, run_name="sweep").info.run_id
+    monkeypatch.setenv(store.PARENT_RUN_ENV, parent)
+    with store.start_run(params) as trained:
         pass
+    monkeypatch.setattr(store, "execution_key", lambda: "host:7:8.000")
+    with store.execution_run(params) as later:
+        pass
+    for run_id in (trained.info.run_id, later.info.run_id):
+        assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == parent
+    children = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert {r.info.run_id for r in children} == {trained.info.run_id, later.info.run_id}
+
+    monkeypatch.setenv(store.PARENT_RUN_ENV, "0123456789abcdef0123456789abcdef")
+    with pytest.raises(UserError, match=store.PARENT_RUN_ENV), store.start_run(params):
+        pass
+
+
+def test_a_plain_repro_run_is_named_after_the_commit_and_says_when_the_code_differs(
+    in_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    git_repo(in_tmp)
+    commit = store.git_commit()
+    assert len(commit) == 40
+    assert not store.changed_from_commit(*store.CODE)
+    assert store.run_name(commit, dirty=False) == commit[:7]
+    digest = store.code_digest()
+    (in_tmp / "src" / "pkg" / "code.py").write_text("x = 2\n")
+    assert store.changed_from_commit(*store.CODE) and store.code_digest() != digest
+    assert store.run_name(commit, dirty=True) == f"{commit[:7]}-dirty"
+    subprocess.run(["git", "checkout", "-q", "--", "src"], cwd=in_tmp, check=True)
+    (in_tmp / "params.yaml").write_text("seed: 2\n")  # params edited, code as committed: the name says so
+    assert not store.changed_from_commit(*store.CODE)
+    assert store.run_name(commit, dirty=False) == f"{commit[:7]}-dirty"
+    monkeypatch.setenv("DVC_EXP_NAME", "quick-fig")
+    assert store.run_name(commit, dirty=True) == "quick-fig"
+
+
+def test_execution_run_without_train_is_a_user_error(in_tmp: Path, params: Params) -> None:
+    with pytest.raises(UserError, match="train stage"), store.execution_run(params):
+        pass
+
+
+# A fake `dvc` (its console script's name) that runs two "stages" through a shell, as DVC runs a stage's cmd.
+FAKE_DVC = """#!{python}
+import subprocess, sys
+stage = [sys.executable, "-c", "from mnist_cnn.tracking import store; print(store.execution_key())"]
+for _ in range(2):
+    subprocess.run(["/bin/sh", "-c", " ".join(stage[:2]) + ' "' + stage[2] + '"'], check=True)
+"""
+
+
+@pytest.mark.slow
+def test_the_stages_of_one_dvc_process_share_its_key_and_a_stage_by_hand_is_its_own(tmp_path: Path) -> None:
+    dvc = tmp_path / "bin" / "dvc"
+    dvc.parent.mkdir()
+    dvc.write_text(FAKE_DVC.format(python=sys.executable))
+    dvc.chmod(0o755)
+    env = {**tool_env(), "PYTHONPATH": str(REPO / "src")}
+    keys = [subprocess.run([dvc], env=env, capture_output=True, text=True, check=True).stdout.split() for _ in range(2)]
+    assert [len(k) for k in keys] == [2, 2]
+    assert keys[0][0] == keys[0][1] and keys[1][0] == keys[1][1]  # two stages, one execution
+    assert keys[0][0] != keys[1][0]  # the next `dvc` is another execution
+    host, pid, started = keys[0][0].split(":")
+    assert host == socket.gethostname() and int(pid) > 0 and float(started) > 0
+    by_hand = [
+        subprocess.run(
+            [sys.executable, "-c", "from mnist_cnn.tracking import store; print(store.execution_key())"],
+            env=env, capture_output=True, text=True, check=True,
+        ).stdout.strip()
+        for _ in range(2)
+    ]  # fmt: skip
+    assert by_hand[0] != by_hand[1] and by_hand[0].split(":")[1] != pid
 
 
 def test_unreachable_tracking_server_fails_fast_and_clearly(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,6 +24,8 @@ if (!base || !experimentId || !runId || !outDir || !model || modelVersion === un
 const aliases = aliasArgs.map((arg) => arg.split("="));
 const executablePath = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const timeout = Number(process.env.UI_TIMEOUT_MS ?? 20000);
+// The per-epoch history, logged as epoch/<name>: the UI groups charts by the prefix before "/" into a section
+// ("epoch") and titles each chart with the rest; prefixed sections come before "Model metrics".
 const metrics = ["train_loss", "test_loss", "test_accuracy"];
 const digest = process.env.DATASET_DIGEST ?? "";
 const loggedModelId = process.env.LOGGED_MODEL_ID ?? "";
@@ -80,17 +82,43 @@ try {
   );
 
   const run = `/experiments/${experimentId}/runs/${runId}`;
-  // Overview tab: the run's metrics table lists every logged metric by name.
+  // Overview tab: the run's params and metrics tables list every logged param and metric by name.
   await visit(page, run, "run-overview", async () => {
     await expectVisible(page, page.getByText(/^Metrics \(\d+\)$/), "run overview shows its metrics table");
+    await expectVisible(page, page.getByText(/^Parameters \(\d+\)$/), "run overview shows its params table");
     // The MLflow Assistant side panel opens by default; closing it only makes room (best effort).
     await page
       .locator('[data-component-id="mlflow.assistant.chat_panel.close"]')
       .click({ timeout: 2000 })
       .catch(() => console.log("note: no MLflow Assistant panel to close"));
     for (const name of metrics) {
-      await expectVisible(page, page.getByText(name, { exact: true }), `run overview shows metric ${name}`);
+      await expectVisible(page, page.getByText(`epoch/${name}`, { exact: true }), `run overview shows metric epoch/${name}`);
     }
+    await expectVisible(page, page.getByText("train.epochs", { exact: true }), "run overview shows param train.epochs");
+  });
+  // The same page for docs/tracking.md, with a frame around the params and the metrics tables.
+  await visit(page, run, "run-page", async () => {
+    await expectVisible(page, page.getByText(/^Parameters \(\d+\)$/), "run page shows its params table");
+    await page
+      .locator('[data-component-id="mlflow.assistant.chat_panel.close"]')
+      .click({ timeout: 2000 })
+      .catch(() => {});
+    const framed = await page.evaluate(() => {
+      let count = 0;
+      for (const heading of document.querySelectorAll("body *")) {
+        const text = heading.childElementCount === 0 ? heading.textContent.trim() : "";
+        if (!/^(Parameters|Metrics) \(\d+\)$/.test(text)) continue;
+        // The table's box: the nearest ancestor that also holds the table's rows.
+        let box = heading.parentElement;
+        while (box && box.querySelectorAll('[role="row"], tr').length < 2) box = box.parentElement;
+        if (!box) continue;
+        box.style.outline = "4px solid #e8590c";
+        box.style.outlineOffset = "-4px"; // inside the box: the page clips what lies outside it
+        count += 1;
+      }
+      return count;
+    });
+    if (framed !== 2) failures.push(`run page: framed ${framed} tables, not the params and metrics tables`);
     if (modelVersion) {
       await expectVisible(page, page.getByText(`v${modelVersion}`, { exact: true }), `run overview shows ${model} v${modelVersion}`);
     }
@@ -117,7 +145,7 @@ try {
   // The logged model's page (MLflow 3): its metrics, measured on the test set.
   if (loggedModelId) {
     await visit(page, `/experiments/${experimentId}/models/${loggedModelId}`, "logged-model", async () => {
-      await expectVisible(page, page.getByText("eval_accuracy", { exact: true }), "logged model page lists eval_accuracy");
+      await expectVisible(page, page.getByText("test_accuracy", { exact: true }), "logged model page lists test_accuracy");
       await expectVisible(page, page.getByText("mnist-test").filter({ visible: true }), "logged model metrics name the test set");
     });
   }
@@ -127,16 +155,28 @@ try {
     const shown = await page.getByText("test_accuracy").filter({ visible: true }).count();
     console.log(`note: test_accuracy column ${shown ? "shown" : "not shown"} by default`);
   });
-  // Model metrics tab: one chart per metric, titled with its name. Charts below the fold are not
-  // rendered, so filter them with the tab's own search box (a regular expression) to the three.
+  // Model metrics tab: the "epoch" section first, its charts drawn without any search: charts below the
+  // fold are not rendered, so the per-epoch curves must be at the top of the page.
   await visit(page, `${run}/model-metrics`, "run-model-metrics", async () => {
-    const search = page.getByPlaceholder("Search metric charts");
-    await expectVisible(page, search, "model-metrics tab has its chart search box");
-    await search.fill(`^(${metrics.join("|")})$`, { timeout }).catch(() => {});
+    await expectVisible(page, page.getByPlaceholder("Search metric charts"), "model-metrics tab has its chart search box");
+    // Section titles carry their chart count: "epoch (4)", "Model metrics (27)" (the tab is "Model metrics").
+    const epoch = page.getByText(/^epoch\s*\(\d+\)$/).filter({ visible: true });
+    const rest = page.getByText(/^Model metrics\s*\(\d+\)$/).filter({ visible: true });
+    await expectVisible(page, epoch, "model-metrics tab has the epoch section");
+    await expectVisible(page, rest, "model-metrics tab has the Model metrics section");
+    const box = (locator) => locator.first().boundingBox({ timeout }).catch(() => null);
+    const [top, below] = await Promise.all([box(epoch), box(rest)]);
+    if (!(top && below && top.y < below.y)) failures.push(`the epoch section is not above Model metrics: ${JSON.stringify([top, below])}`);
+    else console.log("ok: the epoch section comes first");
+    // At most about 30 model metrics a run: the two sections' counts.
+    const counts = await Promise.all([epoch, rest].map((l) => l.first().innerText({ timeout }).catch(() => "")));
+    const [epochs, singles] = counts.map((text) => Number(text.match(/\((\d+)\)/)?.[1] ?? "0"));
+    if (epochs !== 4 || !(singles > 0 && epochs + singles <= 31)) failures.push(`model metrics: ${counts.join(", ")}, not 4 per-epoch and at most 31 in all`);
+    else console.log(`ok: ${epochs} per-epoch and ${singles} single-value model metrics`);
     for (const name of metrics) {
       await expectVisible(page, page.getByText(name, { exact: true }), `model-metrics tab shows chart ${name}`);
       // The legend ("<run name> (<metric>)") is drawn with the per-step line plot, not before.
-      const legend = page.getByText(new RegExp(`\\(${name}\\)$`));
+      const legend = page.getByText(new RegExp(`\\((epoch/)?${name}\\)$`));
       await expectVisible(page, legend, `model-metrics tab draws ${name} over steps`);
     }
     await expectVisible(page, page.getByText("Step", { exact: true }), "model-metrics charts have a Step axis");

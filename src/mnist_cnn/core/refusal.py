@@ -5,9 +5,10 @@ minimises the NLL), and two Mahalanobis distances to the nearest class mean (sha
 "conv", the last conv block's 64 feature maps averaged over the picture, and "logits". Softmax confidence
 cannot refuse: far from the training data a ReLU network's logits grow without bound. T and the thresholds
 come from training images as training saw them (augmented, a fixed seed). A picture with (almost) no ink
-is "blank", one with too little or too much ink (INK_QUANTILES) not a digit. With the not-a-digit
-detector (core.detector, shared by every classifier), its weights join the statistics, and its threshold
-and the distances' are fitted together on training digits the detector has not fitted. docs/refusal.md.
+is "blank", one with too little or too much ink (params evaluate.ink_quantiles) not a digit. With the
+not-a-digit detector (core.detector, shared by every classifier), its weights join the statistics, and its
+threshold and the distances' are fitted together on training digits the detector has not fitted. The budget,
+the calibration sizes and the detector's share are params (`evaluate:` in params.yaml); docs/refusal.md.
 """
 
 from __future__ import annotations
@@ -17,20 +18,13 @@ import torch
 from scipy.optimize import minimize_scalar
 from sklearn.covariance import LedoitWolf
 
+from mnist_cnn.config import EvaluateParams
 from mnist_cnn.core import detector as not_digit
 from mnist_cnn.core.augment import random_affine
 from mnist_cnn.core.model import CPU_BATCH, MNIST_STD, Net, normalize, normalize_fields, standardize, unstandardize
 
-REFUSED_TRAINING = 0.01  # of the augmented training images, refused by the two distances together
-INK_QUANTILES = (0.001, 0.999)  # of the augmented training images' ink coverage: the range that is answered
-CALIBRATION_IMAGES = 20_000  # augmented training images for the temperature and the thresholds
 MIN_CONTRAST = 32 / 255  # an input whose pixels span less than this is blank (picture.MIN_CONTRAST)
 LAYERS = ("conv", "logits")  # the distances, in the order their reasons are given
-# The detector's share of the refusals against each distance's: its threshold cuts this many times the
-# tail fraction that each distance's does. The detector is the same for every classifier; the distances
-# are the classifier's own and refuse other writers' digits on some classifiers (docs/refusal.md), so
-# they keep only a small tail, for noise and solid shapes.
-DETECTOR_SHARE = 10.0
 # Per image: digit (-1 when refused), calibrated probability (0 when refused), reason (None when answered).
 Answers = tuple[np.ndarray, np.ndarray, list[str | None]]
 BLANK = "blank (no ink found: the picture is nearly uniform)"
@@ -91,14 +85,22 @@ def fit_temperature(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
     return float(np.exp(minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x))
 
 
-def fit(net: Net, images: torch.Tensor, labels: torch.Tensor, seed: int, detector: Tensors | None = None) -> Tensors:
-    """The refusal statistics of `net` from the training set: uint8 images (N, 1, 28, 28), labels (N,);
-    with the detector stage's output (its weights and `held_out`, the training images it has not fitted),
-    the detector joins the refusal and the calibration images are those it held out."""
+def fit(
+    net: Net,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    seed: int,
+    budget: EvaluateParams,
+    detector: Tensors | None = None,
+) -> Tensors:
+    """The refusal statistics of `net` from the training set: uint8 images (N, 1, 28, 28), labels (N,); `budget`
+    says how many images calibrate, what share of them are refused and which ink range is answered. With the
+    detector stage's output (its weights and `held_out`, the training images it has not fitted), the detector
+    joins the refusal and the calibration images are those it held out."""
     generator = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(len(images), generator=generator)[:CALIBRATION_IMAGES]
+    pick = torch.randperm(len(images), generator=generator)[: budget.calibration_images]
     if detector is not None:
-        pick = detector["held_out"][:CALIBRATION_IMAGES]
+        pick = detector["held_out"][: budget.calibration_images]
     # A third of the training set pins down 10 means and a 64x64 covariance at a third of the cost.
     features, _ = features_and_log_probs(net, normalize(images[pick]))
     stats: Tensors = {}
@@ -113,12 +115,12 @@ def fit(net: Net, images: torch.Tensor, labels: torch.Tensor, seed: int, detecto
         weights = {k: v for k, v in detector.items() if k != "held_out"}
         stats |= {not_digit.PREFIX + k: v for k, v in weights.items()}
         scores.append(not_digit.score_all(weights, standardize(seen)))
-        shares.append(DETECTOR_SHARE)
-    thresholds = union_thresholds(scores, REFUSED_TRAINING, shares)
+        shares.append(budget.detector_share)
+    thresholds = union_thresholds(scores, budget.refused_training, shares)
     if detector is not None:
         stats["detector_threshold"] = thresholds.pop()
     stats |= {f"{k}_threshold": t for k, t in zip(LAYERS, thresholds, strict=True)}
-    stats["ink_range"] = torch.quantile(ink_coverage(seen), torch.tensor(INK_QUANTILES))
+    stats["ink_range"] = torch.quantile(ink_coverage(seen), torch.tensor(budget.ink_quantiles))
     stats["temperature"] = torch.tensor(fit_temperature(seen_log_probs, labels[pick]))
     return stats
 

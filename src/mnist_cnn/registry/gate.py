@@ -5,7 +5,9 @@ subset, or without a readable `test_accuracy` tag, is never champion; a challeng
 champion only if it is worse beyond a noise margin on no group of conditions both have (clean,
 geometric, photometric, ood: a group's score is the mean of its metrics; a group with a metric
 either lacks is unknown, not compared) and better beyond it on one; the champion is the fold of
-that rule over the versions in version-number order, each run's latest version in the place of its first.
+that rule over the versions in version-number order, each trained model's latest version in the place of its
+first. The gate reads a version's metrics from its MLflow run (`RunRecord`) and its margins from params
+(`register:` in params.yaml); it reads and writes nothing itself.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 
 from mlflow.entities.model_registry import ModelVersion
 
-from mnist_cnn.config import AFFINE_CORRUPTIONS, CORRUPTIONS, ROBUST_ROTATION, ROBUST_SHIFT
+from mnist_cnn.config import AFFINE_CORRUPTIONS, CORRUPTIONS, ROBUST_ROTATION, ROBUST_SHIFT, RegisterParams
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -30,15 +32,14 @@ GROUPS = {
     "photometric": tuple(f"robust_{c}" for c in CORRUPTIONS if c not in AFFINE_CORRUPTIONS),  # and noise
     "ood": ("ood_accuracy",),  # other writers' digits
 }
-GATE_METRICS = tuple(m for members in GROUPS.values() for m in members)  # the tags the gate reads
-# Seed-to-seed sample std of each group's score for one training setting (fractions, not points),
-# from the 5-seed augment on/off ablation (docs/registry.md: the runs, and the bounds for the means).
-SEED_STD = {"clean": 0.0015, "geometric": 0.008, "photometric": 0.032, "ood": 0.026}
-# Two versions are two single runs: their difference has std sqrt(2) x the seed std, and a
-# margin of 2 of those lets a same-setting rerun look worse (or better) by chance in ~2% of
-# cases per group. So a champion is not replaced by a rerun that merely drew a lucky seed.
-MARGIN_Z = 2.0
-MARGINS = {group: round(MARGIN_Z * math.sqrt(2) * std, 4) for group, std in SEED_STD.items()}
+GATE_METRICS = tuple(m for members in GROUPS.values() for m in members)  # the run metrics the gate reads
+
+
+def margins(register: RegisterParams) -> dict[str, float]:
+    """Each group's noise margin: two single runs differ with std sqrt(2) x the seed std, and the margin is
+    margin_z of those (docs/registry.md: why, and where the seed stds come from)."""
+    std = register.seed_std.model_dump()
+    return {group: round(register.margin_z * math.sqrt(2) * std[group], 4) for group in GROUPS}
 
 
 def scores(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -67,19 +68,22 @@ class Choice:
     decisions: dict[str, str] = field(default_factory=dict)  # version -> its `gate` tag
 
 
-def gate(new: Mapping[str, float], champion: Mapping[str, float], champion_version: str) -> tuple[bool, str]:
-    """(promoted?, reason): the rule, comparing the group scores of a challenger's metrics with the champion's."""
+def gate(
+    new: Mapping[str, float], champion: Mapping[str, float], champion_version: str, margin: Mapping[str, float]
+) -> tuple[bool, str]:
+    """(promoted?, reason): the rule, comparing the group scores of a challenger's metrics with the champion's,
+    each group within its `margin`."""
     new, champion = scores(new), scores(champion)
     shared = [g for g in GROUPS if g in new and g in champion]
     unknown = [g for g in GROUPS if g not in shared]
     against = f"of version {champion_version}"
     worse = [
-        f"{g} {new[g]:.4f} < {champion[g]:.4f} - {MARGINS[g]:.4f}" for g in shared if new[g] < champion[g] - MARGINS[g]
+        f"{g} {new[g]:.4f} < {champion[g]:.4f} - {margin[g]:.4f}" for g in shared if new[g] < champion[g] - margin[g]
     ]
     if worse:
         return False, f"kept: {'; '.join(worse)} {against}"
     better = [
-        f"{g} {new[g]:.4f} > {champion[g]:.4f} + {MARGINS[g]:.4f}" for g in shared if new[g] > champion[g] + MARGINS[g]
+        f"{g} {new[g]:.4f} > {champion[g]:.4f} + {margin[g]:.4f}" for g in shared if new[g] > champion[g] + margin[g]
     ]
     note = f" ({', '.join(unknown)} unknown, not compared)" if unknown else ""
     if not better:
@@ -88,7 +92,7 @@ def gate(new: Mapping[str, float], champion: Mapping[str, float], champion_versi
     return True, f"promoted: {'; '.join(better)} {against}, none worse beyond its margin{note}"
 
 
-def fold(candidates: Iterable[Candidate]) -> Choice:
+def fold(candidates: Iterable[Candidate], margin: Mapping[str, float]) -> Choice:
     """The champion the rule selects: the first eligible version, then each later one that the gate
     promotes over the champion so far. In version-number order, so the result depends only on the set."""
     champion: Candidate | None = None
@@ -99,12 +103,12 @@ def fold(candidates: Iterable[Candidate]) -> Choice:
         elif champion is None:
             champion, decisions[candidate.version] = candidate, "promoted: first eligible version"
         else:
-            promoted, decisions[candidate.version] = gate(candidate.metrics, champion.metrics, champion.version)
+            promoted, decisions[candidate.version] = gate(candidate.metrics, champion.metrics, champion.version, margin)
             champion = candidate if promoted else champion
     return Choice(champion.version if champion else None, decisions)
 
 
-def _number(text: str | None) -> float | None:
+def _number(text: str | float | None) -> float | None:
     try:
         value = float(text)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -112,34 +116,60 @@ def _number(text: str | None) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def latest_of_each_run(versions: Iterable[ModelVersion]) -> dict[str, tuple[ModelVersion, int]]:
-    """run id (or the version's own number, without one) -> (its latest version, its first version number)."""
-    runs: dict[str, list[ModelVersion]] = {}
+@dataclass(frozen=True)
+class RunRecord:
+    """What the gate reads from a version's MLflow run: its metrics (latest values) and the run that trained
+    its model (itself, for the train stage's run; the `train_run_id` tag for a later execution's run)."""
+
+    metrics: Mapping[str, float]
+    trained_by: str
+
+
+def model_of(version: ModelVersion, runs: Mapping[str, RunRecord]) -> str:
+    """What identifies the trained model a version serves: its training run, else its own run, else itself."""
+    record = runs.get(version.run_id or "")
+    if record is not None and record.trained_by:
+        return record.trained_by
+    return version.run_id or f"version {version.version}"
+
+
+def latest_of_each_model(
+    versions: Iterable[ModelVersion], runs: Mapping[str, RunRecord]
+) -> dict[str, tuple[ModelVersion, int]]:
+    """trained model -> (its latest version, its first version number)."""
+    models: dict[str, list[ModelVersion]] = {}
     for v in versions:
-        runs.setdefault(v.run_id or f"version {v.version}", []).append(v)
-    return {run: (max(vs, key=lambda v: int(v.version)), min(int(v.version) for v in vs)) for run, vs in runs.items()}
+        models.setdefault(model_of(v, runs), []).append(v)
+    return {m: (max(vs, key=lambda v: int(v.version)), min(int(v.version) for v in vs)) for m, vs in models.items()}
 
 
-def candidates(versions: Iterable[ModelVersion]) -> list[Candidate]:
-    """Each run's latest version, if it has a readable test accuracy, read from its tags (unreadable
-    gate metrics are unknown). Versions without one (not yet tagged, or registered by hand) are left out."""
+def candidates(versions: Iterable[ModelVersion], runs: Mapping[str, RunRecord]) -> list[Candidate]:
+    """Each trained model's latest version, if it has a readable `test_accuracy` tag (promote writes it last),
+    with the gate metrics of its run (a metric the run lacks is unknown; the tag stands in for a run without
+    test_accuracy). Versions without the tag (not yet tagged, or registered by hand) are left out."""
     found = []
-    for v, first in latest_of_each_run(versions).values():
-        metrics = {m: value for m in GATE_METRICS if (value := _number(v.tags.get(m))) is not None}
-        if ACCURACY_TAG in metrics:
-            subset = _number(v.tags.get(SUBSET_TAG)) or 0
-            found.append(Candidate(str(v.version), metrics, int(subset), place=first))
+    for v, first in latest_of_each_model(versions, runs).values():
+        accuracy = _number(v.tags.get(ACCURACY_TAG))
+        if accuracy is None:
+            continue
+        record = runs.get(v.run_id or "")
+        logged = record.metrics if record is not None else {}
+        metrics = {ACCURACY_TAG: accuracy}
+        metrics |= {m: value for m in GATE_METRICS if (value := _number(logged.get(m))) is not None}
+        subset = _number(v.tags.get(SUBSET_TAG)) or 0
+        found.append(Candidate(str(v.version), metrics, int(subset), place=first))
     return found
 
 
-def choose(versions: Iterable[ModelVersion]) -> Choice:
+def choose(versions: Iterable[ModelVersion], runs: Mapping[str, RunRecord], margin: Mapping[str, float]) -> Choice:
     """The fold over the candidates, with a decision also for each superseded version."""
     versions = list(versions)
-    choice = fold(candidates(versions))
-    latest = {str(v.version) for v, _ in latest_of_each_run(versions).values()}
-    superseded = {
-        str(v.version): f"superseded by a later version of run {v.run_id}"
-        for v in versions
-        if str(v.version) not in latest
-    }
+    choice = fold(candidates(versions, runs), margin)
+    latest = {m: str(v.version) for m, (v, _) in latest_of_each_model(versions, runs).items()}
+    superseded = {}
+    for v in versions:
+        model = model_of(v, runs)
+        if str(v.version) != latest[model]:
+            newer = latest[model]
+            superseded[str(v.version)] = f"superseded by version {newer} of the same trained model (run {model})"
     return Choice(choice.champion, {**superseded, **choice.decisions})

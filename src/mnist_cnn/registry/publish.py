@@ -1,6 +1,7 @@
-"""Publishing a model: log it, register it as a version of `mnist-cnn`, tag the version and move
-the aliases (`challenger`: the newest; `champion`: the fold of the gate over all versions,
-registry.gate). The register stage is the only caller that writes to the registry.
+"""Publishing a model: log it, register it as a version of `mnist-cnn`, tag the version with the few
+things a person scans in the registry (docs/registry.md) and move the aliases (`challenger`: the newest
+eligible version; `champion`: the fold of the gate over all versions, registry.gate, which reads each
+version's metrics from its run). The register stage is the only caller that writes to the registry.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema, TensorSpec
 
@@ -35,6 +37,10 @@ from mnist_cnn.tracking import store
 from mnist_cnn.tracking.store import REGISTERED_MODEL, retried
 
 DIGEST_TAG = "artifacts.digest"  # the sha256 of the weights and refusal statistics a version serves
+# The headline accuracies a version carries as tags (test_accuracy last: it makes the version a candidate);
+# every other metric the gate reads is on the version's run.
+HEADLINE = ("ood_accuracy", "robust_mean_accuracy", gate.ACCURACY_TAG)
+TRAIN_RUN_TAG = "train_run_id"  # on a run whose model another run trained (tracking.store)
 # Declared, not inferred from an example: inference warns that integer columns cannot hold missing
 # values, and a digit is never missing. The records of served.answers; reason is None when answered.
 SIGNATURE = ModelSignature(
@@ -105,6 +111,7 @@ class Promotion:
     champion: str | None  # the champion after promotion (None: there is none)
     previous: str | None  # the champion before it
     decision: str  # the gate's decision for `version`, as in its `gate` tag
+    challenger: str | None = None  # the challenger after promotion (an eligible version only)
 
     @property
     def champion_moved(self) -> bool:
@@ -117,23 +124,26 @@ class Promotion:
             champion = f"-> version {self.champion}" + (f" (was {self.previous})" if self.previous else "")
         else:
             champion = f"stays version {self.champion}"
-        return f"registry: version {self.version} {self.decision}; champion {champion}; challenger -> {self.version}"
+        if self.challenger == self.version:
+            challenger = f"challenger -> {self.version}"
+        else:  # a subset model is nobody's challenger
+            challenger = f"challenger stays {f'version {self.challenger}' if self.challenger else 'unset'}"
+        return f"registry: version {self.version} {self.decision}; champion {champion}; {challenger}"
 
 
 def version_tags(
     metrics: Mapping[str, float], params: Params, exp_name: str, commit: str, data_digest: str
 ) -> dict[str, str]:
-    """The tags promote writes on a version: every metric it was given (the gate reads gate.GATE_METRICS),
-    test_accuracy last, as it makes the version a candidate."""
-    tags = {"git.commit": commit, "augment": str(params.augment)}
+    """The tags promote writes on a version (with `gate` and artifacts.digest, at most 9): where it came from
+    and its headline accuracies, test_accuracy last, as it makes the version a candidate."""
+    tags = {"git.commit": commit}
     if exp_name:
         tags["dvc.exp_name"] = exp_name
     if data_digest:
         tags["data.digest"] = data_digest
     if params.data.subset > 0:
         tags[gate.SUBSET_TAG] = str(params.data.subset)
-    tags.update({m: repr(float(value)) for m, value in metrics.items() if m != gate.ACCURACY_TAG})
-    tags[gate.ACCURACY_TAG] = repr(float(metrics[gate.ACCURACY_TAG]))
+    tags.update({m: repr(float(metrics[m])) for m in HEADLINE if m in metrics})
     return tags
 
 
@@ -151,8 +161,18 @@ def _alias(client: MlflowClient, name: str, alias: str) -> str | None:
     return None if version is None else str(version)
 
 
-def _inputs(versions: list[ModelVersion]) -> list[gate.Candidate]:
-    return sorted(gate.candidates(versions), key=lambda c: int(c.version))
+def _records(client: MlflowClient, versions: list[ModelVersion], known: dict[str, gate.RunRecord]) -> None:
+    """Add to `known` what the gate reads from the runs of `versions` not yet read (a deleted run: nothing)."""
+    for run_id in {v.run_id for v in versions if v.run_id} - set(known):
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            continue
+        known[run_id] = gate.RunRecord(dict(run.data.metrics), run.data.tags.get(TRAIN_RUN_TAG, run_id))
+
+
+def _inputs(versions: list[ModelVersion], runs: dict[str, gate.RunRecord]) -> list[gate.Candidate]:
+    return sorted(gate.candidates(versions, runs), key=lambda c: int(c.version))
 
 
 # A write can fail when another promoter writes the same row at the same moment (MLflow's sqlite
@@ -160,10 +180,20 @@ def _inputs(versions: list[ModelVersion]) -> list[gate.Candidate]:
 WRITE_TRIES = 11
 
 
-def _write_round(client: MlflowClient, name: str) -> tuple[list[ModelVersion], gate.Choice]:
+def current_choice(client: MlflowClient, name: str, margin: Mapping[str, float]) -> gate.Choice:
+    """The fold of the gate over the versions as they are now (what the aliases and tags should say)."""
+    listing, runs = _versions(client, name), {}
+    _records(client, listing, runs)
+    return gate.choose(listing, runs, margin)
+
+
+def _write_round(
+    client: MlflowClient, name: str, runs: dict[str, gate.RunRecord], margin: Mapping[str, float]
+) -> tuple[list[ModelVersion], gate.Choice]:
     """List the versions, and write the `gate` tags and the `champion` alias their fold gives."""
     listing = _versions(client, name)
-    choice = gate.choose(listing)
+    _records(client, listing, runs)
+    choice = gate.choose(listing, runs, margin)
     for v in listing:
         decision = choice.decisions.get(str(v.version))
         if decision is not None and v.tags.get(gate.GATE_TAG) != decision:
@@ -173,12 +203,16 @@ def _write_round(client: MlflowClient, name: str) -> tuple[list[ModelVersion], g
     return listing, choice
 
 
-def _converge(client: MlflowClient, name: str) -> gate.Choice:
+def _converge(client: MlflowClient, name: str, margin: Mapping[str, float]) -> gate.Choice:
     """Write rounds until the listing the fold was computed from is unchanged after the writes
-    (docs/registry.md: why this needs no lock)."""
+    (docs/registry.md: why this needs no lock). A run's metrics are read once per promotion: they are
+    written before its version is promoted."""
+    runs: dict[str, gate.RunRecord] = {}
     while True:
-        listing, choice = retried(lambda: _write_round(client, name), attempts=WRITE_TRIES)
-        if _inputs(_versions(client, name)) == _inputs(listing):
+        listing, choice = retried(lambda: _write_round(client, name, runs, margin), attempts=WRITE_TRIES)
+        again = _versions(client, name)
+        _records(client, again, runs)
+        if _inputs(again, runs) == _inputs(listing, runs):
             return choice
 
 
@@ -193,28 +227,32 @@ def promote(
     commit: str | None = None,
     data_digest: str = "",
 ) -> Promotion:
-    """Tag `version` with its metrics, point `challenger` at it, and set `champion` to the version the
-    gate selects from all versions. `metrics` needs test_accuracy; the other gate metrics are optional
-    (a group missing one is not compared), and the rest are tags the gate does not read. exp_name
-    defaults to $DVC_EXP_NAME, commit to store.git_commit()."""
+    """Tag `version` with its headline metrics, point `challenger` at it if it is eligible (not trained on a
+    subset), and set `champion` to the version the gate selects from all versions, with the margins of
+    params.register. `metrics` needs test_accuracy; the gate reads its other metrics from each version's run
+    (the register stage logs them there first; a group with a metric the run lacks is not compared).
+    exp_name defaults to $DVC_EXP_NAME, commit to store.git_commit()."""
     version = str(version)
     if gate.ACCURACY_TAG not in metrics:
         raise ValueError(f"promote: metrics need '{gate.ACCURACY_TAG}', got {sorted(metrics)}")
-    if not all(math.isfinite(float(metrics[m])) for m in gate.GATE_METRICS if m in metrics):
-        raise ValueError(f"promote: gate metrics must be finite numbers, got {dict(metrics)}")
+    if not all(math.isfinite(float(metrics[m])) for m in HEADLINE if m in metrics):
+        raise ValueError(f"promote: headline metrics must be finite numbers, got {dict(metrics)}")
     exp_name = os.environ.get("DVC_EXP_NAME", "") if exp_name is None else exp_name
     commit = store.git_commit() if commit is None else commit
 
     previous = _alias(client, name, gate.CHAMPION)
     tags = version_tags(metrics, params, exp_name, commit, data_digest)
-    # Re-evaluating a version: drop the optional tags and metrics this evaluation does not give.
-    optional = {gate.SUBSET_TAG, "dvc.exp_name", "data.digest", *gate.GATE_METRICS}
+    # Re-tagging a version: drop the optional tags this promotion does not give (and the metric copies and
+    # `augment` tag that versions carried before the gate read their runs).
+    optional = {gate.SUBSET_TAG, "dvc.exp_name", "data.digest", "augment", *gate.GATE_METRICS, *HEADLINE}
     stale = {k for k in client.get_model_version(name, version).tags if k in optional or k.startswith("robust_")}
     for key in stale - set(tags):
         retried(lambda key=key: client.delete_model_version_tag(name, version, key), attempts=WRITE_TRIES)
     for key, value in tags.items():
         retried(lambda k=key, v=value: client.set_model_version_tag(name, version, k, v), attempts=WRITE_TRIES)
-    retried(lambda: client.set_registered_model_alias(name, gate.CHALLENGER, version), attempts=WRITE_TRIES)
+    if params.data.subset == 0:  # a smoke run is never champion, so it is nobody's challenger either
+        retried(lambda: client.set_registered_model_alias(name, gate.CHALLENGER, version), attempts=WRITE_TRIES)
 
-    choice = _converge(client, name)
-    return Promotion(version, choice.champion, previous, choice.decisions[version])
+    choice = _converge(client, name, gate.margins(params.register))
+    challenger = _alias(client, name, gate.CHALLENGER)
+    return Promotion(version, choice.champion, previous, choice.decisions[version], challenger)

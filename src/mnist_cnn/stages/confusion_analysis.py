@@ -2,7 +2,7 @@
 
 plots/confusion.csv + the test images + plots/train_history.csv -> reports/ (logged to the MLflow
 run): classification_report.json, confusion_matrix.png, confusion_counts.csv, confused_pairs.json,
-misclassified.png and training_curves.png.
+misclassified.png and training_curves.png (logged to the execution's run).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def plot_curves(history_path: Path, path: Path) -> None:
 
 
 def main() -> None:
-    load_params()
+    params = load_params()
     truth, predicted = read_int_columns(CONFUSION_CSV, "the evaluate stage", "actual", "predicted")
     images, _ = load_processed("test")
     if len(images) != len(truth):
@@ -109,7 +109,7 @@ def main() -> None:
     plot_gallery(images.squeeze(1).numpy(), truth, predicted, REPORTS_DIR / "misclassified.png")
     plot_curves(TRAIN_HISTORY, REPORTS_DIR / "training_curves.png")
 
-    with store.reopen_run():
+    with store.execution_run(params):
         mlflow.log_artifacts(str(REPORTS_DIR), artifact_path="reports")
     top = ", ".join(f"{p['true']}→{p['predicted']} ({p['count']})" for p in pairs[:3])
     print(f"confusion-analysis: {int((truth != predicted).sum())} errors; most confused: {top}")

@@ -1,9 +1,10 @@
 """Stage evaluate: how good the trained model is, and when it should say "not a digit".
 
-params seed, train.eval_batch_size + data/processed/ + models/model.pt + models/detector.pt ->
+params seed, train.eval_batch_size, evaluate + data/processed/ + models/model.pt + models/detector.pt ->
 metrics/eval.json, plots/confusion.csv (one row per test image) and models/refusal.pt (the "not a digit"
-statistics, fitted on the training set, with the detector's weights). The refusal rates (test digits,
-other writers' digits, each kind of generated non-digit) go into eval.json and the MLflow run.
+statistics, fitted on the training set with params evaluate.*, with the detector's weights). The refusal
+rates (test digits, other writers' digits, each kind of generated non-digit) go into eval.json and the
+execution's MLflow run.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def main() -> None:
     predicted, truth = log_probs.argmax(1).numpy(), labels.numpy()
 
     # The refusal statistics come from the training set (never the test set) and the final weights.
-    stats = refusal.fit(model, *load_processed("train"), params.seed, load_tensors(DETECTOR))
+    stats = refusal.fit(model, *load_processed("train"), params.seed, params.evaluate, load_tensors(DETECTOR))
     save_tensors(REFUSAL_STATS, stats)
     calibration = report(model, stats, images, labels)
     rates = nondigits.refusal_rates(model, stats)
@@ -53,10 +54,10 @@ def main() -> None:
     write_json(EVAL_METRICS, metrics)
     write_csv(CONFUSION_CSV, [{"actual": t, "predicted": p} for t, p in zip(truth, predicted, strict=True)])
 
-    with store.reopen_run():
+    with store.execution_run(params):
         lineage.log_input(lineage.dataset(params, "test", images.numpy(), truth), context="evaluation")
-        mlflow.log_metrics({**calibration, "temperature": stats["temperature"].item(), **rates})
-        mlflow.log_metrics({k: metrics[k] for k in ("ood_accuracy", "ood_refused")})
+        # test_accuracy is logged by register, with the logged model it measures.
+        store.log_new({k: v for k, v in store.run_metrics(metrics).items() if k != "test_accuracy"})
         mlflow.log_artifact(str(EVAL_METRICS), artifact_path="metrics")
     print(
         f"evaluate: test accuracy {metrics['test_accuracy']:.2%}, loss {metrics['test_loss']:.4f}, "

@@ -3,7 +3,8 @@
 params robustness, train.device + data/processed/ + data/corrupted.pt + models/model.pt ->
 metrics/robustness.json (robust_*: each corruption, their mean, clean - mean, the headline rotation
 and shift), plots/robustness_{rotation,shift,scale}.csv (accuracy per size, with its standard
-error) and robustness/ (examples.png, curves.png, corruptions.csv), all logged to the MLflow run.
+error) and robustness/ (examples.png, curves.png, corruptions.csv), all logged to the execution's MLflow run
+(the metrics but robust_clean and robust_degradation; the curves as the CSVs and the figure).
 """
 
 from __future__ import annotations
@@ -49,28 +50,26 @@ def standard_error(p: float, n: int) -> float:
 
 def curves(
     model: torch.nn.Module, sets: dict[str, torch.Tensor], labels: torch.Tensor, r: RobustnessParams, bf16: bool
-) -> tuple[dict[str, list[dict[str, float]]], dict[str, float]]:
-    """The curves' rows (accuracy and its standard error per size, per direction for shifts), and every point
-    as an MLflow-legal metric name: robust_rotation_ccw20 / _cw20, robust_shift_x_4, robust_scale_0.8."""
-    metrics: dict[str, float] = {}
+) -> dict[str, list[dict[str, float]]]:
+    """The curves' rows: accuracy and its standard error per size (per direction for shifts)."""
 
-    def point(curve: str, size: float, name: str) -> tuple[float, float]:
-        metrics[f"robust_{name}"] = acc = scored(model, image_set(sets, f"{curve} {size:g}"), labels, bf16)
+    def point(curve: str, size: float) -> tuple[float, float]:
+        acc = scored(model, image_set(sets, f"{curve} {size:g}"), labels, bf16)
         return acc, standard_error(acc, len(labels))
 
     rows: dict[str, list[dict[str, float]]] = {"rotation": [], "shift": [], "scale": []}
     for a in corruptions.both_ways(r.angles):
-        acc, se = point("rotation", a, f"rotation_{'cw' if a < 0 else 'ccw'}{abs(a):g}")
+        acc, se = point("rotation", a)
         rows["rotation"].append({"degrees": a, "accuracy": acc, "se": se})
     for k in r.shifts:
         row: dict[str, float] = {"pixels": k}
         for direction in corruptions.SHIFT_DIRECTIONS:
-            row[direction], row[f"{direction}_se"] = point(f"shift_{direction}", k, f"shift_{direction}_{k:g}")
+            row[direction], row[f"{direction}_se"] = point(f"shift_{direction}", k)
         rows["shift"].append(row)
     for s in r.scales:
-        acc, se = point("scale", s, f"scale_{s:g}")
+        acc, se = point("scale", s)
         rows["scale"].append({"factor": s, "accuracy": acc, "se": se})
-    return rows, metrics
+    return rows
 
 
 def image_set(sets: dict[str, torch.Tensor], key: str) -> torch.Tensor:
@@ -140,7 +139,7 @@ def main() -> None:
     images, labels = images.squeeze(1).to(device), labels.to(device)
 
     clean = scored(model, images, labels, bf16)
-    rows, point_metrics = curves(model, sets, labels[sets["curve_pick"]], r, bf16)
+    rows = curves(model, sets, labels[sets["curve_pick"]], r, bf16)
     pick = sets["corruption_pick"]
     scores = {n: scored(model, image_set(sets, n), labels[pick], bf16) for n in r.corruptions}
     mean = sum(scores.values()) / len(scores)
@@ -161,8 +160,9 @@ def main() -> None:
     plot_examples(images[pick[0]], sets, r.corruptions, ROBUST_DIR / "examples.png")
     plot_curves(rows, ROBUST_DIR / "curves.png")
 
-    with store.reopen_run():
-        mlflow.log_metrics(metrics | point_metrics)
+    with store.execution_run(params):
+        # The curves are figures and CSVs (the artifacts below), not one metric per point.
+        store.log_new(store.run_metrics(metrics))
         mlflow.set_tag("robustness.bf16", str(bf16))  # a tag: a rerun of this stage alone may change it
         mlflow.log_artifact(str(ROBUST_METRICS), artifact_path="metrics")
         for path in ROBUST_CURVES.values():

@@ -1,7 +1,7 @@
 """Stage train: the report's CNN, Adam, NLLLoss, with on-device augmentation.
 
 params (seed, augment*, data.subset, model, train) + data/processed/ -> models/model.pt,
-models/mlflow_run.json (the run the later stages reopen), metrics/train.json, plots/train_history.csv.
+models/mlflow_run.json (the run that trained the model), metrics/train.json, plots/train_history.csv.
 The whole training set lives on the device as uint8; each batch is indexed, augmented and normalised
 there, so there is no DataLoader (mnist_cnn.core.training).
 """
@@ -79,8 +79,8 @@ def fit(params: Params) -> list[EpochResult]:
             flush=True,
         )
         lr = float(step.optimizer.param_groups[0]["lr"])  # the rate the next step will use
-        measured = {"train_loss": train_loss, "test_loss": test_loss, "test_accuracy": test_accuracy}
-        mlflow.log_metrics(measured | {"epoch_seconds": train_seconds, "lr": lr}, step=epoch)
+        measured = {"train_loss": train_loss, "test_loss": test_loss, "test_accuracy": test_accuracy, "lr": lr}
+        mlflow.log_metrics({store.EPOCH_PREFIX + k: v for k, v in measured.items()}, step=epoch)
         write_csv(TRAIN_HISTORY, [asdict(r) for r in history])
 
     if lead:
@@ -108,8 +108,8 @@ def main() -> None:
             mlflow.log_param("world_size", distributed.world_size())
             history = fit(params)
             train_seconds = sum(r.seconds for r in history)
-            # test_* of the last epoch are in the MLflow run and the history; the test metrics DVC shows
-            # are evaluate's alone (metrics/eval.json).
+            # The last epoch's test loss and accuracy are in the run's history (epoch/*) and the CSV; the test
+            # metrics DVC shows are evaluate's alone (metrics/eval.json).
             write_json(TRAIN_METRICS, {"train_loss": history[-1].train_loss, "train_seconds": round(train_seconds, 2)})
             mlflow.log_metric("train_seconds", train_seconds)
             mlflow.log_artifact(str(TRAIN_HISTORY), artifact_path="plots")

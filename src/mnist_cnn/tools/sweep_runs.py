@@ -72,8 +72,8 @@ def summarise(runs: list[Run], client: mlflow.MlflowClient) -> RunSummary:
     longest history (the per-epoch one), the first confusion table and robustness curves found."""
     params = {k: v for r in runs for k, v in r.data.params.items()}
     history = {}
-    for metric in METRICS:
-        histories = [client.get_metric_history(r.info.run_id, metric) for r in runs]
+    for metric in METRICS:  # the per-epoch history is epoch/<metric> (plain <metric> in older runs)
+        histories = [client.get_metric_history(r.info.run_id, m) for r in runs for m in (f"epoch/{metric}", metric)]
         history[metric] = [m.value for m in sorted(max(histories, key=len), key=lambda m: m.step)]
     confusions = next((c for r in runs if (c := confusions_4_9(r.info.run_id)) is not None), None)
     curves = next((c for r in runs if (c := robustness_curves(r.info.run_id))), {})

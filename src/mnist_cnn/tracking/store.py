@@ -1,15 +1,19 @@
-"""MLflow: where the store is, and the one run that spans a pipeline execution: the train stage
-creates it and writes its id to models/mlflow_run.json, the later stages reopen it."""
+"""MLflow: where the store is, and the one run of each pipeline execution (docs/tracking.md). An execution is
+one `dvc repro` or one `dvc exp run` experiment, told apart by the DVC process that runs its stages
+(`execution_key`). The train stage creates the execution's run and writes its id to models/mlflow_run.json;
+a later stage logs into its execution's run, and when train was cached (a run of an earlier execution made
+the model) the first later stage creates the execution's own run, linked to the training run by a tag."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
 import sqlite3
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import TypeVar
@@ -34,6 +38,17 @@ REGISTERED_MODEL = "mnist-cnn"
 # System metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) every few seconds, not
 # MLflow's default 10 s: a training run here takes seconds to minutes. The env variable wins.
 SYSTEM_METRICS_INTERVAL_S = 2.0
+EXECUTION_TAG = "pipeline.execution"  # the execution a run records (execution_key)
+TRAIN_RUN_TAG = "train_run_id"  # on a run whose model an earlier execution's run trained
+PARENT_RUN_ENV = "MNIST_CNN_PARENT_RUN_ID"  # set by a sweep: every run created is its child
+# The run page's first section (MLflow's UI groups charts by the name's prefix before "/", prefixed sections
+# before the unprefixed "Model metrics"): the per-epoch history, a run's only metrics with several steps.
+EPOCH_PREFIX = "epoch/"
+# Keys of metrics/*.json that DVC shows but a run does not carry: redundant with a run metric (the robustness
+# stage's own clean accuracy, clean minus the MNIST-C mean) or in an artifact of the run (metrics/eval.json,
+# reports/classification_report.json). test_accuracy is logged by register, linked to the logged model.
+DVC_ONLY = ("test_loss", "macro_f1", "robust_clean", "robust_degradation")
+CODE = ("src", "dvc.yaml")  # what "the code" is, for git.dirty and code.digest
 T = TypeVar("T")
 
 
@@ -127,11 +142,64 @@ def git_commit() -> str:
     """The commit the run was made from (the experiment's baseline under dvc exp run)."""
     if rev := os.environ.get("DVC_EXP_BASELINE_REV"):
         return rev
+    return _git("rev-parse", "HEAD") or "unknown"
+
+
+def _git(*args: str) -> str | None:
     try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
-        return result.stdout.strip()
+        result = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True)
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return None
+    return result.stdout.strip()
+
+
+def changed_from_commit(*paths: str) -> bool:
+    """Whether the working tree's `paths` differ from HEAD (edited, added or deleted; untracked files count);
+    under `dvc exp run --temp/--queue` HEAD is the baseline and the experiment's changes are uncommitted."""
+    return bool(_git("status", "--porcelain", "--", *paths))
+
+
+def code_digest(root: Path = Path("src")) -> str:
+    """A sha256 (12 hex digits) of the package's Python files as they are run: the code a run was made with,
+    committed or not."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+def run_name(commit: str, dirty: bool) -> str:
+    """The DVC experiment's name; for a plain `dvc repro`, the commit's short hash, `-dirty` when the code
+    or params.yaml differ from it (as `git describe --dirty` marks it)."""
+    if exp_name := os.environ.get("DVC_EXP_NAME"):
+        return exp_name
+    short = commit[:7] if commit != "unknown" else "no-commit"
+    return f"{short}-dirty" if dirty or changed_from_commit("params.yaml") else short
+
+
+def _is_dvc(process: psutil.Process) -> bool:
+    """Whether a process is DVC itself: `dvc ...` (its console script, run by python or frozen) or `python -m dvc`."""
+    cmdline = process.cmdline()
+    return any(Path(arg).name == "dvc" for arg in cmdline[:2]) or cmdline[1:3] == ["-m", "dvc"]
+
+
+def execution_key() -> str:
+    """host:pid:start time of the process that runs this pipeline execution's stages: the nearest DVC ancestor
+    (`dvc repro`, `dvc exp run` in the workspace or with --temp, and `dvc exp exec-run`, the process a queue
+    worker starts for each queued experiment), else this process (a stage run by hand is its own execution).
+    DVC sets no variable that tells executions apart (only DVC_ROOT, DVC_STAGE and, for experiments, their
+    name and baseline, which repeat), so the process tree is what does; the start time makes a reused pid a
+    new key."""
+    here = psutil.Process()
+    owner = here
+    for ancestor in here.parents():
+        try:
+            if _is_dvc(ancestor):
+                owner = ancestor
+                break
+        except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
+            continue
+    return f"{socket.gethostname()}:{owner.pid}:{owner.create_time():.3f}"
 
 
 @contextmanager
@@ -158,32 +226,93 @@ def mark_dead_runs_failed(experiment_id: str) -> list[str]:
     return dead
 
 
+def _parent_run_id() -> str | None:
+    parent = os.environ.get(PARENT_RUN_ENV) or None
+    if parent is not None:
+        try:
+            mlflow.MlflowClient().get_run(parent)
+        except MlflowException as error:
+            raise UserError(f"{PARENT_RUN_ENV}={parent}: {error.message.splitlines()[0]}") from None
+    return parent
+
+
+def _new_run(
+    params: Params, experiment_id: str, extra_tags: Mapping[str, str], system_metrics: bool
+) -> mlflow.ActiveRun:
+    """A run of this execution with every param, named and tagged for what it records (docs/tracking.md)."""
+    commit, dirty = git_commit(), changed_from_commit(*CODE)
+    tags = {"git.commit": commit, "mlflow.source.git.commit": commit, "git.dirty": str(dirty).lower()}
+    tags |= {"code.digest": code_digest(), EXECUTION_TAG: execution_key(), "host": socket.gethostname()}
+    tags |= {"pid": str(os.getpid())} | dict(extra_tags)
+    if exp_name := os.environ.get("DVC_EXP_NAME", ""):
+        tags["dvc.exp_name"] = exp_name
+    if system_metrics and not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
+    run = mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=run_name(commit, dirty),
+        tags=tags,
+        parent_run_id=_parent_run_id(),
+        log_system_metrics=system_metrics,
+    )
+    mlflow.log_params(flat(params))
+    return run
+
+
 @contextmanager
 def start_run(params: Params) -> Iterator[mlflow.ActiveRun]:
-    """Create the pipeline's run, log every param, and record its id for the later stages."""
+    """The train stage's run: create it, log every param, and record its id (models/mlflow_run.json) as the
+    run that trained the model."""
     experiment_id = setup()
     mark_dead_runs_failed(experiment_id)
-    exp_name, commit = os.environ.get("DVC_EXP_NAME", ""), git_commit()
-    tags = {"git.commit": commit, "mlflow.source.git.commit": commit, "host": socket.gethostname()}
-    tags |= {"pid": str(os.getpid())} | ({"dvc.exp_name": exp_name} if exp_name else {})
-    if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
-        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
     # System metrics cover the train stage, the pipeline's long one (the monitor stops with the run).
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=exp_name or None, tags=tags, log_system_metrics=True)
+    run = _new_run(params, experiment_id, {}, system_metrics=True)
     with ended_as(run):
-        mlflow.log_params(flat(params))
         write_json(RUN_FILE, {"run_id": run.info.run_id, "experiment_id": experiment_id})
         yield run
 
 
+def execution_run_id(experiment_id: str, key: str) -> str | None:
+    """The run this execution has made so far, if any."""
+    found = mlflow.MlflowClient().search_runs(
+        [experiment_id], filter_string=f"tags.`{EXECUTION_TAG}` = '{key}'", max_results=1
+    )
+    return found[0].info.run_id if found else None
+
+
 @contextmanager
-def reopen_run() -> Iterator[mlflow.ActiveRun]:
-    """Reopen the run the train stage created (ended as in `ended_as`)."""
-    run_id = str(read_json(RUN_FILE, "the train stage").get("run_id"))
-    setup()
-    try:
-        run = mlflow.start_run(run_id=run_id)
-    except MlflowException as error:
-        raise UserError(f"MLflow run {run_id}: {error.message.splitlines()[0]}") from None
+def execution_run(params: Params) -> Iterator[mlflow.ActiveRun]:
+    """The run of this execution, for a stage after train: the one train (or an earlier stage) created in it,
+    reopened; else a new one with every param and a `train_run_id` tag naming the run that trained the model
+    (models/mlflow_run.json). So a run's metrics are only ever those of its own params (ended as in
+    `ended_as`)."""
+    trained_by = str(read_json(RUN_FILE, "the train stage").get("run_id"))
+    experiment_id = setup()
+    run_id = execution_run_id(experiment_id, execution_key())
+    if run_id is None:
+        run = _new_run(params, experiment_id, {TRAIN_RUN_TAG: trained_by}, system_metrics=False)
+    else:
+        try:
+            run = mlflow.start_run(run_id=run_id)
+        except MlflowException as error:
+            raise UserError(f"MLflow run {run_id}: {error.message.splitlines()[0]}") from None
+        mlflow.set_tag("pid", str(os.getpid()))  # alive while this stage runs (mark_dead_runs_failed)
     with ended_as(run):
         yield run
+
+
+def run_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The metrics of a DVC metrics file that its stage's run carries."""
+    return {k: float(v) for k, v in metrics.items() if k not in DVC_ONLY}
+
+
+def log_new(metrics: Mapping[str, float], **kwargs: object) -> dict[str, float]:
+    """Log to the active run those of `metrics` it does not have yet (a metric gets one value per run);
+    kwargs as mlflow.log_metrics takes them (dataset=, model_id=). Returns what was logged."""
+    run = mlflow.active_run()
+    assert run is not None, "log_new needs an active run"
+    have = mlflow.MlflowClient().get_run(run.info.run_id).data.metrics
+    new = {k: float(v) for k, v in metrics.items() if k not in have}
+    if new:
+        mlflow.log_metrics(new, **kwargs)  # type: ignore[arg-type]
+    return new
