@@ -149,7 +149,7 @@ def font_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mnist_cnn.files import save_tensors
 
     torch.manual_seed(0)
-    images, labels = render_digits(3000, seed=0, budget=make_params().evaluate)
+    images, labels = render_digits(3000, seed=0)
     tensors, labels = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long()
     net = trained_one_epoch(tensors, labels)
     folder = tmp_path_factory.mktemp("models")

@@ -127,7 +127,7 @@ class EvaluateParams(_Section):
     ink_quantiles: list[float] = Field(
         min_length=2, max_length=2, description="quantiles of training ink coverage: the range answered"
     )
-    detector_share: float = Field(gt=0, description="the detector's tail against each distance's, times")
+    detector_share: float = Field(ge=0, description="the detector's tail against each distance's, times; 0 = off")
 
     @field_validator("ink_quantiles")
     @classmethod
@@ -174,7 +174,7 @@ with warnings.catch_warnings():
         robustness: RobustnessParams
         detector: DetectorParams
         evaluate: EvaluateParams
-        register: RegisterParams
+        register: RegisterParams = Field()  # explicit: else pydantic takes ABCMeta.register for its default
 
         @model_validator(mode="after")
         def _extras_need_augment(self) -> Params:

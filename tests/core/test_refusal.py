@@ -23,7 +23,7 @@ BUDGET = make_params().evaluate  # params.yaml's refusal budget, calibration siz
 
 def test_blank_noise_and_shapes_are_refused_and_digits_answered(font_model: Path) -> None:
     net, stats = load_model(str(font_model / "model.pt")), load_tensors(font_model / "refusal.pt")
-    images, labels = render_digits(40, seed=7, budget=BUDGET)  # digits the model has not seen
+    images, labels = render_digits(40, seed=7)  # digits the model has not seen
     digits = np.stack([to_mnist(Image.fromarray(image)) for image in images])
     square = Image.new("L", (100, 100), 255)
     ImageDraw.Draw(square).rectangle((20, 25, 80, 85), fill=0)
@@ -41,7 +41,7 @@ def test_blank_noise_and_shapes_are_refused_and_digits_answered(font_model: Path
 def test_refusal_statistics_are_deterministic() -> None:
     torch.manual_seed(0)
     net = Net().eval()
-    images, labels = render_digits(600, seed=0, budget=BUDGET)
+    images, labels = render_digits(600, seed=0)
     images, labels = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long()
     first = refusal.fit(net, images[:600], labels[:600], seed=3, budget=BUDGET)
     again = refusal.fit(net, images[:600], labels[:600], seed=3, budget=BUDGET)
@@ -87,7 +87,7 @@ def test_answers_are_right_when_threads_share_the_net() -> None:
 def trained() -> tuple[Net, torch.Tensor, torch.Tensor]:
     """A model trained for 1 epoch on 3,000 font-rendered digits, and its training set."""
     torch.manual_seed(0)
-    images, labels = render_digits(3000, seed=0, budget=BUDGET)
+    images, labels = render_digits(3000, seed=0)
     images, labels = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long()
     return trained_one_epoch(images, labels), images, labels
 
@@ -107,7 +107,11 @@ def test_the_detector_joins_the_refusal_fitted_on_the_digits_it_held_out(
     torch.manual_seed(0)
     weights = {name: p.detach() for name, p in detector.Detector(width=4).named_parameters()}
     held_out = torch.randperm(len(images), generator=torch.Generator().manual_seed(5))
-    stats = refusal.fit(net, images, labels, seed=3, budget=BUDGET, detector={**weights, "held_out": held_out})
+    on = BUDGET.model_copy(update={"detector_share": 10.0})
+    off = refusal.fit(net, images, labels, seed=3, budget=BUDGET.model_copy(update={"detector_share": 0.0}),
+                      detector={**weights, "held_out": held_out})  # fmt: skip
+    assert not any(k.startswith(detector.PREFIX) or k == "detector_threshold" for k in off)  # share 0: off
+    stats = refusal.fit(net, images, labels, seed=3, budget=on, detector={**weights, "held_out": held_out})
     assert {f"{detector.PREFIX}{k}" for k in weights} | {"detector_threshold"} <= set(stats)
     assert all(torch.equal(stats[detector.PREFIX + k], v) for k, v in weights.items())
     # The thresholds come from the held-out digits as training saw them: the three scores refuse the
@@ -120,7 +124,7 @@ def test_the_detector_joins_the_refusal_fitted_on_the_digits_it_held_out(
     distances = refusal.all_distances(features, stats)
     far = torch.stack([distances[k] > stats[f"{k}_threshold"] for k in refusal.LAYERS]).any(0)
     unlike = refusal.detector_scores(stats, x) > stats["detector_threshold"]
-    assert (far | unlike).float().mean().item() == pytest.approx(BUDGET.refused_training, abs=2 / len(images))
+    assert (far | unlike).float().mean().item() == pytest.approx(on.refused_training, abs=2 / len(images))
     assert unlike.sum() >= 2 * max(int((distances[k] > stats[f"{k}_threshold"]).sum()) for k in refusal.LAYERS)
 
     # Its decision: above the detector's threshold, refused with its reason; without a detector, never by it.

@@ -18,7 +18,7 @@ from mnist_cnn.serving.served import ServedModel, answers
 def test_records_for_uint8_fields_answered_and_refused() -> None:
     torch.manual_seed(0)
     net = Net().eval()
-    images, labels = render_digits(200, seed=0, budget=make_params().evaluate)
+    images, labels = render_digits(200, seed=0)
     stats = refusal.fit(
         net,
         torch.from_numpy(images).unsqueeze(1),
