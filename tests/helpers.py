@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from mnist_cnn.cli import run_stage
 from mnist_cnn.config import Params, validate
+from mnist_cnn.core import refusal
 from mnist_cnn.core.model import Net
 from mnist_cnn.files import atomic_path
 from object_store import BUCKET, ObjectStore
@@ -61,6 +62,16 @@ def render_digits(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         noise = rng.integers(0, 40, size=(28, 28))
         images[i] = np.clip(np.asarray(canvas, dtype=np.int64) + noise * (rng.random((28, 28)) < 0.1), 0, 255)
     return images, labels
+
+
+def untrained_with_refusal(count: int = 200) -> tuple[Net, np.ndarray, np.ndarray, dict[str, torch.Tensor]]:
+    """An untrained report's network (seed 0), `count` rendered digits and the refusal statistics fitted on them."""
+    torch.manual_seed(0)
+    net = Net().eval()
+    images, labels = render_digits(count, seed=0)
+    budget = make_params().evaluate
+    stats = refusal.fit(net, torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long(), 0, budget)
+    return net, images, labels, stats
 
 
 def write_synthetic_mnist(directory: Path, n_train: int = 1000, n_test: int = 300) -> Path:

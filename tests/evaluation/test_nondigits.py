@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_params, render_digits
-from mnist_cnn.core import refusal
+from helpers import untrained_with_refusal
 from mnist_cnn.core.model import Net
 from mnist_cnn.evaluation import nondigits
 
@@ -36,16 +35,7 @@ def test_every_kind_goes_through_picture_preparation(kind: str) -> None:
 
 
 def test_refusal_rates_of_every_kind() -> None:
-    torch.manual_seed(0)
-    net = Net().eval()
-    images, labels = render_digits(200, seed=0)
-    stats = refusal.fit(
-        net,
-        torch.from_numpy(images).unsqueeze(1),
-        torch.from_numpy(labels).long(),
-        seed=0,
-        budget=make_params().evaluate,
-    )
+    net, _, _, stats = untrained_with_refusal()
     rates = nondigits.refusal_rates(net, stats, count=6)
     assert set(rates) == {f"refused_{kind}" for kind in nondigits.KINDS}
     assert all(0 <= rate <= 1 for rate in rates.values()), rates

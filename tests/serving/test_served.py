@@ -7,25 +7,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import torch
 
-from helpers import make_params, render_digits
+from helpers import untrained_with_refusal
 from mnist_cnn.core import refusal
-from mnist_cnn.core.model import Net
 from mnist_cnn.serving.served import ServedModel, answers
 
 
 def test_records_for_uint8_fields_answered_and_refused() -> None:
-    torch.manual_seed(0)
-    net = Net().eval()
-    images, labels = render_digits(200, seed=0)
-    stats = refusal.fit(
-        net,
-        torch.from_numpy(images).unsqueeze(1),
-        torch.from_numpy(labels).long(),
-        seed=0,
-        budget=make_params().evaluate,
-    )
+    net, images, _, stats = untrained_with_refusal()
     fields = np.concatenate([images[:6], np.zeros((1, 28, 28), np.uint8)])
     fields.flags.writeable = False  # as the server hands over its parsed input
 
