@@ -97,7 +97,7 @@ def fit(
     says how many images calibrate, what share of them are refused and which ink range is answered. With the
     detector stage's output (its weights and `held_out`, the training images it has not fitted) and a
     detector_share above 0, the detector joins the refusal and the calibration images are those it held out."""
-    if budget.detector_share == 0:  # the detector is off: the distances and the ink range alone
+    if budget.detector_share == 0 or not detector:  # off (the detector stage then trains none)
         detector = None
     generator = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(images), generator=generator)[: budget.calibration_images]

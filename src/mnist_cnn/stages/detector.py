@@ -1,8 +1,9 @@
 """Stage detector: the not-a-digit detector (core.detector), trained once per dataset and shared by every
 classifier (it does not depend on the classifier's params, so an experiment on the classifier reuses it).
 
-params detector.* + data/processed/ -> models/detector.pt: the detector's weights, and `held_out`, the
-training images it has not fitted, on which evaluate fits the refusal's thresholds.
+params detector.*, evaluate.detector_share + data/processed/ -> models/detector.pt: the detector's weights,
+and `held_out`, the training images it has not fitted, on which evaluate fits the refusal's thresholds. With
+evaluate.detector_share 0 (the default) the refusal does not use it, and the file is empty: nothing trains.
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ from mnist_cnn.paths import DETECTOR
 
 
 def main() -> None:
-    settings = load_params().detector
+    params = load_params()
+    if params.evaluate.detector_share == 0:
+        save_tensors(DETECTOR, {})
+        print("detector: off (evaluate.detector_share is 0), not trained")
+        return
+    settings = params.detector
     tune_cpu_allocator()  # freed activations stay in the heap (core.runtime)
     torch.set_num_threads(min(torch.get_num_threads(), settings.threads))
     images, labels = load_processed("train")
