@@ -122,6 +122,6 @@ def test_two_cpu_processes_train_like_one(
     for _ in range(single.train.epochs):
         train.train_epoch(step, len(images), single.train.batch_size)
     _, single_accuracy = train.measure_test_set(step.net, *load_processed("test"), single.train.eval_batch_size)
-    ddp_accuracy = ddp_run.data.metrics["test_accuracy"]
+    ddp_accuracy = ddp_run.data.metrics["epoch/test_accuracy"]
     assert ddp_accuracy > 0.5
     assert abs(ddp_accuracy - single_accuracy) < 0.1, (ddp_accuracy, single_accuracy)

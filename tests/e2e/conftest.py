@@ -160,6 +160,10 @@ def rerun(tmp_path_factory: pytest.TempPathFactory, synthetic_mnist: Path) -> di
     seen["versions"] = {str(v.version): v for v in client.search_model_versions("name='mnist-cnn'")}
     seen["aliases"] = {a: str(v) for a, v in client.get_registered_model("mnist-cnn").aliases.items()}
     seen["metrics"] = {name: run_metrics(client, r.info.run_id) for name, r in seen["runs"].items()}
+    # The tests after these share the repository as its last commit left it: the experiments applied their
+    # results to the workspace, and the bad margin stopped register after DVC had removed its output.
+    run(["git", "checkout", "--", "."], repo)
+    run(["dvc", "checkout", "--force"], repo)
     return seen
 
 
