@@ -16,7 +16,6 @@ from mlflow.data.dataset_source import DatasetSource
 from mnist_cnn.config import Params
 from mnist_cnn.data.sources import sources
 from mnist_cnn.paths import DVC_LOCK, PROCESSED_DIR
-from mnist_cnn.tracking.store import retried
 
 
 class DvcDataSource(DatasetSource):
@@ -76,6 +75,10 @@ def log_input(dataset: mlflow.data.Dataset, context: str) -> None:
     """mlflow.log_input, again if it lost a race: two runs logging the same new dataset at once (two
     experiments started together) can both insert it, and the second fails on the unique key
     (experiment, name, digest). The retry finds the row the first one wrote."""
+    # Here, not at the top: MLflow imports this module for its entry point while mnist_cnn.tracking.store,
+    # which imports mlflow, may be half imported.
+    from mnist_cnn.tracking.store import retried
+
     retried(
         lambda: mlflow.log_input(dataset, context=context),
         attempts=2,
