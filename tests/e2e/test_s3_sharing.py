@@ -83,7 +83,7 @@ def share(root: Path, results: Path, store: ObjectStore) -> dict:
     shutil.copytree(results, alice, symlinks=True, ignore=shutil.ignore_patterns("tmp"))  # not .dvc/tmp
     seen["alice"] = alice
     run(["git", "add", "-A"], alice)
-    run(["git", "commit", "-qm", "results"], alice)
+    run(["git", "commit", "-q", "--allow-empty", "-m", "results"], alice)
 
     # 3. The DVC remote, with the document's commands; the endpoint is the test store's.
     seen["remote_commands"] = doc_commands("dvc remote add -d shared s3://")

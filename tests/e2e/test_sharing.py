@@ -29,7 +29,7 @@ def published(tmp_path_factory: pytest.TempPathFactory, rerun: dict) -> dict[str
     run(["dvc", "remote", "add", "-d", "shared", str(remote)], alice)
     assert "Data and pipelines are up to date" in run(["dvc", "status"], alice).stdout
     run(["git", "add", "-A"], alice)
-    run(["git", "commit", "-qm", "results"], alice)
+    run(["git", "commit", "-q", "--allow-empty", "-m", "results"], alice)
     run(["git", "remote", "add", "origin", str(origin)], alice)
     run(["git", "push", "-q", "origin", "main"], alice)
     run(["dvc", "push"], alice)
