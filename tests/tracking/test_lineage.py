@@ -3,6 +3,9 @@ insert lost to a parallel run. The pipeline's own lineage is tested end to end (
 
 from __future__ import annotations
 
+import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -74,3 +77,19 @@ def test_a_runs_dataset_source_reads_back_as_a_dvc_source(in_process: None, mlfl
     assert isinstance(read, lineage.DvcDataSource)
     assert (read.path, read.origins) == (source.path, source.origins)
     assert read.load() == "data/processed/test.pt"
+
+
+def test_the_entry_point_registers_in_a_stage_process_and_leaves_mlflow_quiet() -> None:
+    """A stage imports the store, MLflow imports lineage for the entry point: neither half-imports the
+    other (the registration would fail with a warning, and MLflow's INFO lines would come back)."""
+    code = (
+        "import logging, warnings; warnings.simplefilter('error')\n"
+        "from mnist_cnn.stages import train\n"
+        "import mlflow.data\n"
+        "from mlflow.data.dataset_source_registry import get_registered_sources\n"
+        "assert 'DvcDataSource' in [s.__name__ for s in get_registered_sources()]\n"
+        "print(logging.getLogger('mlflow').getEffectiveLevel())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(logging.WARNING)
