@@ -86,6 +86,8 @@ AFFINE_CORRUPTIONS = ("shear", "scale", "rotate", "translate")  # the geometric 
 # the mean over both rotation senses at 20 degrees, and over the three shift directions at 4 pixels.
 HEADLINE_ROTATION, HEADLINE_SHIFT = 20, 4
 ROBUST_ROTATION, ROBUST_SHIFT = f"robust_rotation_{HEADLINE_ROTATION}", f"robust_shift_{HEADLINE_SHIFT}"
+# The generated pictures that are not digits (evaluation.nondigits); eval.json has `refused_<kind>` of each.
+NONDIGIT_KINDS = ("noise", "blank", "shapes", "letters", "symbols")
 
 
 class RobustnessParams(_Section):
@@ -144,6 +146,8 @@ class SeedStd(_Section):
     geometric: float = Field(ge=0)
     photometric: float = Field(ge=0)
     ood: float = Field(ge=0)
+    refusal: float = Field(ge=0)
+    answered: float = Field(ge=0)
 
 
 class RegisterParams(_Section):

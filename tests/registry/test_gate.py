@@ -42,6 +42,12 @@ INPUT_NORM = {
     "robust_motion_blur": 0.9712, "robust_brightness": 0.9873, "robust_stripe": 0.461, "robust_fog": 0.4481,
     "robust_spatter": 0.9689, "robust_dotted_line": 0.8934, "robust_zigzag": 0.6593, "robust_canny_edges": 0.4674,
 }  # fmt: skip
+# v1 with its refusal rates (metrics/eval.json of the same run): the refused shares of each kind of generated
+# non-digit (200 pictures a kind), of test digits and of other writers' digits.
+WITH_REFUSAL = REPORT | {
+    "refused_noise": 1.0, "refused_blank": 0.99, "refused_shapes": 1.0, "refused_letters": 0.63,
+    "refused_symbols": 0.675, "test_refused": 0.0065, "ood_refused": 0.0072,
+}  # fmt: skip
 CURVE_POINTS = ("robust_rotation_20", "robust_shift_4")  # the robustness stage's, beside MNIST-C's 15 corruptions
 MNIST_C = [m for m in gate.GROUPS["geometric"] + gate.GROUPS["photometric"] if m not in CURVE_POINTS]
 MARGINS = gate.margins(make_params().register)  # params.yaml's
@@ -85,7 +91,7 @@ def test_a_preset_better_on_photometric_and_ood_takes_the_place_after_the_augmen
     assert choice.decisions["2"].startswith("kept: geometric"), choice.decisions
     promoted = choice.decisions["3"]
     assert promoted.startswith("promoted: photometric 0.7406 > 0.6092 + "), promoted
-    assert promoted.endswith("of version 1, none worse beyond its margin"), promoted
+    assert promoted.endswith("of version 1, none worse beyond its margin (refusal, answered unknown, not compared)")
     # OOD +4.0 points is within its margin: not the reason, and not a reason to keep it either.
     assert "ood" not in promoted and INPUT_NORM["ood_accuracy"] - REPORT["ood_accuracy"] < MARGINS["ood"]
 
@@ -93,14 +99,36 @@ def test_a_preset_better_on_photometric_and_ood_takes_the_place_after_the_augmen
 def test_a_group_with_a_missing_metric_is_unknown_and_not_compared() -> None:
     without_translate = {m: v for m, v in AUGMENT_OFF.items() if m != "robust_translate"}
     promoted, reason = gate.gate(without_translate, REPORT, "1", MARGINS)
-    assert gate.scores(without_translate).keys() == {"clean", "photometric", "ood"}
+    assert gate.scores(without_translate).keys() == {"clean", "photometric", "ood"}  # no refusal rates either
     assert promoted and reason.startswith("promoted: photometric"), reason
-    assert reason.endswith("(geometric unknown, not compared)"), reason
+    assert reason.endswith("(geometric, refusal, answered unknown, not compared)"), reason
     # Unknown on either side: the champion's missing metric hides the group as well.
     only_clean = {"test_accuracy": REPORT["test_accuracy"] + 2 * MARGINS["clean"]}
     promoted, reason = gate.gate(only_clean, REPORT, "1", MARGINS)
     assert promoted and reason.startswith("promoted: clean"), reason
-    assert reason.endswith("(geometric, photometric, ood unknown, not compared)"), reason
+    assert reason.endswith("(geometric, photometric, ood, refusal, answered unknown, not compared)"), reason
+
+
+def test_the_refusal_is_compared_on_both_sides_non_digits_refused_and_digits_answered() -> None:
+    """A model that reads MNIST better but refuses fewer letters, or refuses more digits, is not promoted:
+    a trade between the refusal's two sides (or with clean accuracy) is not a win."""
+    scores = gate.scores(WITH_REFUSAL)
+    assert scores["refusal"] == pytest.approx((1.0 + 0.99 + 1.0 + 0.63 + 0.675) / 5)
+    assert scores["answered"] == pytest.approx(1 - (0.0065 + 0.0072) / 2)  # a refused digit lowers the score
+    sharper = {"test_accuracy": WITH_REFUSAL["test_accuracy"] + 2 * MARGINS["clean"]}
+    fewer_letters = WITH_REFUSAL | sharper | {"refused_letters": 0.63 - 5 * 2 * MARGINS["refusal"]}
+    promoted, reason = gate.gate(fewer_letters, WITH_REFUSAL, "1", MARGINS)
+    assert not promoted and reason.startswith("kept: refusal "), reason
+    more_digits = WITH_REFUSAL | sharper | {"ood_refused": 0.0072 + 2 * 2 * MARGINS["answered"]}
+    promoted, reason = gate.gate(more_digits, WITH_REFUSAL, "1", MARGINS)
+    assert not promoted and reason.startswith("kept: answered "), reason
+    # Refusing more letters at the same digits answered is a reason to promote.
+    more_letters = WITH_REFUSAL | {"refused_letters": 0.63 + 5 * 2 * MARGINS["refusal"]}
+    promoted, reason = gate.gate(more_letters, WITH_REFUSAL, "1", MARGINS)
+    assert promoted and reason.startswith("promoted: refusal "), reason
+    # Within the margins, both ways: noise.
+    fewer_refused = WITH_REFUSAL | {"test_refused": 0.0065 - 1.8 * MARGINS["answered"]}
+    assert gate.gate(fewer_refused, WITH_REFUSAL, "1", MARGINS)[1].startswith("kept: none better")
 
 
 def version(number: str, run_id: str, **tags: str) -> ModelVersion:
@@ -122,10 +150,11 @@ def test_the_gate_reads_a_versions_metrics_from_its_run_and_an_unreadable_one_is
     ]
     report, off, lost = gate.candidates(listing, runs)
     assert report.metrics == REPORT
-    assert set(off.metrics) == set(gate.GATE_METRICS) - {"robust_shift_4"}
+    refusal = {*gate.GROUPS["refusal"], *gate.GROUPS["answered"]}  # AUGMENT_OFF has no refusal rates
+    assert set(off.metrics) == set(gate.GATE_METRICS) - {"robust_shift_4"} - refusal
     assert lost.metrics == {"test_accuracy": 0.9}
     choice = gate.choose(listing[:3], runs, MARGINS)
-    assert choice.champion == "2" and "(geometric unknown, not compared)" in choice.decisions["2"], choice
+    assert choice.champion == "2" and "(geometric, refusal, answered unknown, not compared)" in choice.decisions["2"]
     assert "3" not in choice.decisions
 
 
@@ -149,8 +178,9 @@ def test_a_trained_models_latest_version_takes_the_place_of_its_first() -> None:
 
 def test_a_rerun_of_the_same_setting_within_the_margins_is_not_promoted() -> None:
     """Each group moved by 0.9 margins in the rerun's favour: noise, so the champion stays."""
-    rerun = {m: v + 0.9 * MARGINS[g] for g, ms in gate.GROUPS.items() for m in ms for v in [REPORT[m]]}
-    choice = gate.fold(versions(REPORT, rerun), MARGINS)
+    up = {g: -1 if g == "answered" else 1 for g in gate.GROUPS}  # a refused share of digits: lower is better
+    rerun = {m: v + 0.9 * up[g] * MARGINS[g] for g, ms in gate.GROUPS.items() for m in ms for v in [WITH_REFUSAL[m]]}
+    choice = gate.fold(versions(WITH_REFUSAL, rerun), MARGINS)
     assert choice.champion == "1"
     assert choice.decisions["2"].startswith("kept: none better than version 1 beyond its margin (clean "), choice
 

@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from mnist_cnn.config import NONDIGIT_KINDS
 from mnist_cnn.core import refusal
 from mnist_cnn.core.picture import NoInk, to_mnist
 
-KINDS = ("noise", "blank", "shapes", "letters", "symbols")
+KINDS = NONDIGIT_KINDS
 COUNT = 200  # generated pictures of each kind
 LETTERS = "ACEFHKMNPRUVWXYacefhkmnprtuvwxy"
 SYMBOLS = "+=?&#%@"

@@ -3,7 +3,8 @@ the versions and their tags (registry.publish writes them). docs/registry.md has
 margins and why concurrent promotions converge without a lock. In short: a version trained on a
 subset, or without a readable `test_accuracy` tag, is never champion; a challenger replaces the
 champion only if it is worse beyond a noise margin on no group of conditions both have (clean,
-geometric, photometric, ood: a group's score is the mean of its metrics; a group with a metric
+geometric, photometric, ood, and the refusal's two sides: non-digits refused, digits answered; a group's
+score is the mean of its metrics, a refused share of digits counted as 1 - share; a group with a metric
 either lacks is unknown, not compared) and better beyond it on one; the champion is the fold of
 that rule over the versions in version-number order, each trained model's latest version in the place of its
 first. The gate reads a version's metrics from its MLflow run (`RunRecord`) and its margins from params
@@ -18,7 +19,14 @@ from dataclasses import dataclass, field
 
 from mlflow.entities.model_registry import ModelVersion
 
-from mnist_cnn.config import AFFINE_CORRUPTIONS, CORRUPTIONS, ROBUST_ROTATION, ROBUST_SHIFT, RegisterParams
+from mnist_cnn.config import (
+    AFFINE_CORRUPTIONS,
+    CORRUPTIONS,
+    NONDIGIT_KINDS,
+    ROBUST_ROTATION,
+    ROBUST_SHIFT,
+    RegisterParams,
+)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -31,7 +39,10 @@ GROUPS = {
     "geometric": (ROBUST_ROTATION, ROBUST_SHIFT, *(f"robust_{c}" for c in AFFINE_CORRUPTIONS)),
     "photometric": tuple(f"robust_{c}" for c in CORRUPTIONS if c not in AFFINE_CORRUPTIONS),  # and noise
     "ood": ("ood_accuracy",),  # other writers' digits
+    "refusal": tuple(f"refused_{k}" for k in NONDIGIT_KINDS),  # generated pictures that are not digits, refused
+    "answered": ("test_refused", "ood_refused"),  # digits answered, not refused: these score as 1 - the share
 }
+LOWER_IS_BETTER = frozenset(GROUPS["answered"])
 GATE_METRICS = tuple(m for members in GROUPS.values() for m in members)  # the run metrics the gate reads
 
 
@@ -43,8 +54,13 @@ def margins(register: RegisterParams) -> dict[str, float]:
 
 
 def scores(metrics: Mapping[str, float]) -> dict[str, float]:
-    """Each group's score, the mean of its metrics; only the groups whose metrics are all known."""
-    return {g: sum(metrics[m] for m in ms) / len(ms) for g, ms in GROUPS.items() if all(m in metrics for m in ms)}
+    """Each group's score, the mean of its metrics (higher is better: a refused share of digits counts as
+    1 - share); only the groups whose metrics are all known."""
+
+    def value(m: str) -> float:
+        return 1 - metrics[m] if m in LOWER_IS_BETTER else metrics[m]
+
+    return {g: sum(value(m) for m in ms) / len(ms) for g, ms in GROUPS.items() if all(m in metrics for m in ms)}
 
 
 @dataclass(frozen=True)
