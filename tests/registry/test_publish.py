@@ -59,7 +59,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     uri = f"sqlite:///{root}/mlflow.db"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)  # what predict reads
-        patch.setenv("DVC_EXP_BASELINE_REV", "abc123")  # store.git_commit() reads it first
+        patch.setenv("DVC_EXP_BASELINE_REV", "abc123")  # provenance.git_commit() reads it first
         patch.delenv("DVC_EXP_NAME", raising=False)
         mlflow.set_tracking_uri(uri)
         MlflowClient().create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())

@@ -19,7 +19,7 @@ from helpers import REPO, tool_env
 from mnist_cnn.cli import UserError
 from mnist_cnn.config import Params, flat, validate
 from mnist_cnn.paths import RUN_FILE
-from mnist_cnn.tracking import store
+from mnist_cnn.tracking import provenance, store
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_setup_creates_the_experiment_once(in_tmp: Path) -> None:
 OPEN_TOGETHER = """
 import sys, time
 from pathlib import Path
-from mnist_cnn.tracking import store
+from mnist_cnn.tracking import provenance, store
 Path(sys.argv[1]).touch()
 while len(list(Path.cwd().glob("arrived-*"))) < 2:
     time.sleep(0.01)
@@ -92,16 +92,6 @@ def test_tracking_uri_env_overrides(in_tmp: Path, monkeypatch: pytest.MonkeyPatc
     assert not (in_tmp / "mlruns").exists()
 
 
-def git_repo(path: Path) -> None:
-    """A committed repository with a package file, as the stages see their working directory."""
-    (path / "src" / "pkg").mkdir(parents=True)
-    (path / "src" / "pkg" / "code.py").write_text("x = 1\n")
-    (path / "params.yaml").write_text("seed: 1\n")
-    commit = ["-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "c"]
-    for cmd in (["init", "-q"], ["add", "-A"], commit):
-        subprocess.run(["git", *cmd], cwd=path, check=True, capture_output=True)
-
-
 @pytest.fixture
 def params() -> Params:
     return validate(yaml.safe_load((REPO / "params.yaml").read_text()))
@@ -124,7 +114,7 @@ def test_the_train_run_has_every_param_its_names_and_the_later_stages_of_its_exe
     assert len(logged.data.params) == len(flat(params))
     tags = logged.data.tags
     assert (tags["dvc.exp_name"], tags["git.commit"], logged.info.run_name) == ("bushy-vase", "abc123", "bushy-vase")
-    assert tags[store.EXECUTION_TAG] == store.execution_key()
+    assert tags[store.EXECUTION_TAG] == provenance.execution_key()
     assert len(tags["code.digest"]) == 12 and tags["git.dirty"] in ("true", "false")
     assert "mlflow.parentRunId" not in tags and store.TRAIN_RUN_TAG not in tags
 
@@ -193,61 +183,9 @@ def test_every_run_is_a_child_of_the_sweeps_parent_run(
         pass
 
 
-def test_a_plain_repro_run_is_named_after_the_commit_and_says_when_the_code_differs(
-    in_tmp: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    git_repo(in_tmp)
-    commit = store.git_commit()
-    assert len(commit) == 40
-    assert not store.changed_from_commit(*store.CODE)
-    assert store.run_name(commit, dirty=False) == commit[:7]
-    digest = store.code_digest()
-    (in_tmp / "src" / "pkg" / "code.py").write_text("x = 2\n")
-    assert store.changed_from_commit(*store.CODE) and store.code_digest() != digest
-    assert store.run_name(commit, dirty=True) == f"{commit[:7]}-dirty"
-    subprocess.run(["git", "checkout", "-q", "--", "src"], cwd=in_tmp, check=True)
-    (in_tmp / "params.yaml").write_text("seed: 2\n")  # params edited, code as committed: the name says so
-    assert not store.changed_from_commit(*store.CODE)
-    assert store.run_name(commit, dirty=False) == f"{commit[:7]}-dirty"
-    monkeypatch.setenv("DVC_EXP_NAME", "quick-fig")
-    assert store.run_name(commit, dirty=True) == "quick-fig"
-
-
 def test_execution_run_without_train_is_a_user_error(in_tmp: Path, params: Params) -> None:
     with pytest.raises(UserError, match="train stage"), store.execution_run(params):
         pass
-
-
-# A fake `dvc` (its console script's name) that runs two "stages" through a shell, as DVC runs a stage's cmd.
-FAKE_DVC = """#!{python}
-import subprocess, sys
-stage = [sys.executable, "-c", "from mnist_cnn.tracking import store; print(store.execution_key())"]
-for _ in range(2):
-    subprocess.run(["/bin/sh", "-c", " ".join(stage[:2]) + ' "' + stage[2] + '"'], check=True)
-"""
-
-
-@pytest.mark.slow
-def test_the_stages_of_one_dvc_process_share_its_key_and_a_stage_by_hand_is_its_own(tmp_path: Path) -> None:
-    dvc = tmp_path / "bin" / "dvc"
-    dvc.parent.mkdir()
-    dvc.write_text(FAKE_DVC.format(python=sys.executable))
-    dvc.chmod(0o755)
-    env = {**tool_env(), "PYTHONPATH": str(REPO / "src")}
-    keys = [subprocess.run([dvc], env=env, capture_output=True, text=True, check=True).stdout.split() for _ in range(2)]
-    assert [len(k) for k in keys] == [2, 2]
-    assert keys[0][0] == keys[0][1] and keys[1][0] == keys[1][1]  # two stages, one execution
-    assert keys[0][0] != keys[1][0]  # the next `dvc` is another execution
-    host, pid, started = keys[0][0].split(":")
-    assert host == socket.gethostname() and int(pid) > 0 and float(started) > 0
-    by_hand = [
-        subprocess.run(
-            [sys.executable, "-c", "from mnist_cnn.tracking import store; print(store.execution_key())"],
-            env=env, capture_output=True, text=True, check=True,
-        ).stdout.strip()
-        for _ in range(2)
-    ]  # fmt: skip
-    assert by_hand[0] != by_hand[1] and by_hand[0].split(":")[1] != pid
 
 
 def test_unreachable_tracking_server_fails_fast_and_clearly(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -33,7 +33,7 @@ from mnist_cnn.files import save_tensors
 from mnist_cnn.paths import MODEL_PATH, REFUSAL_STATS
 from mnist_cnn.registry import gate
 from mnist_cnn.serving import served
-from mnist_cnn.tracking import store
+from mnist_cnn.tracking import provenance
 from mnist_cnn.tracking.store import REGISTERED_MODEL, retried
 
 DIGEST_TAG = "artifacts.digest"  # the sha256 of the weights and refusal statistics a version serves
@@ -231,14 +231,14 @@ def promote(
     subset), and set `champion` to the version the gate selects from all versions, with the margins of
     params.register. `metrics` needs test_accuracy; the gate reads its other metrics from each version's run
     (the register stage logs them there first; a group with a metric the run lacks is not compared).
-    exp_name defaults to $DVC_EXP_NAME, commit to store.git_commit()."""
+    exp_name defaults to $DVC_EXP_NAME, commit to provenance.git_commit()."""
     version = str(version)
     if gate.ACCURACY_TAG not in metrics:
         raise ValueError(f"promote: metrics need '{gate.ACCURACY_TAG}', got {sorted(metrics)}")
     if not all(math.isfinite(float(metrics[m])) for m in HEADLINE if m in metrics):
         raise ValueError(f"promote: headline metrics must be finite numbers, got {dict(metrics)}")
     exp_name = os.environ.get("DVC_EXP_NAME", "") if exp_name is None else exp_name
-    commit = store.git_commit() if commit is None else commit
+    commit = provenance.git_commit() if commit is None else commit
 
     previous = _alias(client, name, gate.CHAMPION)
     tags = version_tags(metrics, params, exp_name, commit, data_digest)

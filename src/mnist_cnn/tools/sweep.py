@@ -28,7 +28,7 @@ import mlflow
 import yaml
 
 from mnist_cnn.cli import UserError, run_stage
-from mnist_cnn.tracking import store
+from mnist_cnn.tracking import provenance, store
 
 WAITING = ("Queued", "Running")
 # The pipeline's runs become children of the run named here (tracking/store.py reads it).
@@ -185,7 +185,7 @@ def sweep_params(knob: str, seeds: str, fixed: list[str]) -> dict[str, str]:
 
 def start_parent(experiment_id: str, knob: str, params: dict[str, str], experiments: list[str]) -> mlflow.ActiveRun:
     """The sweep's parent run, active in this process, with its params and the queued experiments."""
-    tags = {KIND_TAG: SWEEP, "git.commit": store.git_commit(), EXPERIMENTS_TAG: ",".join(experiments)[:5000]}
+    tags = {KIND_TAG: SWEEP, "git.commit": provenance.git_commit(), EXPERIMENTS_TAG: ",".join(experiments)[:5000]}
     run = mlflow.start_run(experiment_id=experiment_id, run_name=f"sweep {knob}", tags=tags)
     mlflow.log_params(params)
     return run

@@ -1,17 +1,15 @@
 """MLflow: where the store is, and the one run of each pipeline execution (docs/tracking.md). An execution is
 one `dvc repro` or one `dvc exp run` experiment, told apart by the DVC process that runs its stages
-(`execution_key`). The train stage creates the execution's run and writes its id to models/mlflow_run.json;
+(`provenance.execution_key`). The train stage creates the execution's run and writes its id to models/mlflow_run.json;
 a later stage logs into its execution's run, and when train was cached (a run of an earlier execution made
 the model) the first later stage creates the execution's own run, linked to the training run by a tag."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
 import sqlite3
-import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import closing, contextmanager
@@ -27,6 +25,7 @@ from mnist_cnn.cli import UserError
 from mnist_cnn.config import Params, flat
 from mnist_cnn.files import read_json, write_json
 from mnist_cnn.paths import RUN_FILE
+from mnist_cnn.tracking.provenance import CODE, changed_from_commit, code_digest, execution_key, git_commit, run_name
 
 # A stage prints its own lines: MLflow's INFO notes (system-metrics monitor, input-example
 # validation) and the progress bars of its internal downloads are not among them.
@@ -38,7 +37,7 @@ REGISTERED_MODEL = "mnist-cnn"
 # System metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) every few seconds, not
 # MLflow's default 10 s: a training run here takes seconds to minutes. The env variable wins.
 SYSTEM_METRICS_INTERVAL_S = 2.0
-EXECUTION_TAG = "pipeline.execution"  # the execution a run records (execution_key)
+EXECUTION_TAG = "pipeline.execution"  # the execution a run records (provenance.execution_key)
 TRAIN_RUN_TAG = "train_run_id"  # on a run whose model an earlier execution's run trained
 PARENT_RUN_ENV = "MNIST_CNN_PARENT_RUN_ID"  # set by a sweep: every run created is its child
 # The run page's first section (MLflow's UI groups charts by the name's prefix before "/", prefixed sections
@@ -48,7 +47,6 @@ EPOCH_PREFIX = "epoch/"
 # stage's own clean accuracy, clean minus the MNIST-C mean) or in an artifact of the run (metrics/eval.json,
 # reports/classification_report.json). test_accuracy is logged by register, linked to the logged model.
 DVC_ONLY = ("test_loss", "macro_f1", "robust_clean", "robust_degradation")
-CODE = ("src", "dvc.yaml")  # what "the code" is, for git.dirty and code.digest
 T = TypeVar("T")
 
 
@@ -136,70 +134,6 @@ def retried(
                 raise
             time.sleep(pause_s * attempt)
     return call()
-
-
-def git_commit() -> str:
-    """The commit the run was made from (the experiment's baseline under dvc exp run)."""
-    if rev := os.environ.get("DVC_EXP_BASELINE_REV"):
-        return rev
-    return _git("rev-parse", "HEAD") or "unknown"
-
-
-def _git(*args: str) -> str | None:
-    try:
-        result = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip()
-
-
-def changed_from_commit(*paths: str) -> bool:
-    """Whether the working tree's `paths` differ from HEAD (edited, added or deleted; untracked files count);
-    under `dvc exp run --temp/--queue` HEAD is the baseline and the experiment's changes are uncommitted."""
-    return bool(_git("status", "--porcelain", "--", *paths))
-
-
-def code_digest(root: Path = Path("src")) -> str:
-    """A sha256 (12 hex digits) of the package's Python files as they are run: the code a run was made with,
-    committed or not."""
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:12]
-
-
-def run_name(commit: str, dirty: bool) -> str:
-    """The DVC experiment's name; for a plain `dvc repro`, the commit's short hash, `-dirty` when the code
-    or params.yaml differ from it (as `git describe --dirty` marks it)."""
-    if exp_name := os.environ.get("DVC_EXP_NAME"):
-        return exp_name
-    short = commit[:7] if commit != "unknown" else "no-commit"
-    return f"{short}-dirty" if dirty or changed_from_commit("params.yaml") else short
-
-
-def _is_dvc(process: psutil.Process) -> bool:
-    """Whether a process is DVC itself: `dvc ...` (its console script, run by python or frozen) or `python -m dvc`."""
-    cmdline = process.cmdline()
-    return any(Path(arg).name == "dvc" for arg in cmdline[:2]) or cmdline[1:3] == ["-m", "dvc"]
-
-
-def execution_key() -> str:
-    """host:pid:start time of the process that runs this pipeline execution's stages: the nearest DVC ancestor
-    (`dvc repro`, `dvc exp run` in the workspace or with --temp, and `dvc exp exec-run`, the process a queue
-    worker starts for each queued experiment), else this process (a stage run by hand is its own execution).
-    DVC sets no variable that tells executions apart (only DVC_ROOT, DVC_STAGE and, for experiments, their
-    name and baseline, which repeat), so the process tree is what does; the start time makes a reused pid a
-    new key."""
-    here = psutil.Process()
-    owner = here
-    for ancestor in here.parents():
-        try:
-            if _is_dvc(ancestor):
-                owner = ancestor
-                break
-        except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
-            continue
-    return f"{socket.gethostname()}:{owner.pid}:{owner.create_time():.3f}"
 
 
 @contextmanager
