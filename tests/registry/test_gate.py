@@ -116,19 +116,21 @@ def test_the_refusal_is_compared_on_both_sides_non_digits_refused_and_digits_ans
     assert scores["refusal"] == pytest.approx((1.0 + 0.99 + 1.0 + 0.63 + 0.675) / 5)
     assert scores["answered"] == pytest.approx(1 - (0.0065 + 0.0072) / 2)  # a refused digit lowers the score
     sharper = {"test_accuracy": WITH_REFUSAL["test_accuracy"] + 2 * MARGINS["clean"]}
-    fewer_letters = WITH_REFUSAL | sharper | {"refused_letters": 0.63 - 5 * 2 * MARGINS["refusal"]}
-    promoted, reason = gate.gate(fewer_letters, WITH_REFUSAL, "1", MARGINS)
+    # Letters and symbols refused at 20%: the group's mean falls by (0.43 + 0.475) / 5, beyond its margin.
+    fewer = WITH_REFUSAL | sharper | {"refused_letters": 0.2, "refused_symbols": 0.2}
+    assert scores["refusal"] - gate.scores(fewer)["refusal"] > MARGINS["refusal"]
+    promoted, reason = gate.gate(fewer, WITH_REFUSAL, "1", MARGINS)
     assert not promoted and reason.startswith("kept: refusal "), reason
-    more_digits = WITH_REFUSAL | sharper | {"ood_refused": 0.0072 + 2 * 2 * MARGINS["answered"]}
+    # The other way round, the same difference is a reason to promote.
+    promoted, reason = gate.gate(WITH_REFUSAL, fewer | {"test_accuracy": WITH_REFUSAL["test_accuracy"]}, "1", MARGINS)
+    assert promoted and reason.startswith("promoted: refusal "), reason
+    # Half of other writers' digits refused: answered falls by 0.25, beyond its margin.
+    more_digits = WITH_REFUSAL | sharper | {"ood_refused": 0.5072}
     promoted, reason = gate.gate(more_digits, WITH_REFUSAL, "1", MARGINS)
     assert not promoted and reason.startswith("kept: answered "), reason
-    # Refusing more letters at the same digits answered is a reason to promote.
-    more_letters = WITH_REFUSAL | {"refused_letters": 0.63 + 5 * 2 * MARGINS["refusal"]}
-    promoted, reason = gate.gate(more_letters, WITH_REFUSAL, "1", MARGINS)
-    assert promoted and reason.startswith("promoted: refusal "), reason
-    # Within the margins, both ways: noise.
-    fewer_refused = WITH_REFUSAL | {"test_refused": 0.0065 - 1.8 * MARGINS["answered"]}
-    assert gate.gate(fewer_refused, WITH_REFUSAL, "1", MARGINS)[1].startswith("kept: none better")
+    # Within the margins: noise, neither a reason to keep nor to promote.
+    within = WITH_REFUSAL | {"test_refused": 0.0, "refused_letters": 0.63 + 2 * MARGINS["refusal"]}
+    assert gate.gate(within, WITH_REFUSAL, "1", MARGINS)[1].startswith("kept: none better")
 
 
 def version(number: str, run_id: str, **tags: str) -> ModelVersion:
