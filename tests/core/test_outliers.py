@@ -46,3 +46,24 @@ def test_generate_draws_the_kinds_by_their_shares_and_repeats_for_a_seed(
 def test_the_shares_are_a_distribution_and_mirrored_digits_are_not_their_own_mirror_image() -> None:
     assert abs(sum(outliers.KINDS.values()) - 1) < 1e-9 and min(outliers.KINDS.values()) > 0
     assert not {0, 1, 8} & set(outliers.MIRRORED)
+
+
+def test_symmetric_figures_are_their_own_mirror_image(digits: tuple[torch.Tensor, torch.Tensor]) -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(10):
+        field = outliers.one("symmetric", rng, *digits)[0]
+        mirrored = outliers.centre_of_mass(field.flip(-1)[None, None])[0, 0]
+        overlap = (torch.minimum(field, mirrored).sum() / field.sum()).item()
+        assert overlap > 0.8, overlap  # whole-pixel centring and the soft edge leave a little apart
+        unrelated = outliers.one("strokes", rng, *digits)[0]
+        assert (torch.minimum(unrelated, unrelated.flip(-1)).sum() / unrelated.sum()).item() < overlap
+
+
+def test_blobs_are_solid_and_never_a_thin_bar(digits: tuple[torch.Tensor, torch.Tensor]) -> None:
+    rng = np.random.default_rng(6)
+    for _ in range(20):
+        ink = outliers.one("blob", rng, *digits)[0] > 0.5
+        rows, cols = torch.nonzero(ink, as_tuple=True)
+        height, width = (rows.max() - rows.min() + 1).item(), (cols.max() - cols.min() + 1).item()
+        assert min(height, width) >= 6, (height, width)  # a 1 is a bar a few pixels wide
+        assert ink.sum() >= 0.35 * height * width  # filled, not outlined

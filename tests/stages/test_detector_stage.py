@@ -1,5 +1,5 @@
-"""The detector stage: none while the refusal does not use it; else one detector from data/processed and
-params.yaml's detector section, with the training images it held out; a share that holds out nothing is
+"""The detector stage: one detector from data/processed and params.yaml's detector section (the default),
+none while the refusal does not use it (evaluate.detector_share 0), with the training images it held out; a share that holds out nothing is
 one line of error and no file."""
 
 from __future__ import annotations
@@ -21,15 +21,14 @@ def test_the_stage_trains_one_detector_and_keeps_its_held_out_digits(
 ) -> None:
     data = write_synthetic_mnist(tmp_path / "src", n_train=300, n_test=50)
     monkeypatch.chdir(tmp_path)
-    write_params(tmp_path, data)  # the default: the refusal does not use a detector, so none is trained
+    write_params(tmp_path, data, evaluate__detector_share=0.0)  # the refusal does not use one: none is trained
     download.main()
     preprocess.main()
     detector.main()
     assert load_tensors(DETECTOR) == {}
     assert "detector: off (evaluate.detector_share is 0), not trained" in capsys.readouterr().out
 
-    on = {"evaluate__detector_share": 10.0}
-    write_params(tmp_path, data, detector__steps=5, detector__negatives=40, detector__width=4, **on)
+    write_params(tmp_path, data, detector__steps=5, detector__negatives=40, detector__width=4)  # the default: on
     detector.main()
     saved = load_tensors(DETECTOR)
     held_out = saved.pop("held_out")
@@ -39,7 +38,7 @@ def test_the_stage_trains_one_detector_and_keeps_its_held_out_digits(
     assert "detector: trained on 200 digits, 100 held out for the refusal's thresholds" in capsys.readouterr().out
 
     DETECTOR.unlink()
-    write_params(tmp_path, data, detector__held_out=0.001, **on)
+    write_params(tmp_path, data, detector__held_out=0.001)
     error = stage_error(detector.main, capsys)
     assert error == "error: detector.held_out (0.001) of 300 training images holds out 0"
     assert not DETECTOR.exists()

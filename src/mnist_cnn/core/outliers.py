@@ -8,7 +8,7 @@ ink's box fitted into 20x20, centred by centre of mass), pixels in [0, 1]:
 - from training digits: chimera (one digit's top or left part joined to another digit's rest), crossed
   (a digit with extra strokes across it), pair (two digits side by side), mirrored (a digit that is not
   its own mirror image, flipped);
-- blob (solid ellipses) and noise.
+- blob (solid ellipses and polygons) and noise.
 
 No letters, symbols or font glyphs: what the detector refuses of those is measured, not fitted.
 """
@@ -20,6 +20,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
 from mnist_cnn.core.augment import affine_theta
 
@@ -28,8 +29,8 @@ SAMPLES = 40  # points along each stroke
 # Kind -> share of the negatives. Digit-made kinds carry MNIST's own pen texture: the detector must
 # learn the shapes of digits, not how MNIST was drawn.
 KINDS = {
-    "strokes": 0.1, "joined": 0.2, "arc": 0.05, "scribble": 0.05, "outline": 0.1, "chimera": 0.2,
-    "crossed": 0.1, "pair": 0.1, "mirrored": 0.05, "blob": 0.025, "noise": 0.025,
+    "strokes": 0.1, "joined": 0.125, "symmetric": 0.1, "arc": 0.05, "scribble": 0.05, "outline": 0.1,
+    "chimera": 0.15, "crossed": 0.1, "pair": 0.1, "mirrored": 0.05, "blob": 0.05, "noise": 0.025,
 }  # fmt: skip
 MIRRORED = (3, 4, 6, 7, 9)  # a mirrored 0, 1 or 8 is that digit, a mirrored 2 or 5 close to the other
 
@@ -64,6 +65,18 @@ def _joined(rng: np.random.Generator) -> list[np.ndarray]:
     return strokes
 
 
+def _symmetric(rng: np.random.Generator) -> list[np.ndarray]:
+    """1-3 strokes (apart or joined) and their mirror image across a vertical line: a figure symmetric left
+    to right, which among digits only 0, 1 and 8 are (and those the detector learns as digits)."""
+    half = (
+        _joined(rng)[: int(rng.integers(1, 4))]
+        if rng.random() < 0.5
+        else [_curve(rng) for _ in range(int(rng.integers(1, 4)))]
+    )
+    axis = float(rng.uniform(0.3, 0.7))  # the halves overlap or stand apart
+    return half + [np.stack([2 * axis - s[:, 0], s[:, 1]], 1) for s in half]
+
+
 def _arc(rng: np.random.Generator) -> np.ndarray:
     t = np.linspace(0.0, 1.0, 2 * SAMPLES)
     start, sweep = rng.uniform(0, 2 * math.pi), rng.uniform(0.5, 1.5) * math.pi
@@ -96,6 +109,24 @@ def _scribble(rng: np.random.Generator) -> np.ndarray:
     steps = int(rng.integers(25, 60))
     heading = np.cumsum(rng.normal(0.0, 0.6, steps)) + rng.uniform(0, 2 * math.pi)
     return _path(np.cumsum(np.stack([np.cos(heading), np.sin(heading)], 1), 0))
+
+
+def _solid(rng: np.random.Generator) -> torch.Tensor:
+    """1-3 solid figures (1, 28, 28), ellipses or convex polygons of 3-6 corners, overlapping or not; none
+    thinner than 1:2 (a thin bar is a 1)."""
+    page = Image.new("L", (4 * SIZE, 4 * SIZE), 0)
+    for _ in range(int(rng.integers(1, 4))):
+        centre, radius = rng.uniform(30, 82, 2), rng.uniform(12, 40)
+        radii = np.array([radius, radius * rng.uniform(0.5, 2.0)])
+        if rng.random() < 0.5:
+            ImageDraw.Draw(page).ellipse([*(centre - radii), *(centre + radii)], fill=255)
+        else:
+            count = int(rng.integers(3, 7))
+            steps = np.arange(count) + rng.uniform(-0.3, 0.3, count)  # corners spread round, not bunched
+            angle = rng.uniform(0, 2 * math.pi) + steps * 2 * math.pi / count
+            corners = centre + radii * np.stack([np.cos(angle), np.sin(angle)], 1)
+            ImageDraw.Draw(page).polygon([tuple(c) for c in corners.tolist()], fill=255)
+    return torch.from_numpy(np.asarray(page, dtype=np.float32) / 255.0)[None]
 
 
 def draw(strokes: list[np.ndarray], radius: float) -> torch.Tensor:
@@ -149,6 +180,8 @@ def one(kind: str, rng: np.random.Generator, digits: torch.Tensor, labels: torch
         return draw([_curve(rng) for _ in range(int(rng.integers(2, 6)))], radius)
     if kind == "joined":
         return draw(_joined(rng), radius)
+    if kind == "symmetric":
+        return draw(_symmetric(rng), radius)
     if kind == "arc":
         return draw([_arc(rng)], radius)
     if kind == "scribble":
@@ -180,13 +213,7 @@ def one(kind: str, rng: np.random.Generator, digits: torch.Tensor, labels: torch
         j = next(j for j in iter(pick, None) if int(labels[j]) in MIRRORED)
         return centre_of_mass(digits[j].flip(-1)[None])[0]
     if kind == "blob":
-        yy, xx = torch.meshgrid(torch.arange(SIZE).float(), torch.arange(SIZE).float(), indexing="ij")
-        field = torch.zeros(1, SIZE, SIZE)
-        for _ in range(int(rng.integers(1, 4))):
-            cy, cx, ry, rx = rng.uniform(6, 22), rng.uniform(6, 22), rng.uniform(3, 10), rng.uniform(3, 10)
-            inside = 1.5 - ((yy - cy) / ry) ** 2 - ((xx - cx) / rx) ** 2
-            field = torch.maximum(field, (inside * 4).clamp(0, 1)[None])
-        return fit_and_centre(field)
+        return fit_and_centre(_solid(rng))
     field = torch.from_numpy(rng.random((1, SIZE, SIZE), dtype=np.float32))
     return field * (torch.from_numpy(rng.random((1, SIZE, SIZE))) < rng.uniform(0.2, 1.0)).float()
 
