@@ -1,6 +1,6 @@
-"""The detector stage: one detector from data/processed and params.yaml's detector section (the default),
-none while the refusal does not use it (evaluate.detector_share 0), with the training images it held out; a share that holds out nothing is
-one line of error and no file."""
+"""The detector stage: one detector from data/processed and params.yaml's detector section (the
+default), with the training images it held out; none while the refusal does not use it
+(evaluate.detector_share 0); a share that holds out nothing is one line of error and no file."""
 
 from __future__ import annotations
 
