@@ -119,6 +119,7 @@ class DetectorParams(_Section):
     negatives: int = Field(ge=1, description="generated non-digits (core.outliers), each step draws from them")
     held_out: float = Field(gt=0, lt=1, description="share of the training digits it does not fit")
     threads: int = Field(ge=1, description="CPU threads at most")
+    members: int = Field(ge=1, description="detectors trained alike from seeds seed, seed + 1, ...; scores averaged")
 
 
 class EvaluateParams(_Section):

@@ -28,6 +28,18 @@ def test_scores_of_the_weights_are_the_modules_forward() -> None:
                             for kind in ("weight", "bias")}  # fmt: skip
 
 
+def test_the_score_of_several_members_is_the_mean_of_theirs() -> None:
+    torch.manual_seed(1)
+    each = [{name: p.detach() for name, p in detector.Detector(width=4).named_parameters()} for _ in range(3)]
+    x = torch.randn(6, 1, 28, 28)
+    alone = [detector.score_all(weights, x) for weights in each]
+    together = detector.joined(each)
+    assert sorted(together)[:2] == ["m0.conv1.bias", "m0.conv1.weight"] and len(together) == 30
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(detector.members(together), each, strict=True) for k in a)
+    assert torch.allclose(detector.score_all(together, x), torch.stack(alone).mean(0), atol=1e-6)
+    assert len(detector.members(each[0])) == 1  # a detector saved before members: one member
+
+
 def test_held_out_split_is_a_fixed_partition() -> None:
     fitted, held = detector_training.held_out_split(100, 30, seed=1)
     assert len(held) == 30 and len(fitted) == 70

@@ -1,6 +1,8 @@
-"""The not-a-digit detector: a small network, separate from the classifier, that scores how unlike a
+"""The not-a-digit detector: small networks, separate from the classifier, that score how unlike a
 digit a 28x28 field is. Trained once per dataset (the detector stage, core.detector_training) and shared
 by every classifier: the refusal (core.refusal) fits its threshold beside the classifier's distances.
+Several members trained alike from different seeds are averaged: one network's score on a picture far
+from its training data depends much on its seed; their mean much less.
 
 The forward pass is a function of a dict of weight tensors, so the weights travel inside the refusal
 statistics (models/refusal.pt) and the scoring server's threads share them without any module state.
@@ -15,6 +17,7 @@ from torch import nn
 from mnist_cnn.core.model import CPU_BATCH
 
 PREFIX = "detector."  # its weights' names inside the refusal statistics
+MEMBER = "m{}."  # each member's weights' names inside the detector's: m0.conv1.weight, m1.conv1.weight, ...
 Tensors = dict[str, torch.Tensor]
 
 
@@ -28,8 +31,24 @@ def outputs(weights: Tensors, x: torch.Tensor) -> torch.Tensor:
 
 
 def scores(weights: Tensors, x: torch.Tensor) -> torch.Tensor:
-    """How unlike a digit each normalised field (N, 1, 28, 28) is: the log-odds of "not a digit" (N,)."""
-    return not_digit_logit(outputs(weights, x))
+    """How unlike a digit each normalised field (N, 1, 28, 28) is: the log-odds of "not a digit" (N,),
+    averaged over the members."""
+    return torch.stack([not_digit_logit(outputs(member, x)) for member in members(weights)]).mean(0)
+
+
+def members(weights: Tensors) -> list[Tensors]:
+    """The members' weights, each by its own names; weights without member names are one member."""
+    found, i = [], 0
+    while any(k.startswith(MEMBER.format(i)) for k in weights):
+        prefix = MEMBER.format(i)
+        found.append({k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)})
+        i += 1
+    return found or [weights]
+
+
+def joined(each: list[Tensors]) -> Tensors:
+    """The members' weights as one dict (members() splits it again)."""
+    return {MEMBER.format(i) + k: v for i, weights in enumerate(each) for k, v in weights.items()}
 
 
 def not_digit_logit(out: torch.Tensor) -> torch.Tensor:
