@@ -67,3 +67,26 @@ def test_blobs_are_solid_and_never_a_thin_bar(digits: tuple[torch.Tensor, torch.
         height, width = (rows.max() - rows.min() + 1).item(), (cols.max() - cols.min() + 1).item()
         assert min(height, width) >= 6, (height, width)  # a 1 is a bar a few pixels wide
         assert ink.sum() >= 0.35 * height * width  # filled, not outlined
+
+
+def test_turned_digits_lie_on_their_side_and_a_lone_one_is_never_a_0_1_or_8(
+    digits: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    images, _ = digits
+    labels = torch.full((len(images),), 1)
+    labels[3] = 7  # the one digit a lone turn may take; pairs may take the 1s too
+    lone = [outliers.fit_and_centre(torch.rot90(images[3], k, dims=(1, 2))) for k in (1, -1)]
+    rng = np.random.default_rng(7)
+    fields = [outliers.one("turned", rng, images, labels) for _ in range(40)]
+    alone = sum(any(torch.equal(field, turned) for turned in lone) for field in fields)
+    assert 15 <= alone <= 37, alone  # 70% lone digits; the rest pairs, which are none of these
+    assert not any(torch.equal(field, outliers.fit_and_centre(images[3])) for field in fields)
+
+
+def test_the_lines_kind_draws_straight_strokes_and_the_others_bend() -> None:
+    rng = np.random.default_rng(8)
+    for kind, straight in ((0, True), (1, False), (2, False)):
+        for _ in range(5):
+            points = outliers._curve(rng, kind=kind)
+            spread = np.linalg.svd(points - points.mean(0), compute_uv=False)  # a line has one direction
+            assert (spread[1] < 1e-9 * spread[0]) == straight, (kind, spread)

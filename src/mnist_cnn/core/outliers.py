@@ -3,11 +3,12 @@
 ink's box fitted into 20x20, centred by centre of mass), pixels in [0, 1]:
 
 - strokes: 2-5 random lines, arcs and curves at MNIST's stroke width, apart or each starting on an earlier
-  one; arc: one open bend (a quarter to three quarters of a turn); scribble: one long wandering line;
-  outline: a closed figure with corners (a triangle, a star, a box with a diagonal; no round ring: a 0);
+  one; lines: 2-4 straight ones only; arc: one open bend (a quarter to three quarters of a turn);
+  scribble: one long wandering line; outline: a closed figure with corners (a triangle, a star, a box
+  with a diagonal; no round ring: a 0);
 - from training digits: chimera (one digit's top or left part joined to another digit's rest), crossed
-  (a digit with extra strokes across it), pair (two digits side by side), mirrored (a digit that is not
-  its own mirror image, flipped);
+  (a digit with extra strokes across it), pair (two digits side by side), turned (a digit or a pair on
+  its side), mirrored (a digit that is not its own mirror image, flipped);
 - blob (solid ellipses and polygons) and noise.
 
 No letters, symbols or font glyphs: what the detector refuses of those is measured, not fitted.
@@ -29,17 +30,18 @@ SAMPLES = 40  # points along each stroke
 # Kind -> share of the negatives. Digit-made kinds carry MNIST's own pen texture: the detector must
 # learn the shapes of digits, not how MNIST was drawn.
 KINDS = {
-    "strokes": 0.1, "joined": 0.125, "symmetric": 0.1, "arc": 0.05, "scribble": 0.05, "outline": 0.1,
-    "chimera": 0.15, "crossed": 0.1, "pair": 0.1, "mirrored": 0.05, "blob": 0.05, "noise": 0.025,
+    "strokes": 0.08, "lines": 0.08, "joined": 0.1, "symmetric": 0.08, "arc": 0.04, "scribble": 0.04,
+    "outline": 0.08, "chimera": 0.13, "crossed": 0.08, "pair": 0.08, "turned": 0.09, "mirrored": 0.04,
+    "blob": 0.05, "noise": 0.03,
 }  # fmt: skip
 MIRRORED = (3, 4, 6, 7, 9)  # a mirrored 0, 1 or 8 is that digit, a mirrored 2 or 5 close to the other
 
 
-def _curve(rng: np.random.Generator, start: np.ndarray | None = None) -> np.ndarray:
-    """One stroke in the unit square, (SAMPLES, 2): a line, an elliptic arc or a quadratic curve, from
-    `start` if given."""
+def _curve(rng: np.random.Generator, start: np.ndarray | None = None, kind: int | None = None) -> np.ndarray:
+    """One stroke in the unit square, (SAMPLES, 2): a line (kind 0), an elliptic arc (1) or a quadratic
+    curve (2), from `start` if given; the kind random if not given."""
     t = np.linspace(0.0, 1.0, SAMPLES)[:, None]
-    kind = rng.integers(3)
+    kind = int(rng.integers(3)) if kind is None else kind
     if kind == 0:
         a, b = rng.random((2, 2))
         a = a if start is None else start
@@ -129,6 +131,15 @@ def _solid(rng: np.random.Generator) -> torch.Tensor:
     return torch.from_numpy(np.asarray(page, dtype=np.float32) / 255.0)[None]
 
 
+def _pair(rng: np.random.Generator, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Two digits (1, 28, 28) side by side, touching or overlapping a little: (1, 28, 28 + gap)."""
+    gap = int(rng.integers(14, 25))
+    canvas = torch.zeros(1, SIZE, SIZE + gap)
+    canvas[:, :, :SIZE] = left
+    canvas[:, :, gap:] = torch.maximum(canvas[:, :, gap:], right)
+    return canvas
+
+
 def draw(strokes: list[np.ndarray], radius: float) -> torch.Tensor:
     """Strokes (point lists in any units) drawn as one field (1, 28, 28): their box fitted into 20x20,
     ink of full strength within `radius` px of a stroke's centre line, a one-pixel soft edge, the centre
@@ -182,6 +193,8 @@ def one(kind: str, rng: np.random.Generator, digits: torch.Tensor, labels: torch
         return draw(_joined(rng), radius)
     if kind == "symmetric":
         return draw(_symmetric(rng), radius)
+    if kind == "lines":  # straight strokes only, apart or crossing
+        return draw([_curve(rng, kind=0) for _ in range(int(rng.integers(2, 5)))], radius)
     if kind == "arc":
         return draw([_arc(rng)], radius)
     if kind == "scribble":
@@ -204,11 +217,12 @@ def one(kind: str, rng: np.random.Generator, digits: torch.Tensor, labels: torch
         base = next(j for j in iter(pick, None) if labels[j] not in (0, 1, 7))
         return fit_and_centre(torch.maximum(digits[base], extra))
     if kind == "pair":
-        gap = int(rng.integers(14, 25))
-        canvas = torch.zeros(1, SIZE, SIZE + gap)
-        canvas[:, :, :SIZE] = digits[pick()]
-        canvas[:, :, gap:] = torch.maximum(canvas[:, :, gap:], digits[pick()])
-        return fit_and_centre(canvas)
+        return fit_and_centre(_pair(rng, digits[pick()], digits[pick()]))
+    if kind == "turned":  # a digit or a pair on its side
+        # Not 0 or 8 (turned, still a 0 or an 8; a pair of them an 8), nor a lone 1 (a slanted 1 turned is one).
+        other = lambda *no: digits[next(j for j in iter(pick, None) if labels[j] not in no)]  # noqa: E731
+        field = other(0, 1, 8) if rng.random() < 0.7 else _pair(rng, other(0, 8), other(0, 8))
+        return fit_and_centre(torch.rot90(field, 1 if rng.random() < 0.5 else -1, dims=(1, 2)))
     if kind == "mirrored":
         j = next(j for j in iter(pick, None) if int(labels[j]) in MIRRORED)
         return centre_of_mass(digits[j].flip(-1)[None])[0]
