@@ -435,6 +435,9 @@ def test_error_message_is_one_line_even_for_odd_keys(raw_params: dict[str, Any])
         ({"augment_blur": 4.0}, "'augment_blur'"),
         ({"augment_invert": 1.5}, "'augment_invert'"),
         ({"augment_noise": "0.1"}, "'augment_noise'"),
+        ({"augment_consistency": 12.0}, "augment_consistency needs one of augment_blur"),
+        ({"augment": False, "augment_consistency": 12.0}, "augment_consistency need augment: true"),
+        ({"augment_consistency": -1.0}, "'augment_consistency'"),
     ],
 )
 def test_bad_augmentation_extras_are_one_clear_error(top: dict[str, Any], expected: str) -> None:

@@ -22,6 +22,8 @@ from mnist_cnn.core.augment import (
     Extras,
     affine_theta,
     augment,
+    geometric,
+    photometric,
     random_affine,
     random_blur,
     random_boxes,
@@ -217,6 +219,14 @@ def test_all_extras_off_is_the_reports_augmentation_draw_for_draw() -> None:
     assert torch.equal(augment(images, generator(3), Extras()), random_affine(images, generator(3)))
     with_scale = augment(images, generator(3), Extras(scale=0.2, thickness=0.5))
     assert not torch.equal(with_scale, random_affine(images, generator(3)))
+
+
+def test_augment_is_the_photometric_pieces_on_the_geometric_view_draw_for_draw() -> None:
+    images, every = strokes(), Extras(scale=0.2, thickness=0.5, blur=1.0, invert=0.5, erase=0.5, noise=0.2)
+    g = generator(6)
+    assert torch.equal(augment(images, generator(6), every), photometric(geometric(images, g, every), g, every))
+    view = geometric(images, generator(6), every)
+    assert torch.equal(photometric(view, generator(7), Extras(scale=0.2)), view)  # no look piece: unchanged
 
 
 def test_blur_spreads_ink_and_keeps_its_sum() -> None:

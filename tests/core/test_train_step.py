@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from helpers import render_digits
+from mnist_cnn.core.augment import Extras
 from mnist_cnn.core.model import Net
-from mnist_cnn.core.train_step import TrainStep, mean_nll
+from mnist_cnn.core.train_step import TrainStep, jensen_shannon, mean_nll
 
 
-def step_on_digits(n: int = 32, augment: bool = False) -> TrainStep:
+def step_on_digits(n: int = 32, augment: bool = False, consistency: float = 0.0) -> TrainStep:
     torch.manual_seed(0)
     images, labels = render_digits(n, seed=0)
     net = Net()
@@ -26,6 +27,8 @@ def step_on_digits(n: int = 32, augment: bool = False) -> TrainStep:
         batch_size=n,
         generator=torch.Generator().manual_seed(0),
         cuda_graph=False,
+        extras=Extras(blur=1.0, noise=0.2) if consistency else None,
+        consistency=consistency,
     )
 
 
@@ -81,3 +84,27 @@ def test_mean_nll_is_the_mean_negative_log_likelihood(deterministic: bool) -> No
     finally:
         torch.use_deterministic_algorithms(False)
     assert loss.item() == pytest.approx(F.nll_loss(log_probs, labels).item(), rel=1e-6)
+
+
+def test_jensen_shannon_is_zero_for_agreeing_views_and_bounded_by_log_3() -> None:
+    log_probs = torch.log_softmax(torch.randn(20, 10, generator=torch.Generator().manual_seed(1)), 1)
+    assert jensen_shannon((log_probs, log_probs, log_probs)).item() == pytest.approx(0.0, abs=1e-6)
+    sure = torch.full((20, 10), -30.0)
+    one, two, three = (sure.index_fill(1, torch.tensor([k]), 0.0) for k in range(3))  # each sure of another class
+    assert jensen_shannon((one, two, three)).item() == pytest.approx(torch.log(torch.tensor(3.0)).item(), rel=1e-4)
+    mixed = jensen_shannon((log_probs, log_probs.roll(1, 0), log_probs))
+    assert 0 < mixed.item() < jensen_shannon((one, two, three)).item()
+
+
+def test_a_consistency_step_learns_and_records_the_classification_loss_alone() -> None:
+    step = step_on_digits(augment=True, consistency=12.0)
+    step.start_epoch()
+    seen = losses(step, torch.arange(32), 8)
+    assert min(seen[-3:]) < seen[0], seen
+    assert max(seen) < 2.5  # the NLL of 10 classes (ln 10 = 2.3 at chance), not NLL + 12 x JSD
+    again = step_on_digits(augment=True, consistency=12.0)
+    again.start_epoch()
+    assert losses(again, torch.arange(32), 8) == seen  # the same draws: reproducible
+    plain = step_on_digits(augment=True)
+    plain.start_epoch()
+    assert losses(plain, torch.arange(32), 8) != seen

@@ -99,10 +99,20 @@ class Extras:
 
 def augment(images: torch.Tensor, generator: torch.Generator | None, extras: Extras) -> torch.Tensor:
     """The training augmentation of a float batch in [0, 1]: strokes, then geometry, then the look."""
+    return photometric(geometric(images, generator, extras), generator, extras)
+
+
+def geometric(images: torch.Tensor, generator: torch.Generator | None, extras: Extras) -> torch.Tensor:
+    """The strokes' width, then rotation, shift and scale: where and how large the digit is."""
     x = images
     if extras.thickness > 0:  # before the affine: pixel-sized strokes, as the data's
         x = random_thickness(x, generator, extras.thickness)
-    x = random_affine(x, generator, max_scale=extras.scale)  # on [0, 1] pixels the zero fill is background
+    return random_affine(x, generator, max_scale=extras.scale)  # on [0, 1] pixels the zero fill is background
+
+
+def photometric(images: torch.Tensor, generator: torch.Generator | None, extras: Extras) -> torch.Tensor:
+    """Blur, inverted and erased rectangles, pixel noise: how the picture looks."""
+    x = images
     if extras.blur > 0:
         x = random_blur(x, generator, extras.blur)
     if extras.invert > 0:

@@ -12,7 +12,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from mnist_cnn.core.augment import Extras, augment
+from mnist_cnn.core.augment import Extras, geometric, photometric
 from mnist_cnn.core.model import standardize
 
 WARMUP_STEPS = 3  # eager steps on a side stream before capture, as CUDA graphs require
@@ -36,6 +36,7 @@ class TrainStep:
         rank: int = 0,
         world: int = 1,
         extras: Extras | None = None,
+        consistency: float = 0.0,
     ) -> None:
         self.net = model  # the bare network: evaluate and save this one
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
@@ -43,6 +44,7 @@ class TrainStep:
         self.images, self.labels = images, labels
         self.augment, self.bf16, self.batch_size = augment, bf16, batch_size
         self.extras = extras or Extras()
+        self.consistency = consistency if augment else 0.0
         self.device = images.device
         # bf16 is the fast path: channels_last pays on GPUs (tensor-core convolutions) and
         # on CPUs (oneDNN's NHWC convolution and max-pool kernels; docs/speed.md). fp32 keeps
@@ -70,7 +72,10 @@ class TrainStep:
     def _step(self, index: torch.Tensor) -> None:
         x = self.images[index].float().div_(255.0)
         if self.augment:
-            x = augment(x, self.generator, self.extras)
+            x = geometric(x, self.generator, self.extras)
+            looks = [photometric(x, self.generator, self.extras) for _ in range(2 if self.consistency else 1)]
+            # With consistency (AugMix): the geometric view itself and two photometric views, one batch.
+            x = torch.cat([x, *looks]) if self.consistency else looks[0]
         x = standardize(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -80,15 +85,17 @@ class TrainStep:
         )
         with autocast:
             log_probs = self.model(x)
-        loss = mean_nll(log_probs, self.labels[index])
+        # The loss recorded is the classification loss alone, comparable with and without consistency.
+        loss = mean_nll(log_probs[: index.numel()], self.labels[index])
+        total = loss + self.consistency * jensen_shannon(log_probs.float().chunk(3)) if self.consistency else loss
         self.optimizer.zero_grad(set_to_none=not self.use_graph)  # graphs need stable grad buffers
-        loss.backward()
+        total.backward()
         self.optimizer.step()
         loss = loss.detach().float()
         self.loss_sum += loss * index.numel()
         # Remember the epoch's first step with a NaN or infinite loss, without a host sync.
         self.steps += 1
-        bad = ~torch.isfinite(loss) & (self.first_bad_step < 0)
+        bad = ~torch.isfinite(total.detach()) & (self.first_bad_step < 0)
         self.first_bad_step.copy_(torch.where(bad, self.steps, self.first_bad_step))
 
     def start_epoch(self) -> None:
@@ -126,6 +133,14 @@ class TrainStep:
             self._step(self.static_index)
         self.graph = graph  # only a completed capture is ever replayed
         self.graph.replay()  # capture records the step without running it
+
+
+def jensen_shannon(log_probs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The Jensen-Shannon divergence among the predictions of several views of the same images (each
+    (N, C) log-probabilities), mean over the batch: AugMix's consistency loss (Hendrycks et al. 2020),
+    which pulls the photometric views' predictions towards each other and the clean view's."""
+    mixture = torch.stack([p.exp() for p in log_probs]).mean(0).clamp(1e-7, 1).log()
+    return sum(F.kl_div(mixture, p, reduction="batchmean", log_target=True) for p in log_probs) / len(log_probs)
 
 
 def mean_nll(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

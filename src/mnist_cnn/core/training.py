@@ -103,6 +103,7 @@ def build(params: Params, images: torch.Tensor, labels: torch.Tensor) -> TrainSt
         rank=rank,
         world=world,
         extras=Extras(**{extra.name: getattr(params, f"augment_{extra.name}") for extra in fields(Extras)}),
+        consistency=params.augment_consistency,
     )
 
 
