@@ -73,9 +73,12 @@ class TrainStep:
         x = self.images[index].float().div_(255.0)
         if self.augment:
             x = geometric(x, self.generator, self.extras)
-            looks = [photometric(x, self.generator, self.extras) for _ in range(2 if self.consistency else 1)]
-            # With consistency (AugMix): the geometric view itself and two photometric views, one batch.
-            x = torch.cat([x, *looks]) if self.consistency else looks[0]
+            if self.consistency:  # AugMix: the geometric view itself and two photometric views, one batch
+                x = torch.cat(
+                    [x, photometric(x, self.generator, self.extras), photometric(x, self.generator, self.extras)]
+                )
+            else:
+                x = photometric(x, self.generator, self.extras)
         x = standardize(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
