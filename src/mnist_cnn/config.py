@@ -40,6 +40,7 @@ class ModelParams(_Section):
     input_norm: Literal["none", "range", "background"] = Field(
         description="range: each image stretched to black..white; background: its page subtracted first"
     )
+    width: int = Field(ge=1, le=8, description="every conv's channels times this; 1 = the report's 32, 64")
 
 
 class TrainParams(_Section):

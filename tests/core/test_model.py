@@ -177,6 +177,26 @@ def test_depth_2_draws_the_same_initial_weights_as_the_reports_layers() -> None:
         assert torch.equal(mine.weight, bare.weight) and torch.equal(mine.bias, bare.bias)
 
 
+@pytest.mark.parametrize("depth", [2, 3])
+def test_width_multiplies_every_convs_channels_and_travels_with_the_weights(depth: int) -> None:
+    net = Net(depth=depth, width=2, batchnorm=True).eval()
+    convs = [net.conv1, net.conv2] + ([net.block3[0]] if depth == 3 else [])
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 64), (64, 128), (128, 128)][: len(convs)]
+    assert net.norm2.num_features == 128
+    assert net.fc1.in_features == 128 * (14 * 14 if depth == 2 else 7 * 7)
+    x = normalize(uint8_images(3))
+    assert net.feature_maps(x).shape[1] == 128 and net(x).shape == (3, 10)
+    assert "width" not in Net().arch  # the report's checkpoint keeps its bytes
+    rebuilt = Net(**net.arch)  # as load_model rebuilds it from the checkpoint
+    rebuilt.load_state_dict(net.state_dict())
+    torch.testing.assert_close(rebuilt.eval()(x), net(x))
+
+
+def test_width_below_1_is_refused() -> None:
+    with pytest.raises(ValueError, match="width >= 1"):
+        Net(width=0)
+
+
 def test_depth_other_than_2_or_3_is_refused() -> None:
     with pytest.raises(ValueError, match="depth must be 2 or 3"):
         Net(depth=4)

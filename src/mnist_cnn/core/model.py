@@ -33,27 +33,34 @@ class Net(nn.Module):
     are invariant to larger shifts); `input_norm`, each picture's range (and page) normalised in the network.
     Input: normalised float images (N, 1, 28, 28). Output: log-probabilities (N, 10)."""
 
-    def __init__(self, batchnorm: bool = False, dropout: float = 0.0, depth: int = 2, input_norm: str = "none") -> None:
+    def __init__(
+        self, batchnorm: bool = False, dropout: float = 0.0, depth: int = 2, input_norm: str = "none", width: int = 1
+    ) -> None:
         super().__init__()
-        if depth not in (2, 3) or input_norm not in INPUT_NORMS:
-            raise ValueError(f"depth must be 2 or 3 and input_norm one of {INPUT_NORMS}, not {depth}, {input_norm}")
+        if depth not in (2, 3) or input_norm not in INPUT_NORMS or width < 1:
+            wanted = f"depth must be 2 or 3, input_norm one of {INPUT_NORMS} and width >= 1"
+            raise ValueError(f"{wanted}, not {depth}, {input_norm}, {width}")
         self.arch = {"batchnorm": batchnorm, "dropout": dropout, "depth": depth}  # saved with the weights
-        if input_norm != "none":  # only then: the report's checkpoint stays byte for byte what it was
+        # Only when set: the report's checkpoint stays byte for byte what it was.
+        if input_norm != "none":
             self.arch["input_norm"] = input_norm
-        self.conv1 = nn.Conv2d(1, 32, kernel_size=3, padding=1)
-        self.norm1 = nn.BatchNorm2d(32) if batchnorm else nn.Identity()
-        self.conv2 = nn.Conv2d(32, 64, kernel_size=3, padding=1)
-        self.norm2 = nn.BatchNorm2d(64) if batchnorm else nn.Identity()
+        if width != 1:
+            self.arch["width"] = width
+        c1, c2 = 32 * width, 64 * width
+        self.conv1 = nn.Conv2d(1, c1, kernel_size=3, padding=1)
+        self.norm1 = nn.BatchNorm2d(c1) if batchnorm else nn.Identity()
+        self.conv2 = nn.Conv2d(c1, c2, kernel_size=3, padding=1)
+        self.norm2 = nn.BatchNorm2d(c2) if batchnorm else nn.Identity()
         # Created only when used: an unused layer would still draw from the RNG and
         # change the report's initial weights. (Created here, before fc1, for the same reason.)
         self.block3 = None
         if depth == 3:
-            conv3 = nn.Conv2d(64, 64, kernel_size=3, padding=1)
-            norm3 = nn.BatchNorm2d(64) if batchnorm else nn.Identity()
+            conv3 = nn.Conv2d(c2, c2, kernel_size=3, padding=1)
+            norm3 = nn.BatchNorm2d(c2) if batchnorm else nn.Identity()
             self.block3 = nn.Sequential(conv3, norm3, nn.ReLU(), nn.MaxPool2d(2, 2))
         self.pool = nn.MaxPool2d(2, 2)
         self.drop_features = nn.Dropout(dropout) if dropout else nn.Identity()
-        self.fc1 = nn.Linear(64 * 14 * 14 if depth == 2 else 64 * 7 * 7, 128)
+        self.fc1 = nn.Linear(c2 * 14 * 14 if depth == 2 else c2 * 7 * 7, 128)
         self.drop_hidden = nn.Dropout(dropout) if dropout else nn.Identity()
         self.fc2 = nn.Linear(128, 10)
 
@@ -61,7 +68,7 @@ class Net(nn.Module):
         return torch.log_softmax(self.classify(self.feature_maps(x)), dim=1)
 
     def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
-        """The last conv block's feature maps (N, 64, H, W), as fc1 reads them (the refusal's
+        """The last conv block's feature maps (N, 64 * width, H, W), as fc1 reads them (the refusal's
         features: a method, not a hook, so concurrent server threads can share one net)."""
         if norm := self.arch.get("input_norm"):
             x = stretched(x, background=norm == "background")
