@@ -2,13 +2,14 @@
 
 Fitted on the TRAINING set (never the test set) after training: a temperature T (softmax(logits / T)
 minimises the NLL), and two Mahalanobis distances to the nearest class mean (shared Ledoit-Wolf covariance):
-"conv", the last conv block's 64 feature maps averaged over the picture, and "logits". Softmax confidence
-cannot refuse: far from the training data a ReLU network's logits grow without bound. T and the thresholds
-come from training images as training saw them (augmented, a fixed seed). A picture with (almost) no ink
-is "blank", one with too little or too much ink (params evaluate.ink_quantiles) not a digit. With the
-not-a-digit detector (core.detector, shared by every classifier), its weights join the statistics, and its
-threshold and the distances' are fitted together on training digits the detector has not fitted. The budget,
-the calibration sizes and the detector's share are params (`evaluate:` in params.yaml); docs/refusal.md.
+"conv", the last conv block's feature maps (64 x model.width) averaged over the picture, and "logits".
+Softmax confidence cannot refuse: far from the training data a ReLU network's logits grow without bound. T
+and the thresholds come from training images as training saw them (augmented, a fixed seed). A picture with
+(almost) no ink is "blank", one with too little or too much ink (params evaluate.ink_quantiles) not a digit.
+With the not-a-digit detector (core.detector, shared by every classifier), its weights join the statistics,
+and its threshold and the distances' are fitted together on training digits the detector has not fitted. The
+budget, the calibration sizes and the detector's share are params (`evaluate:` in params.yaml);
+docs/refusal.md.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ Tensors = dict[str, torch.Tensor]  # by name: a layer's features, or the refusal
 
 @torch.inference_mode()
 def features_and_log_probs(net: Net, x: torch.Tensor, batch_size: int = CPU_BATCH) -> tuple[Tensors, torch.Tensor]:
-    """({"conv": (N, 64) averaged feature maps, "logits": (N, 10)}, log-probabilities (N, 10)) of
+    """({"conv": (N, 64 x width) averaged feature maps, "logits": (N, 10)}, log-probabilities (N, 10)) of
     normalised images, from one forward pass per batch. No hooks or other state on the net: the
     scoring server calls this from concurrent threads on one net."""
     net.eval()
@@ -103,7 +104,7 @@ def fit(
     pick = torch.randperm(len(images), generator=generator)[: budget.calibration_images]
     if detector is not None:
         pick = detector["held_out"][: budget.calibration_images]
-    # A third of the training set pins down 10 means and a 64x64 covariance at a third of the cost.
+    # A third of the training set pins down 10 means and a 64x64 covariance (at width 1) at a third of the cost.
     features, _ = features_and_log_probs(net, normalize(images[pick]))
     stats: Tensors = {}
     for layer in LAYERS:
