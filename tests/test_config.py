@@ -436,8 +436,6 @@ def test_error_message_is_one_line_even_for_odd_keys(raw_params: dict[str, Any])
         ({"augment_invert": 1.5}, "'augment_invert'"),
         ({"augment_noise": "0.1"}, "'augment_noise'"),
         ({"augment_consistency": 12.0}, "augment_consistency needs one of augment_blur"),
-        ({"augment_clean": 0.5}, "augment_clean needs one of augment_blur"),
-        ({"augment_blur": 1.0, "augment_clean": 1.0}, "'augment_clean'"),
         ({"augment": False, "augment_consistency": 12.0}, "augment_consistency need augment: true"),
         ({"augment_consistency": -1.0}, "'augment_consistency'"),
     ],

@@ -174,7 +174,6 @@ with warnings.catch_warnings():
         augment_invert: float = Field(ge=0, le=1, description="chance of one inverted rectangle; 0 = off")
         augment_erase: float = Field(ge=0, le=1, description="chance of one flat grey rectangle; 0 = off")
         augment_noise: float = Field(ge=0, le=1, description="Gaussian pixel noise, std up to this; 0 = off")
-        augment_clean: float = Field(ge=0, lt=1, description="share of images without blur/invert/erase/noise")
         augment_consistency: float = Field(ge=0, description="weight of the clean/photometric JSD (AugMix); 0 = off")
         data: DataParams
         model: ModelParams
@@ -190,9 +189,8 @@ with warnings.catch_warnings():
             if not self.augment and extras:
                 raise PydanticCustomError("combination", f"{', '.join(extras)} need augment: true")
             looks = ("augment_blur", "augment_invert", "augment_erase", "augment_noise")
-            for needs in ("augment_clean", "augment_consistency"):
-                if getattr(self, needs) and not any(getattr(self, key) for key in looks):
-                    raise PydanticCustomError("combination", f"{needs} needs one of {', '.join(looks)} > 0")
+            if self.augment_consistency and not any(getattr(self, key) for key in looks):
+                raise PydanticCustomError("combination", f"augment_consistency needs one of {', '.join(looks)} > 0")
             return self
 
 

@@ -275,17 +275,3 @@ def test_noise_is_bounded_and_varies_per_image() -> None:
     # Away from the border, which the affine's shift fills with black, the page is 0.5 plus noise.
     std = (out - 0.5)[:, :, 4:-4, 4:-4].std((1, 2, 3))
     assert std.max() < 0.3 * 1.1 and std.max() > 0.15 and std.min() < 0.1
-
-
-def test_clean_share_leaves_that_share_of_images_as_the_geometric_view() -> None:
-    images = torch.full((400, 1, 28, 28), 0.5)
-    looks = Extras(blur=1.0, noise=0.2)
-    g = generator(8)
-    view = geometric(images, g, looks)
-    mixed = photometric(view, g, Extras(blur=1.0, noise=0.2, clean=0.3))
-    untouched = (mixed == view).all(3).all(2).all(1)
-    assert 0.2 < untouched.float().mean() < 0.4
-    # The others are what the pieces gave without the share: it draws after them.
-    g = generator(8)
-    view = geometric(images, g, looks)
-    assert torch.equal(mixed[~untouched], photometric(view, g, looks)[~untouched])

@@ -95,7 +95,6 @@ class Extras:
     invert: float = 0.0  # probability of inverting one random rectangle
     erase: float = 0.0  # probability of painting one random rectangle a flat random grey
     noise: float = 0.0  # Gaussian pixel noise of std uniform in [0, noise]
-    clean: float = 0.0  # share of images left without the four above (as the test set looks)
 
 
 def augment(images: torch.Tensor, generator: torch.Generator | None, extras: Extras) -> torch.Tensor:
@@ -126,9 +125,6 @@ def photometric(images: torch.Tensor, generator: torch.Generator | None, extras:
     if extras.noise > 0:
         std = torch.rand(x.shape[0], 1, 1, 1, device=x.device, generator=generator, dtype=x.dtype) * extras.noise
         x = (x + std * torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)).clamp(0, 1)
-    if extras.clean > 0:  # drawn last, so the pieces above draw what they drew without it
-        kept = torch.rand(x.shape[0], 1, 1, 1, device=x.device, generator=generator) < extras.clean
-        x = torch.where(kept, images, x)
     return x
 
 
