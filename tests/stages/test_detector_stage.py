@@ -33,11 +33,11 @@ def test_the_stage_trains_one_detector_and_keeps_its_held_out_digits(
     saved = load_tensors(DETECTOR)
     held_out = saved.pop("held_out")
     assert len(held_out) == 100 and len(set(held_out.tolist())) == 100 and held_out.max() < 300  # a third
-    first, second = network.members(saved)  # params.yaml's two members, trained from seeds 0 and 1
-    assert first["conv1.weight"].shape == (4, 1, 3, 3) and second["fc2.weight"].shape == (11, 64)
-    assert not torch.equal(first["conv1.weight"], second["conv1.weight"])
+    each = network.members(saved)  # params.yaml's four members, trained from seeds 0, 1, 2 and 3
+    assert len(each) == 4 and each[0]["conv1.weight"].shape == (4, 1, 3, 3) and each[3]["fc2.weight"].shape == (11, 64)
+    assert all(not torch.equal(each[0]["conv1.weight"], other["conv1.weight"]) for other in each[1:])
     assert network.score_all(saved, torch.zeros(3, 1, 28, 28)).shape == (3,)
-    assert "detector: 2 trained on 200 digits, 100 held out for the refusal's thresholds" in capsys.readouterr().out
+    assert "detector: 4 trained on 200 digits, 100 held out for the refusal's thresholds" in capsys.readouterr().out
 
     DETECTOR.unlink()
     write_params(tmp_path, data, detector__held_out=0.001)
