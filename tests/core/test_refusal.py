@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 from helpers import make_params, render_digits, trained_one_epoch
 from mnist_cnn.core import detector, refusal
-from mnist_cnn.core.augment import random_affine
+from mnist_cnn.core.augment import Extras, random_affine
 from mnist_cnn.core.model import Net, load_model, normalize_fields, standardize
 from mnist_cnn.core.picture import to_mnist
 from mnist_cnn.files import load_tensors
@@ -133,3 +133,20 @@ def test_the_detector_joins_the_refusal_fitted_on_the_digits_it_held_out(
     assert all(r.startswith("not a digit (the not-a-digit detector scores it ") for r in reasons if "ink" not in r)
     plain = {k: v for k, v in stats.items() if not k.startswith(detector.PREFIX) and k != "detector_threshold"}
     assert not any("detector" in (r or "") for r in refusal.answer(net, plain, x)[2])
+
+
+def test_the_distances_calibrate_on_the_models_own_photometric_augmentation(
+    trained: tuple[Net, torch.Tensor, torch.Tensor],
+) -> None:
+    net, images, labels = trained
+    budget = BUDGET.model_copy(update={"detector_share": 0.0, "calibration_images": 1000})
+    plain = refusal.fit(net, images, labels, seed=3, budget=budget)
+    # Without photometric pieces nothing changes, draw for draw (the report's model keeps its statistics).
+    geometric_only = refusal.fit(net, images, labels, seed=3, budget=budget, extras=Extras(scale=0.1, thickness=0.5))
+    assert all(torch.equal(plain[k], geometric_only[k]) for k in plain)
+    looks = refusal.fit(net, images, labels, seed=3, budget=budget, extras=Extras(blur=1.0, noise=0.15))
+    # Blurred and noisy digits lie further out in the conv features: that threshold loosens; what the fit
+    # takes from the clean and geometric views (the means, the ink range, the temperature) stays.
+    assert looks["conv_threshold"] > 1.5 * plain["conv_threshold"]
+    for k in ("conv_means", "logits_precision", "ink_range", "temperature"):
+        assert torch.equal(looks[k], plain[k])

@@ -21,7 +21,7 @@ from sklearn.covariance import LedoitWolf
 
 from mnist_cnn.config import EvaluateParams
 from mnist_cnn.core import detector as not_digit
-from mnist_cnn.core.augment import random_affine
+from mnist_cnn.core.augment import Extras, photometric, random_affine
 from mnist_cnn.core.model import CPU_BATCH, MNIST_STD, Net, normalize, normalize_fields, standardize, unstandardize
 
 MIN_CONTRAST = 32 / 255  # an input whose pixels span less than this is blank (picture.MIN_CONTRAST)
@@ -93,11 +93,14 @@ def fit(
     seed: int,
     budget: EvaluateParams,
     detector: Tensors | None = None,
+    extras: Extras | None = None,
 ) -> Tensors:
     """The refusal statistics of `net` from the training set: uint8 images (N, 1, 28, 28), labels (N,); `budget`
     says how many images calibrate, what share of them are refused and which ink range is answered. With the
     detector stage's output (its weights and `held_out`, the training images it has not fitted) and a
-    detector_share above 0, the detector joins the refusal and the calibration images are those it held out."""
+    detector_share above 0, the detector joins the refusal and the calibration images are those it held out.
+    `extras`: the model's own training augmentation (params.yaml's augment_*); its photometric pieces reach the
+    distances' calibration images (none by default: the report's model)."""
     if budget.detector_share == 0 or not detector:  # off (the detector stage then trains none)
         detector = None
     generator = torch.Generator().manual_seed(seed)
@@ -113,6 +116,11 @@ def fit(
     # The training augmentation works on [0, 1] pixels with zero fill, as train_step applies it.
     seen = random_affine(images[pick].float() / 255.0, generator)
     seen_features, seen_log_probs = features_and_log_probs(net, standardize(seen))
+    # A network trained to read blurred, noisy or blotted digits (the model's `extras`) maps them far from its
+    # clean digits' means: the distances' thresholds come from the same images with those looks added too.
+    looked = photometric(seen, generator, extras or Extras())
+    if looked is not seen:
+        seen_features, _ = features_and_log_probs(net, standardize(looked))
     scores, shares = list(all_distances(seen_features, stats).values()), [1.0] * len(LAYERS)
     if detector is not None:
         weights = {k: v for k, v in detector.items() if k != "held_out"}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import fields
 
 import numpy as np
 import torch
@@ -15,7 +14,7 @@ from tqdm import tqdm
 from mnist_cnn.cli import UserError
 from mnist_cnn.config import Params
 from mnist_cnn.core import distributed, runtime
-from mnist_cnn.core.augment import Extras
+from mnist_cnn.core.augment import extras_from
 from mnist_cnn.core.model import Net
 from mnist_cnn.core.train_step import TrainStep
 
@@ -102,7 +101,7 @@ def build(params: Params, images: torch.Tensor, labels: torch.Tensor) -> TrainSt
         shuffle_generator=shuffle_generator,
         rank=rank,
         world=world,
-        extras=Extras(**{extra.name: getattr(params, f"augment_{extra.name}") for extra in fields(Extras)}),
+        extras=extras_from(params),
         consistency=params.augment_consistency,
     )
 

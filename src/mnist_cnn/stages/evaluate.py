@@ -16,6 +16,7 @@ from sklearn.metrics import f1_score
 from mnist_cnn.cli import run_stage
 from mnist_cnn.config import load_params
 from mnist_cnn.core import refusal
+from mnist_cnn.core.augment import extras_from
 from mnist_cnn.core.model import accuracy, load_checkpoint, predict_log_probs
 from mnist_cnn.core.runtime import tune_cpu_allocator
 from mnist_cnn.data.mnist import load_processed
@@ -36,7 +37,8 @@ def main() -> None:
     predicted, truth = log_probs.argmax(1).numpy(), labels.numpy()
 
     # The refusal statistics come from the training set (never the test set) and the final weights.
-    stats = refusal.fit(model, *load_processed("train"), params.seed, params.evaluate, load_tensors(DETECTOR))
+    train = load_processed("train")
+    stats = refusal.fit(model, *train, params.seed, params.evaluate, load_tensors(DETECTOR), extras_from(params))
     save_tensors(REFUSAL_STATS, stats)
     calibration = report(model, stats, images, labels)
     rates = nondigits.refusal_rates(model, stats)
