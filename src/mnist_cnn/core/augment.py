@@ -10,12 +10,10 @@ The extras (`Extras`, each off by default) are batched the same way.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from mnist_cnn.config import Params
 
 
 def affine_theta(
@@ -97,11 +95,6 @@ class Extras:
     invert: float = 0.0  # probability of inverting one random rectangle
     erase: float = 0.0  # probability of painting one random rectangle a flat random grey
     noise: float = 0.0  # Gaussian pixel noise of std uniform in [0, noise]
-
-
-def extras_from(params: Params) -> Extras:
-    """params.yaml's augment_* as Extras."""
-    return Extras(**{extra.name: getattr(params, f"augment_{extra.name}") for extra in fields(Extras)})
 
 
 def augment(images: torch.Tensor, generator: torch.Generator | None, extras: Extras) -> torch.Tensor:

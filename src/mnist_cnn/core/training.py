@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import fields
 
 import numpy as np
 import torch
@@ -14,7 +15,7 @@ from tqdm import tqdm
 from mnist_cnn.cli import UserError
 from mnist_cnn.config import Params
 from mnist_cnn.core import distributed, runtime
-from mnist_cnn.core.augment import extras_from
+from mnist_cnn.core.augment import Extras
 from mnist_cnn.core.model import Net
 from mnist_cnn.core.train_step import TrainStep
 
@@ -101,7 +102,7 @@ def build(params: Params, images: torch.Tensor, labels: torch.Tensor) -> TrainSt
         shuffle_generator=shuffle_generator,
         rank=rank,
         world=world,
-        extras=extras_from(params),
+        extras=Extras(**{extra.name: getattr(params, f"augment_{extra.name}") for extra in fields(Extras)}),
         consistency=params.augment_consistency,
     )
 

@@ -9,6 +9,8 @@ execution's MLflow run.
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import mlflow
 import torch.nn.functional as F
 from sklearn.metrics import f1_score
@@ -16,7 +18,7 @@ from sklearn.metrics import f1_score
 from mnist_cnn.cli import run_stage
 from mnist_cnn.config import load_params
 from mnist_cnn.core import refusal
-from mnist_cnn.core.augment import extras_from
+from mnist_cnn.core.augment import Extras
 from mnist_cnn.core.model import accuracy, load_checkpoint, predict_log_probs
 from mnist_cnn.core.runtime import tune_cpu_allocator
 from mnist_cnn.data.mnist import load_processed
@@ -37,8 +39,9 @@ def main() -> None:
     predicted, truth = log_probs.argmax(1).numpy(), labels.numpy()
 
     # The refusal statistics come from the training set (never the test set) and the final weights.
-    train = load_processed("train")
-    stats = refusal.fit(model, *train, params.seed, params.evaluate, load_tensors(DETECTOR), extras_from(params))
+    # The model's own augmentation: a network trained on blurred, noisy digits must not refuse them.
+    extras = Extras(**{extra.name: getattr(params, f"augment_{extra.name}") for extra in fields(Extras)})
+    stats = refusal.fit(model, *load_processed("train"), params.seed, params.evaluate, load_tensors(DETECTOR), extras)
     save_tensors(REFUSAL_STATS, stats)
     calibration = report(model, stats, images, labels)
     rates = nondigits.refusal_rates(model, stats)
